@@ -1,0 +1,228 @@
+//! The command line, compatible with AWS's `vsock-proxy`.
+//!
+//! This module owns argument syntax and the checks that need nothing but the arguments. It turns
+//! `nitro-vsock-proxy [OPTIONS] <LISTEN> <REMOTE_ADDR> <REMOTE_PORT>` into [`Options`]; every
+//! mistake is a usage error (exit status 2) that says what to write instead.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+use crate::endpoint::Endpoint;
+use crate::policy::Remote;
+
+/// The default allowlist path, the same as AWS's.
+pub const DEFAULT_CONFIG: &str = "/etc/nitro_enclaves/vsock-proxy.yaml";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Forwards each connection on a vsock port to one TCP endpoint, if and only if the allowlist
+/// allows the address it is about to connect to; checked on every connection.
+#[derive(Debug, Parser)]
+#[command(name = "nitro-vsock-proxy", version, about, long_about = None)]
+pub struct Options {
+    /// Where enclaves connect: a vsock port (8001 = any CID), vsock:CID:PORT, or the stand-ins
+    /// unix:PATH and tcp:IP:PORT.
+    #[arg(value_name = "LISTEN", value_parser = parse_listen)]
+    pub listen: Endpoint,
+
+    /// The remote endpoint's host name or IP address (not the enclave's CID).
+    #[arg(value_name = "REMOTE_ADDR", value_parser = parse_remote)]
+    pub remote_addr: Remote,
+
+    /// The remote endpoint's TCP port.
+    #[arg(value_name = "REMOTE_PORT", value_parser = parse_port)]
+    pub remote_port: u16,
+
+    /// The YAML allowlist.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+
+    /// Runtime worker threads (default: one per CPU).
+    #[arg(short = 'w', long = "num_workers", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub num_workers: Option<u16>,
+
+    /// Resolve and connect over IPv4 only.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6", action = ArgAction::SetTrue)]
+    pub ipv4: bool,
+
+    /// Resolve and connect over IPv6 only.
+    #[arg(short = '6', long = "ipv6", action = ArgAction::SetTrue)]
+    pub ipv6: bool,
+
+    /// A DNS server to ask, as IP or IP:PORT; repeatable. Default: /etc/resolv.conf and /etc/hosts.
+    #[arg(long = "nameserver", value_name = "IP[:PORT]", value_parser = parse_nameserver)]
+    pub nameservers: Vec<SocketAddr>,
+
+    /// Time to wait for one DNS answer before the lookup fails (default: the resolver's, 5s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+    pub dns_timeout: Option<Duration>,
+
+    /// Connections served at once; more are closed as soon as they arrive.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Time allowed for one TCP connect to the remote endpoint, per address.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive_duration)]
+    pub connect_timeout: Duration,
+
+    /// Close a connection after this long without a byte in either direction (default: never).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+    pub idle_timeout: Option<Duration>,
+
+    /// On SIGTERM/SIGINT, how long open connections may keep running before they are closed.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Log line format on standard error. The level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn parse_listen(s: &str) -> Result<Endpoint, String> {
+    s.parse()
+}
+
+fn parse_remote(s: &str) -> Result<Remote, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{s:?} looks like a number: REMOTE_ADDR is the remote endpoint's host name or IP \
+             address (e.g. kms.us-east-1.amazonaws.com), not the enclave's CID"
+        ));
+    }
+    Remote::parse(s)
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!("{s:?} is not a TCP port (1-65535)")),
+    }
+}
+
+fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("{s:?} is not IP or IP:PORT (like 10.0.0.2 or 127.0.0.1:5353)"))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e} (write e.g. 5s, 500ms, 2m)"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be longer than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Options, clap::Error> {
+        Options::try_parse_from(std::iter::once("nitro-vsock-proxy").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn aws_command_line_is_accepted() {
+        let o = parse(&[
+            "8001",
+            "ip-ranges.amazonaws.com",
+            "443",
+            "--config",
+            "your-vsock-proxy.yaml",
+            "-w",
+            "2",
+            "-4",
+        ])
+        .unwrap();
+        assert_eq!(o.listen, "8001".parse().unwrap());
+        assert_eq!(
+            o.remote_addr,
+            Remote::parse("ip-ranges.amazonaws.com").unwrap()
+        );
+        assert_eq!(o.remote_port, 443);
+        assert_eq!(o.config, PathBuf::from("your-vsock-proxy.yaml"));
+        assert_eq!(o.num_workers, Some(2));
+        assert!(o.ipv4 && !o.ipv6);
+        let o = parse(&[
+            "8000",
+            "kms.us-east-1.amazonaws.com",
+            "443",
+            "--num_workers",
+            "4",
+            "--ipv6",
+        ])
+        .unwrap();
+        assert_eq!(o.config, PathBuf::from(DEFAULT_CONFIG));
+        assert!(o.ipv6);
+        assert_eq!(o.max_connections, 1024);
+        assert_eq!(o.connect_timeout, Duration::from_secs(5));
+        assert_eq!(o.idle_timeout, None);
+    }
+
+    #[test]
+    fn usage_errors() {
+        for args in [
+            &["8001", "19", "443"][..],
+            &["8001", "host.example", "0"],
+            &["8001", "host.example", "70000"],
+            &["8001", "host.example", "443", "-w", "0"],
+            &["8001", "host.example", "443", "-4", "-6"],
+            &["8001", "host.example", "443", "--connect-timeout", "0s"],
+            &["8001", "host.example", "443", "--idle-timeout", "soon"],
+            &["8001", "host.example", "443", "--nameserver", "dns.example"],
+            &["8001", "host.example", "443", "--max-connections", "0"],
+            &["nowhere", "host.example", "443"],
+            &["8001", "10.0.0.0/8", "443"],
+        ] {
+            let e = parse(args).expect_err(&format!("{args:?} must be rejected"));
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+        let e = parse(&["8001", "19", "443"]).unwrap_err();
+        assert!(e.to_string().contains("not the enclave's CID"), "{e}");
+    }
+
+    #[test]
+    fn version_and_help_exit_zero() {
+        assert_eq!(
+            parse(&["--version"]).unwrap_err().kind(),
+            ErrorKind::DisplayVersion
+        );
+        assert_eq!(
+            parse(&["--help"]).unwrap_err().kind(),
+            ErrorKind::DisplayHelp
+        );
+    }
+
+    #[test]
+    fn nameserver_forms() {
+        let o = parse(&[
+            "8001",
+            "h.example",
+            "443",
+            "--nameserver",
+            "127.0.0.1:5353",
+            "--nameserver",
+            "10.0.0.2",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.nameservers,
+            vec![
+                "127.0.0.1:5353".parse().unwrap(),
+                "10.0.0.2:53".parse().unwrap()
+            ]
+        );
+    }
+}

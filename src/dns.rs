@@ -1,0 +1,140 @@
+//! Name resolution for the policy: one shared, TTL-respecting hickory resolver.
+//!
+//! This module owns how names become addresses: which name servers are asked (`--nameserver`
+//! or the system's `/etc/resolv.conf` and `/etc/hosts`), which address families (`-4`/`-6`),
+//! their order (IPv4 before IPv6 by default) and how long answers are cached (their TTL; a
+//! negative answer at most [`NEGATIVE_TTL_CAP`]). Lookups are absolute names: the search list
+//! never turns `api.example.com` into `api.example.com.corp.internal`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_resolver::config::{
+    LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::Name;
+use hickory_resolver::TokioResolver;
+
+use crate::host::HostName;
+
+/// The longest a "no such name" or "no address" answer is believed.
+pub const NEGATIVE_TTL_CAP: Duration = Duration::from_secs(10);
+
+/// Which address families to resolve, in which order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4 first, then IPv6.
+    #[default]
+    Both,
+    V4Only,
+    V6Only,
+}
+
+/// How the resolver is set up.
+#[derive(Clone, Debug, Default)]
+pub struct DnsSettings {
+    /// Explicit name servers; empty means the system configuration.
+    pub nameservers: Vec<SocketAddr>,
+    pub family: Family,
+    /// Time to wait for one answer from one server (hickory's default when `None`).
+    pub timeout: Option<Duration>,
+}
+
+/// A cloneable handle to the shared resolver and its cache.
+#[derive(Clone)]
+pub struct Dns {
+    resolver: TokioResolver,
+    family: Family,
+}
+
+/// A failed lookup, ready for a log line.
+#[derive(Debug, thiserror::Error)]
+#[error("DNS lookup of {name} failed: {reason}")]
+pub struct LookupError {
+    pub name: HostName,
+    pub reason: String,
+}
+
+impl Dns {
+    /// Builds the resolver. Fails only when the system configuration cannot be read.
+    pub fn new(settings: &DnsSettings) -> Result<Dns, String> {
+        let provider = TokioRuntimeProvider::default();
+        let mut builder = if settings.nameservers.is_empty() {
+            let mut b = TokioResolver::builder(provider).map_err(|e| {
+                format!("cannot read the system DNS configuration (/etc/resolv.conf): {e}; pass --nameserver IP")
+            })?;
+            b.options_mut().use_hosts_file = ResolveHosts::Always;
+            b
+        } else {
+            let servers = settings
+                .nameservers
+                .iter()
+                .map(|addr| {
+                    let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+                    for conn in &mut ns.connections {
+                        conn.port = addr.port();
+                    }
+                    ns
+                })
+                .collect();
+            let mut b = TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                provider,
+            );
+            b.options_mut().use_hosts_file = ResolveHosts::Never;
+            b
+        };
+        let opts: &mut ResolverOpts = builder.options_mut();
+        opts.ip_strategy = match settings.family {
+            Family::Both => LookupIpStrategy::Ipv4AndIpv6,
+            Family::V4Only => LookupIpStrategy::Ipv4Only,
+            Family::V6Only => LookupIpStrategy::Ipv6Only,
+        };
+        opts.negative_max_ttl = Some(NEGATIVE_TTL_CAP);
+        if let Some(t) = settings.timeout {
+            opts.timeout = t;
+            opts.attempts = 1;
+        }
+        let resolver = builder
+            .build()
+            .map_err(|e| format!("cannot build the DNS resolver: {e}"))?;
+        Ok(Dns {
+            resolver,
+            family: settings.family,
+        })
+    }
+
+    /// The addresses `name` has now (from cache while its TTL lasts), IPv4 before IPv6, without
+    /// duplicates. An empty answer is an error: there is nothing to connect to.
+    pub async fn lookup(&self, name: &HostName) -> Result<Vec<IpAddr>, LookupError> {
+        let fail = |reason: String| LookupError {
+            name: name.clone(),
+            reason,
+        };
+        let fqdn = Name::from_ascii(format!("{name}.")).map_err(|e| fail(e.to_string()))?;
+        let answer = self
+            .resolver
+            .lookup_ip(fqdn)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for ip in answer.iter() {
+            let ip = ip.to_canonical();
+            let wanted = match self.family {
+                Family::Both => true,
+                Family::V4Only => ip.is_ipv4(),
+                Family::V6Only => ip.is_ipv6(),
+            };
+            if wanted && !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        // Stable: keeps the server's order within each family.
+        ips.sort_by_key(|ip| ip.is_ipv6());
+        if ips.is_empty() {
+            return Err(fail("no address records".into()));
+        }
+        Ok(ips)
+    }
+}

@@ -1,0 +1,22 @@
+//! nitro-vsock-proxy: a drop-in replacement for AWS Nitro Enclaves' `vsock-proxy` that enforces
+//! its YAML allowlist on every connection.
+//!
+//! The binary (`src/main.rs`) is a thin shell over these modules:
+//! - [`cli`]: the command line; [`config`]: the allowlist file; [`host`]: names, patterns and
+//!   special addresses; [`policy`]: the pure allow/deny decision;
+//! - [`dns`]: the shared resolver; [`upstream`]: resolve, decide and connect for one connection;
+//! - [`endpoint`]: vsock and its `unix:`/`tcp:` stand-ins; [`relay`]: the data path;
+//! - [`server`]: the accept loop, limits and draining; [`app`]: start-up and shutdown.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod dns;
+pub mod endpoint;
+pub mod host;
+pub mod logging;
+pub mod policy;
+pub mod relay;
+pub mod rlimit;
+pub mod server;
+pub mod upstream;

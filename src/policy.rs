@@ -1,0 +1,383 @@
+//! The allowlist decision: a pure function of (allowlist, remote, DNS answers, destination).
+//!
+//! This module owns *whether* the proxy may connect to one IP address. It does no I/O: callers
+//! resolve names and pass the answers in. Rules, in order:
+//! 1. An IP entry equal to the address, with the remote port, allows it — even a special address.
+//! 2. A CIDR entry containing the address allows it, but allows a special address (loopback,
+//!    link-local, metadata, ...) only when the whole block is special space.
+//! 3. Any other special address is denied, whatever DNS said.
+//! 4. A hostname entry equal to REMOTE_ADDR allows every address REMOTE_ADDR resolves to.
+//! 5. A hostname entry whose own current resolution contains the address allows it.
+//! 6. Everything else is denied.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::config::{Allowlist, Entry};
+use crate::host::{cidr_is_wholly_special, special_kind, HostName, HostPattern, SpecialKind};
+
+/// REMOTE_ADDR: the one endpoint this proxy forwards to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Remote {
+    Name(HostName),
+    Ip(IpAddr),
+}
+
+impl Remote {
+    /// Parses REMOTE_ADDR; a CIDR block is not a destination.
+    pub fn parse(s: &str) -> Result<Remote, String> {
+        match s.parse::<HostPattern>()? {
+            HostPattern::Name(n) => Ok(Remote::Name(n)),
+            HostPattern::Ip(ip) => Ok(Remote::Ip(ip)),
+            HostPattern::Cidr(_) => Err(format!(
+                "{s:?} is a CIDR block; REMOTE_ADDR must be one host name or IP address"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Remote::Name(n) => n.fmt(f),
+            Remote::Ip(ip) => ip.fmt(f),
+        }
+    }
+}
+
+/// Why an address may be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Allowance {
+    /// An IP or CIDR entry contains the address.
+    Address(HostPattern),
+    /// The hostname entry equal to REMOTE_ADDR.
+    RemoteName(HostName),
+    /// A hostname entry whose current DNS answer contains the address.
+    Resolution(HostName),
+}
+
+impl fmt::Display for Allowance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Allowance::Address(p) => write!(f, "allowlisted address {p}"),
+            Allowance::RemoteName(n) => write!(f, "allowlisted name {n}"),
+            Allowance::Resolution(n) => write!(f, "current address of allowlisted name {n}"),
+        }
+    }
+}
+
+/// Why an address may not be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Denial {
+    /// A special address that no explicit IP or CIDR entry allows.
+    Special(SpecialKind),
+    /// No entry allows the address for this port.
+    NotAllowlisted,
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Denial::Special(kind) => write!(
+                f,
+                "{kind} address, allowed only by an explicit IP or CIDR entry"
+            ),
+            Denial::NotAllowlisted => f.write_str("no allowlist entry allows it"),
+        }
+    }
+}
+
+/// The current DNS answers of allowlisted host names (rule 5), keyed by name.
+pub type Resolutions = HashMap<HostName, Vec<IpAddr>>;
+
+/// The allowlist compiled for decisions. Cheap to share; replaced whole on reload.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    allowlist: Allowlist,
+}
+
+impl Policy {
+    pub fn new(allowlist: Allowlist) -> Policy {
+        Policy { allowlist }
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.allowlist.entries
+    }
+
+    fn entries_for(&self, port: u16) -> impl Iterator<Item = &Entry> {
+        self.allowlist
+            .entries
+            .iter()
+            .filter(move |e| e.port == port)
+    }
+
+    /// Whether REMOTE_ADDR:port is allowed without any DNS answer: by a hostname entry equal to
+    /// it, or (for an IP literal) by rules 1–3.
+    pub fn allows_remote_statically(&self, remote: &Remote, port: u16) -> bool {
+        match remote {
+            Remote::Name(name) => self.allows_name(name, port),
+            Remote::Ip(ip) => self.decide(remote, port, *ip, &Resolutions::new()).is_ok(),
+        }
+    }
+
+    fn allows_name(&self, name: &HostName, port: u16) -> bool {
+        self.entries_for(port)
+            .any(|e| matches!(&e.address, HostPattern::Name(n) if n == name))
+    }
+
+    /// The entries with `port`, for telling an operator what the allowlist does allow.
+    pub fn entries_with_port(&self, port: u16) -> Vec<&Entry> {
+        self.entries_for(port).collect()
+    }
+
+    /// Host names whose resolution rule 5 may need to decide about addresses of `remote`:
+    /// the hostname entries with `port`, other than REMOTE_ADDR itself.
+    pub fn names_to_resolve(&self, remote: &Remote, port: u16) -> Vec<HostName> {
+        let mut names: Vec<HostName> = self
+            .entries_for(port)
+            .filter_map(|e| match &e.address {
+                HostPattern::Name(n) if !matches!(remote, Remote::Name(r) if r == n) => {
+                    Some(n.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Decides whether the proxy may connect to `addr`:`port` on behalf of `remote`.
+    pub fn decide(
+        &self,
+        remote: &Remote,
+        port: u16,
+        addr: IpAddr,
+        resolutions: &Resolutions,
+    ) -> Result<Allowance, Denial> {
+        let addr = addr.to_canonical();
+        let special = special_kind(addr);
+        for entry in self.entries_for(port) {
+            match &entry.address {
+                HostPattern::Ip(ip) if ip.to_canonical() == addr => {
+                    return Ok(Allowance::Address(entry.address.clone()))
+                }
+                HostPattern::Cidr(net)
+                    if net.contains(&addr)
+                        && (special.is_none() || cidr_is_wholly_special(net)) =>
+                {
+                    return Ok(Allowance::Address(entry.address.clone()))
+                }
+                _ => {}
+            }
+        }
+        if let Some(kind) = special {
+            return Err(Denial::Special(kind));
+        }
+        if let Remote::Name(name) = remote {
+            if self.allows_name(name, port) {
+                return Ok(Allowance::RemoteName(name.clone()));
+            }
+        }
+        for entry in self.entries_for(port) {
+            if let HostPattern::Name(name) = &entry.address {
+                let contains = resolutions
+                    .get(name)
+                    .is_some_and(|ips| ips.iter().any(|ip| ip.to_canonical() == addr));
+                if contains {
+                    return Ok(Allowance::Resolution(name.clone()));
+                }
+            }
+        }
+        Err(Denial::NotAllowlisted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn policy(yaml: &str) -> Policy {
+        Policy::new(crate::config::parse(yaml, Path::new("test.yaml")).unwrap())
+    }
+
+    fn name(s: &str) -> HostName {
+        HostName::parse(s).unwrap()
+    }
+
+    fn remote(s: &str) -> Remote {
+        Remote::parse(s).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn none() -> Resolutions {
+        Resolutions::new()
+    }
+
+    #[test]
+    fn remote_name_allows_its_addresses_on_its_port_only() {
+        let p = policy("allowlist:\n- {address: API.example.com., port: 443}\n");
+        let r = remote("api.EXAMPLE.com");
+        assert!(p.allows_remote_statically(&r, 443));
+        assert!(!p.allows_remote_statically(&r, 80));
+        assert_eq!(
+            p.decide(&r, 443, ip("192.0.2.10"), &none()),
+            Ok(Allowance::RemoteName(name("api.example.com")))
+        );
+        assert_eq!(
+            p.decide(&r, 80, ip("192.0.2.10"), &none()),
+            Err(Denial::NotAllowlisted)
+        );
+        let other = remote("other.example.com");
+        assert!(!p.allows_remote_statically(&other, 443));
+        assert_eq!(
+            p.decide(&other, 443, ip("192.0.2.10"), &none()),
+            Err(Denial::NotAllowlisted)
+        );
+    }
+
+    #[test]
+    fn name_allowance_never_covers_special_addresses() {
+        let p = policy("allowlist:\n- {address: api.example.com, port: 443}\n");
+        let r = remote("api.example.com");
+        for (addr, kind) in [
+            ("169.254.169.254", SpecialKind::InstanceMetadata),
+            ("::ffff:169.254.169.254", SpecialKind::InstanceMetadata),
+            ("fd00:ec2::254", SpecialKind::InstanceMetadata),
+            ("127.0.0.1", SpecialKind::Loopback),
+            ("::1", SpecialKind::Loopback),
+            ("::ffff:127.0.0.5", SpecialKind::Loopback),
+            ("169.254.10.10", SpecialKind::LinkLocal),
+            ("fe80::1", SpecialKind::LinkLocal),
+            ("0.0.0.0", SpecialKind::Unspecified),
+            ("::", SpecialKind::Unspecified),
+            ("239.1.1.1", SpecialKind::Multicast),
+            ("255.255.255.255", SpecialKind::Broadcast),
+        ] {
+            assert_eq!(
+                p.decide(&r, 443, ip(addr), &none()),
+                Err(Denial::Special(kind)),
+                "{addr}"
+            );
+        }
+    }
+
+    #[test]
+    fn explicit_ip_or_special_cidr_allows_special_addresses() {
+        let p = policy(
+            "allowlist:\n- {address: api.example.com, port: 443}\n\
+             - {address: 127.0.0.2, port: 443}\n- {address: 169.254.169.254, port: 80}\n\
+             - {address: 127.0.1.0/24, port: 443}\n",
+        );
+        let r = remote("api.example.com");
+        assert!(p.decide(&r, 443, ip("127.0.0.2"), &none()).is_ok());
+        assert!(p.decide(&r, 443, ip("::ffff:127.0.0.2"), &none()).is_ok());
+        assert!(p.decide(&r, 443, ip("127.0.1.77"), &none()).is_ok());
+        assert_eq!(
+            p.decide(&r, 443, ip("127.0.0.3"), &none()),
+            Err(Denial::Special(SpecialKind::Loopback))
+        );
+        assert!(p.decide(&r, 80, ip("169.254.169.254"), &none()).is_ok());
+        assert!(p.decide(&r, 443, ip("169.254.169.254"), &none()).is_err());
+    }
+
+    #[test]
+    fn broad_cidr_does_not_open_special_addresses() {
+        let p = policy(
+            "allowlist:\n- {address: 0.0.0.0/0, port: 443}\n- {address: '::/0', port: 443}\n",
+        );
+        let r = remote("api.example.com");
+        assert!(p.decide(&r, 443, ip("52.94.1.1"), &none()).is_ok());
+        assert!(p.decide(&r, 443, ip("2600:1f18::1"), &none()).is_ok());
+        assert_eq!(
+            p.decide(&r, 443, ip("169.254.169.254"), &none()),
+            Err(Denial::Special(SpecialKind::InstanceMetadata))
+        );
+        assert_eq!(
+            p.decide(&r, 443, ip("127.0.0.1"), &none()),
+            Err(Denial::Special(SpecialKind::Loopback))
+        );
+        assert_eq!(
+            p.decide(&r, 443, ip("::ffff:127.0.0.1"), &none()),
+            Err(Denial::Special(SpecialKind::Loopback))
+        );
+    }
+
+    #[test]
+    fn ip_and_cidr_entries() {
+        let p = policy("allowlist:\n- {address: 192.0.2.7, port: 443}\n- {address: 198.51.100.0/24, port: 443}\n");
+        let r = remote("api.example.com");
+        assert!(!p.allows_remote_statically(&r, 443));
+        assert_eq!(
+            p.decide(&r, 443, ip("192.0.2.7"), &none()),
+            Ok(Allowance::Address("192.0.2.7".parse().unwrap()))
+        );
+        assert!(p.decide(&r, 443, ip("198.51.100.200"), &none()).is_ok());
+        assert!(p
+            .decide(&r, 443, ip("::ffff:198.51.100.200"), &none())
+            .is_ok());
+        assert_eq!(
+            p.decide(&r, 443, ip("192.0.2.8"), &none()),
+            Err(Denial::NotAllowlisted)
+        );
+        assert_eq!(
+            p.decide(&r, 8443, ip("192.0.2.7"), &none()),
+            Err(Denial::NotAllowlisted)
+        );
+        let literal = remote("192.0.2.7");
+        assert!(p.allows_remote_statically(&literal, 443));
+        assert!(!p.allows_remote_statically(&remote("192.0.2.9"), 443));
+    }
+
+    #[test]
+    fn other_hostname_entries_allow_by_their_current_resolution() {
+        let p = policy(
+            "allowlist:\n- {address: a.example.com, port: 443}\n- {address: b.example.com, port: 443}\n\
+             - {address: c.example.com, port: 80}\n",
+        );
+        let r = remote("alias.example.net");
+        assert_eq!(
+            p.names_to_resolve(&r, 443),
+            vec![name("a.example.com"), name("b.example.com")]
+        );
+        assert_eq!(
+            p.names_to_resolve(&remote("a.example.com"), 443),
+            vec![name("b.example.com")]
+        );
+        let mut res = Resolutions::new();
+        res.insert(
+            name("b.example.com"),
+            vec![ip("192.0.2.20"), ip("169.254.169.254")],
+        );
+        res.insert(name("c.example.com"), vec![ip("192.0.2.30")]);
+        assert_eq!(
+            p.decide(&r, 443, ip("192.0.2.20"), &res),
+            Ok(Allowance::Resolution(name("b.example.com")))
+        );
+        // c.example.com is allowlisted for another port only.
+        assert_eq!(
+            p.decide(&r, 443, ip("192.0.2.30"), &res),
+            Err(Denial::NotAllowlisted)
+        );
+        // An allowlisted name resolving to a special address does not make it allowed.
+        assert_eq!(
+            p.decide(&r, 443, ip("169.254.169.254"), &res),
+            Err(Denial::Special(SpecialKind::InstanceMetadata))
+        );
+    }
+
+    #[test]
+    fn remote_parse_rejects_cidr() {
+        assert!(Remote::parse("10.0.0.0/8").is_err());
+        assert_eq!(
+            Remote::parse("::ffff:10.0.0.1").unwrap(),
+            Remote::Ip(ip("10.0.0.1"))
+        );
+    }
+}
