@@ -7,9 +7,10 @@
 //! the relay ended. The interface is deliberately narrow (two streams in, one report out) so the
 //! copy loop can later be replaced by splice(2) without touching its callers.
 //!
-//! Memory: each direction owns one [`BUFFER_SIZE`] buffer for the life of the connection, so a
-//! connection costs 2 × 16 KiB of heap plus its task (well under 1 KiB), besides the kernel's own
-//! socket buffers.
+//! Memory: each direction starts with a [`MIN_BUFFER`] (16 KiB) buffer, so a quiet connection
+//! costs 2 × 16 KiB of heap plus its task, besides the kernel's own socket buffers. A direction
+//! whose reads keep filling the buffer (a bulk transfer) doubles it up to [`MAX_BUFFER`]
+//! (256 KiB): fewer system calls per byte. It drops back to the minimum when traffic turns small.
 
 use std::fmt;
 use std::io;
@@ -19,8 +20,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-/// Bytes buffered per direction.
-pub const BUFFER_SIZE: usize = 16 * 1024;
+/// The buffer each direction starts with and returns to.
+pub const MIN_BUFFER: usize = 16 * 1024;
+/// The largest buffer a direction grows to during a bulk transfer.
+pub const MAX_BUFFER: usize = 256 * 1024;
 
 /// How a relay ended.
 #[derive(Debug)]
@@ -149,7 +152,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let on = |side: Side| move |error| DirectionError { side, error };
-    let mut buf = vec![0u8; BUFFER_SIZE];
+    let mut buf = vec![0u8; MIN_BUFFER];
     loop {
         let n = reader.read(&mut buf).await.map_err(on(reader_side))?;
         if n == 0 {
@@ -159,6 +162,21 @@ where
         writer.write_all(&buf[..n]).await.map_err(on(writer_side))?;
         moved.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
+        if let Some(size) = next_buffer_size(buf.len(), n) {
+            buf = vec![0u8; size];
+        }
+    }
+}
+
+/// The buffer size to switch to after a read of `n` bytes into `len`, if it should change: double
+/// while reads fill the buffer, back to the minimum once a read uses less than an eighth of it.
+fn next_buffer_size(len: usize, n: usize) -> Option<usize> {
+    if n == len && len < MAX_BUFFER {
+        Some((len * 2).min(MAX_BUFFER))
+    } else if n < len / 8 && len > MIN_BUFFER {
+        Some(MIN_BUFFER)
+    } else {
+        None
     }
 }
 
@@ -206,6 +224,45 @@ mod tests {
             report.end
         );
         assert_eq!((report.to_upstream, report.to_client), (7, 8));
+    }
+
+    #[test]
+    fn buffer_grows_under_bulk_and_shrinks_when_quiet() {
+        assert_eq!(
+            next_buffer_size(MIN_BUFFER, MIN_BUFFER),
+            Some(2 * MIN_BUFFER)
+        );
+        assert_eq!(
+            next_buffer_size(MAX_BUFFER / 2, MAX_BUFFER / 2),
+            Some(MAX_BUFFER)
+        );
+        assert_eq!(next_buffer_size(MAX_BUFFER, MAX_BUFFER), None);
+        assert_eq!(next_buffer_size(MIN_BUFFER, 100), None);
+        assert_eq!(next_buffer_size(MAX_BUFFER, MAX_BUFFER / 2), None);
+        assert_eq!(next_buffer_size(MAX_BUFFER, 100), Some(MIN_BUFFER));
+    }
+
+    #[tokio::test]
+    async fn bulk_transfer_through_growing_buffers_is_intact() {
+        let (mut c, client_inner) = duplex(1 << 20);
+        let (upstream_inner, mut u) = duplex(1 << 20);
+        let task = tokio::spawn(relay(client_inner, upstream_inner, None));
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let sender = {
+            let data = data.clone();
+            tokio::spawn(async move {
+                c.write_all(&data).await.unwrap();
+                c.shutdown().await.unwrap();
+                c
+            })
+        };
+        let mut got = Vec::new();
+        u.read_to_end(&mut got).await.unwrap();
+        assert!(got == data, "bytes differ after the relay");
+        u.shutdown().await.unwrap();
+        drop(sender.await.unwrap());
+        let report = task.await.unwrap();
+        assert_eq!(report.to_upstream, data.len() as u64);
     }
 
     #[tokio::test(start_paused = true)]
