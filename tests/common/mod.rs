@@ -1,0 +1,40 @@
+//! Shared integration-test harness (`mod common;` in each `tests/*.rs`).
+//!
+//! Ties together the pieces every test uses:
+//! * [`netns`]: a private network namespace per test ([`run_in_netns`]), so fixed
+//!   addresses and ports never collide;
+//! * [`dns`]: an in-process authoritative DNS server with mutable answers ([`TestDns`]);
+//! * [`upstream`]: echo / request-response / bulk upstream servers ([`UpstreamHandle`]);
+//! * [`proxy`]: the real `nitro-vsock-proxy` binary ([`Proxy`], [`run_to_exit`]) and the
+//!   enclave-side client connection ([`connect`], [`Conn`]).
+//!
+//! Each test file uses a subset, hence `dead_code` is allowed here.
+
+#![allow(dead_code, unused_imports)]
+
+pub mod dns;
+pub mod netns;
+pub mod proxy;
+pub mod upstream;
+
+use std::time::{Duration, Instant};
+
+pub use dns::TestDns;
+pub use netns::{add_lo_addr, enter_private_netns, run_in_netns};
+pub use proxy::{connect, run_to_exit, try_connect, Conn, Exit, Proxy};
+pub use upstream::{echo_server, response_server, sink_source_server, UpstreamHandle};
+
+/// Polls `done` every 10 ms until it returns true (→ `true`) or `timeout` elapses
+/// (→ `false`, after one last check).
+pub async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

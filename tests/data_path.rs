@@ -1,0 +1,336 @@
+//! The data path through the real binary: half-close, large transfers, concurrency, limits,
+//! idle timeout, the unix stand-in and a clean stop. Each test has its own network namespace.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::netns::{add_lo_addr, run_in_netns};
+use common::proxy::{connect, Proxy};
+use common::upstream::{echo_server, response_server, sink_source_server};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LISTEN: &str = "tcp:127.0.0.1:8001";
+const UPSTREAM: &str = "192.0.2.10:443";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A proxy to 192.0.2.10:443 (an IP literal: these tests are about bytes, not DNS).
+async fn start_proxy(dir: &tempfile::TempDir, listen: &str, extra: &[&str]) -> Proxy {
+    add_lo_addr(ip("192.0.2.10"));
+    let config = dir.path().join("allowlist.yaml");
+    std::fs::write(&config, "allowlist:\n- {address: 192.0.2.10, port: 443}\n").unwrap();
+    let mut args: Vec<String> = vec![
+        listen.into(),
+        "192.0.2.10".into(),
+        "443".into(),
+        "--config".into(),
+        config.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let proxy = Proxy::spawn(&args);
+    proxy.wait_ready(listen).await;
+    proxy
+}
+
+#[test]
+fn half_close_request_response_completes() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let _proxy = start_proxy(&dir, LISTEN, &[]).await;
+        let up = response_server(UPSTREAM.parse().unwrap(), b"the whole response".to_vec()).await;
+        let mut conn = connect(LISTEN).await;
+        conn.write_all(b"GET /ip-ranges.json").await.unwrap();
+        // The server answers only after it sees our EOF: the half-close must be passed on.
+        conn.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut reply))
+            .await
+            .expect("no reply after a half-close")
+            .unwrap();
+        assert_eq!(reply, b"the whole response");
+        assert_eq!(up.accepted(), 1);
+    });
+}
+
+#[test]
+fn sixty_four_mib_each_way_at_once_arrive_intact() {
+    run_in_netns(|| async {
+        const SIZE: usize = 64 * 1024 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(&dir, LISTEN, &[]).await;
+        let up = sink_source_server(UPSTREAM.parse().unwrap(), SIZE).await;
+        let conn = connect(LISTEN).await;
+        let (mut rd, mut wr) = tokio::io::split(conn);
+
+        let sender = tokio::spawn(async move {
+            let mut hash = Sha256::new();
+            let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut chunk = vec![0u8; 256 * 1024];
+            let mut sent = 0;
+            while sent < SIZE {
+                for b in chunk.iter_mut() {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    *b = state as u8;
+                }
+                let n = chunk.len().min(SIZE - sent);
+                wr.write_all(&chunk[..n]).await.unwrap();
+                hash.update(&chunk[..n]);
+                sent += n;
+            }
+            wr.shutdown().await.unwrap();
+            hex(&hash.finalize())
+        });
+        let receiver = tokio::spawn(async move {
+            let mut hash = Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0usize;
+            loop {
+                let n = rd.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+                total += n;
+            }
+            (total, hex(&hash.finalize()))
+        });
+        let sent_hash = tokio::time::timeout(Duration::from_secs(120), sender)
+            .await
+            .unwrap()
+            .unwrap();
+        let (received, received_hash) = tokio::time::timeout(Duration::from_secs(120), receiver)
+            .await
+            .unwrap()
+            .unwrap();
+        let upstream = up.wait_result(Duration::from_secs(120)).await;
+
+        assert_eq!(upstream.received, SIZE as u64, "bytes to upstream");
+        assert_eq!(
+            upstream.received_sha256, sent_hash,
+            "upstream got different bytes"
+        );
+        assert_eq!(received, SIZE, "bytes to client");
+        assert_eq!(
+            received_hash, upstream.sent_sha256,
+            "client got different bytes"
+        );
+        assert!(
+            proxy
+                .wait_for_log(
+                    &format!("bytes_to_upstream={SIZE} bytes_to_client={SIZE}"),
+                    Duration::from_secs(5)
+                )
+                .await,
+            "{}",
+            proxy.logs()
+        );
+    });
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn five_hundred_concurrent_connections() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(&dir, LISTEN, &[]).await;
+        let up = echo_server(UPSTREAM.parse().unwrap()).await;
+        // All 500 are open at the same time: each writes, waits for every other to be connected,
+        // then reads its echo.
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(500));
+        let mut tasks = Vec::new();
+        for i in 0..500u32 {
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut conn = connect(LISTEN).await;
+                let msg = format!("connection {i} says hello");
+                conn.write_all(msg.as_bytes()).await.unwrap();
+                let mut buf = vec![0u8; msg.len()];
+                conn.read_exact(&mut buf).await.unwrap();
+                barrier.wait().await;
+                conn.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                conn.read_to_end(&mut rest).await.unwrap();
+                assert!(rest.is_empty());
+                assert_eq!(buf, msg.as_bytes());
+            }));
+        }
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("a connection hung")
+                .unwrap();
+        }
+        assert_eq!(up.accepted(), 500);
+        let closed = || proxy.logs().matches("connection closed").count();
+        for _ in 0..100 {
+            if closed() == 500 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(closed(), 500, "one log line per connection");
+        assert!(
+            !proxy.logs().contains("connection refused"),
+            "{}",
+            proxy.logs()
+        );
+    });
+}
+
+#[test]
+fn connection_limit_closes_excess_at_once_and_recovers() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(&dir, LISTEN, &["--max-connections", "2"]).await;
+        let up = echo_server(UPSTREAM.parse().unwrap()).await;
+        let mut held = Vec::new();
+        for i in 0..2u8 {
+            let mut c = connect(LISTEN).await;
+            c.write_all(&[i]).await.unwrap();
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).await.unwrap();
+            held.push(c);
+        }
+        // Excess connections are closed, not queued: EOF (or a reset) instead of a hang.
+        for _ in 0..5 {
+            let mut c = connect(LISTEN).await;
+            let mut buf = Vec::new();
+            let r = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf)).await;
+            assert!(r.is_ok(), "an excess connection was left hanging");
+            assert!(buf.is_empty());
+        }
+        assert_eq!(up.accepted(), 2);
+        assert!(
+            proxy
+                .wait_for_log("connection limit reached", Duration::from_secs(5))
+                .await,
+            "{}",
+            proxy.logs()
+        );
+        let warnings = proxy.logs().matches("connection limit reached").count();
+        assert!(
+            warnings <= 2,
+            "over-limit warnings are rate limited, got {warnings}"
+        );
+
+        // Freeing a slot lets a new connection through.
+        drop(held.pop());
+        let mut served = false;
+        for _ in 0..50 {
+            let mut c = connect(LISTEN).await;
+            let _ = c.write_all(b"z").await;
+            let mut b = [0u8; 1];
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b)).await
+            {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(served, "the service did not continue after the limit");
+    });
+}
+
+#[test]
+fn idle_timeout_closes_a_silent_connection() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(&dir, LISTEN, &["--idle-timeout", "1s"]).await;
+        let _up = echo_server(UPSTREAM.parse().unwrap()).await;
+        let mut c = connect(LISTEN).await;
+        c.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        c.read_exact(&mut buf).await.unwrap();
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest)).await;
+        assert!(r.is_ok(), "the idle connection was not closed");
+        assert!(
+            proxy
+                .wait_for_log("end=idle timeout", Duration::from_secs(5))
+                .await,
+            "{}",
+            proxy.logs()
+        );
+    });
+}
+
+#[test]
+fn unix_stand_in_listener_relays() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = format!("unix:{}", dir.path().join("proxy.sock").display());
+        let proxy = start_proxy(&dir, &listen, &[]).await;
+        let _up = echo_server(UPSTREAM.parse().unwrap()).await;
+        let mut c = connect(&listen).await;
+        c.write_all(b"over unix").await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"over unix");
+        assert!(
+            proxy
+                .wait_for_log("peer=unix:", Duration::from_secs(5))
+                .await,
+            "{}",
+            proxy.logs()
+        );
+    });
+}
+
+#[test]
+fn sigterm_drains_an_open_connection_then_exits_0() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut proxy = start_proxy(&dir, LISTEN, &[]).await;
+        let up = response_server(UPSTREAM.parse().unwrap(), b"late reply".to_vec()).await;
+        let mut c = connect(LISTEN).await;
+        c.write_all(b"request").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        proxy.signal(libc::SIGTERM);
+        assert!(
+            proxy.wait_for_log("stopping", Duration::from_secs(5)).await,
+            "{}",
+            proxy.logs()
+        );
+        // New connections are no longer accepted...
+        assert!(tokio::net::TcpStream::connect("127.0.0.1:8001")
+            .await
+            .is_err());
+        // ...but the open one still completes.
+        c.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"late reply");
+        let status = proxy
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .expect("did not exit after SIGTERM");
+        assert_eq!(status.code(), Some(0), "{}", proxy.logs());
+        assert_eq!(up.accepted(), 1);
+    });
+}
+
+#[test]
+fn sigint_with_nothing_open_exits_0() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut proxy = start_proxy(&dir, LISTEN, &[]).await;
+        proxy.signal(libc::SIGINT);
+        let status = proxy
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .expect("did not exit after SIGINT");
+        assert_eq!(status.code(), Some(0), "{}", proxy.logs());
+    });
+}
