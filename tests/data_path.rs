@@ -303,10 +303,12 @@ fn sigterm_drains_an_open_connection_then_exits_0() {
             "{}",
             proxy.logs()
         );
-        // New connections are no longer accepted...
-        assert!(tokio::net::TcpStream::connect("127.0.0.1:8001")
-            .await
-            .is_err());
+        // New connections are no longer accepted (the listener closes right after the log line)...
+        let refused = common::wait_until(Duration::from_secs(5), || {
+            !common::netns::tcp_listening("127.0.0.1:8001".parse().unwrap())
+        })
+        .await;
+        assert!(refused, "the listener stayed open after SIGTERM");
         // ...but the open one still completes.
         c.shutdown().await.unwrap();
         let mut reply = Vec::new();
@@ -332,5 +334,99 @@ fn sigint_with_nothing_open_exits_0() {
             .await
             .expect("did not exit after SIGINT");
         assert_eq!(status.code(), Some(0), "{}", proxy.logs());
+    });
+}
+
+#[test]
+fn accept_errors_from_emfile_back_off_and_service_continues() {
+    run_in_netns(|| async {
+        add_lo_addr(ip("192.0.2.10"));
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("allowlist.yaml");
+        std::fs::write(&config, "allowlist:\n- {address: 192.0.2.10, port: 443}\n").unwrap();
+        let config = config.display().to_string();
+        // Room for the runtime's own descriptors and a few connections, then EMFILE.
+        let proxy =
+            Proxy::spawn_with_nofile_limit(&[LISTEN, "192.0.2.10", "443", "--config", &config], 32);
+        proxy.wait_ready(LISTEN).await;
+        let _up = echo_server(UPSTREAM.parse().unwrap()).await;
+
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            held.push(connect(LISTEN).await);
+        }
+        assert!(
+            proxy
+                .wait_for_log("accept failed", Duration::from_secs(10))
+                .await,
+            "expected EMFILE on accept:\n{}",
+            proxy.logs()
+        );
+        drop(held);
+        // Once descriptors are free again, the backlog drains and new connections are served.
+        let mut served = false;
+        for _ in 0..100 {
+            let mut c = connect(LISTEN).await;
+            let _ = c.write_all(b"again").await;
+            let _ = c.shutdown().await;
+            let mut reply = Vec::new();
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut reply)).await
+            {
+                if reply == b"again" {
+                    served = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            served,
+            "the proxy stopped serving after EMFILE:\n{}",
+            proxy.logs()
+        );
+        let mut proxy = proxy;
+        assert!(proxy.is_running());
+        assert!(
+            proxy.logs().contains("Too many open files"),
+            "{}",
+            proxy.logs()
+        );
+    });
+}
+
+#[test]
+fn json_logs_carry_the_connection_fields() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(&dir, LISTEN, &["--log-format", "json"]).await;
+        let _up = echo_server(UPSTREAM.parse().unwrap()).await;
+        let mut c = connect(LISTEN).await;
+        c.write_all(b"json").await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).await.unwrap();
+        assert!(
+            proxy
+                .wait_for_log("connection closed", Duration::from_secs(5))
+                .await
+        );
+        let line = proxy
+            .logs()
+            .lines()
+            .find(|l| l.contains("connection closed"))
+            .unwrap()
+            .to_owned();
+        for field in [
+            "\"level\":\"INFO\"",
+            "\"bytes_to_upstream\":4",
+            "\"bytes_to_client\":4",
+            "\"end\":\"completed\"",
+            "\"upstream\":\"192.0.2.10:443\"",
+            "\"peer\":\"tcp:127.0.0.1:",
+        ] {
+            assert!(line.contains(field), "{field} missing in {line}");
+        }
+        assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
     });
 }

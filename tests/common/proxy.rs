@@ -174,6 +174,36 @@ impl Proxy {
         }
     }
 
+    /// Spawns the proxy with its open-file limit (soft and hard) set to `limit`, so that
+    /// accept() runs into EMFILE after a few connections.
+    pub fn spawn_with_nofile_limit<S: AsRef<OsStr>>(args: &[S], limit: u64) -> Proxy {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = command(args, &[]);
+        // SAFETY: setrlimit is async-signal-safe; the closure touches no locks or allocations.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rl = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let (child, output, readers) = spawn(cmd);
+        Proxy {
+            pid: child.id(),
+            state: Mutex::new(ChildState {
+                child,
+                status: None,
+            }),
+            output,
+            readers,
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.pid
