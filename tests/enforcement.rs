@@ -448,3 +448,37 @@ fn all_addresses_failing_closes_and_keeps_serving() {
         assert!(proxy.is_running());
     });
 }
+
+#[test]
+fn address_family_order_and_selection() {
+    run_in_netns(|| async {
+        add_lo_addr(ip("192.0.2.10"));
+        add_lo_addr(ip("2001:db8::10"));
+        let v4 = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        let v6 = echo_server("[2001:db8::10]:443".parse().unwrap()).await;
+        let _dns = dns_with("api.test", &[ip("2001:db8::10"), ip("192.0.2.10")], 60).await;
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "allowlist:\n- {address: api.test, port: 443}\n";
+        {
+            // Default: IPv4 first, whatever order the answers came in.
+            let _proxy = start_proxy(&dir, yaml, "api.test", &[]).await;
+            assert_eq!(round_trip(b"default").await, b"default");
+            assert_eq!((v4.accepted(), v6.accepted()), (1, 0));
+        }
+        {
+            let proxy = start_proxy(&dir, yaml, "api.test", &["-6"]).await;
+            assert_eq!(round_trip(b"six").await, b"six");
+            assert_eq!((v4.accepted(), v6.accepted()), (1, 1));
+            assert!(
+                proxy
+                    .wait_for_log("upstream=[2001:db8::10]:443", Duration::from_secs(5))
+                    .await,
+                "{}",
+                proxy.logs()
+            );
+        }
+        let _proxy = start_proxy(&dir, yaml, "api.test", &["--ipv4"]).await;
+        assert_eq!(round_trip(b"four").await, b"four");
+        assert_eq!((v4.accepted(), v6.accepted()), (2, 1));
+    });
+}
