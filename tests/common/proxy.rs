@@ -162,7 +162,11 @@ impl Proxy {
     /// Spawns the binary with `args` and extra environment variables (which override the
     /// defaults `RUST_LOG=debug`, `NO_COLOR=1`).
     pub fn spawn_with_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Proxy {
-        let (child, output, readers) = spawn(command(args, env));
+        Self::from_command(command(args, env))
+    }
+
+    fn from_command(cmd: Command) -> Proxy {
+        let (child, output, readers) = spawn(cmd);
         Proxy {
             pid: child.id(),
             state: Mutex::new(ChildState {
@@ -192,16 +196,7 @@ impl Proxy {
                 Ok(())
             });
         }
-        let (child, output, readers) = spawn(cmd);
-        Proxy {
-            pid: child.id(),
-            state: Mutex::new(ChildState {
-                child,
-                status: None,
-            }),
-            output,
-            readers,
-        }
+        Self::from_command(cmd)
     }
 
     /// The process id.
