@@ -2,9 +2,14 @@
 # Installs the Debian packages that building and testing nitro-vsock-proxy need, if missing.
 #   libsystemd-dev, pkg-config: the `systemd` crate links libsystemd
 #   iproute2: integration tests run in private network namespaces and add addresses to `lo`
-#   python3: the demo's local HTTPS stand-in is plain Python (no packages)
+#   util-linux: make demo runs the workshop chain in private namespaces (unshare, mount)
+#   ShellCheck: enclave-app's tests lint enclave-app/run.sh and scripts/demo.sh (Docker cannot
+#               run here, so the image's entry point is checked statically and run by make demo)
+#   systemd: tests/units.rs runs systemd-analyze (verify, security) on systemd/*, and
+#            tests/socket_activation.rs runs systemd-socket-activate; a full Debian 12 has it,
+#            minimal images do not
 set -euo pipefail
-needed=(libsystemd-dev pkg-config iproute2 util-linux)
+needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck)
 missing=()
 for pkg in "${needed[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

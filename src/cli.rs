@@ -11,15 +11,39 @@ use std::time::Duration;
 use clap::{ArgAction, Parser, ValueEnum};
 
 use crate::endpoint::Endpoint;
+use crate::imds::RemoteTemplate;
 use crate::policy::Remote;
 
 /// The default allowlist path, the same as AWS's.
 pub const DEFAULT_CONFIG: &str = "/etc/nitro_enclaves/vsock-proxy.yaml";
 
+/// How log lines are written to standard error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// Plain text lines with a timestamp.
     Text,
+    /// One JSON object per line.
     Json,
+    /// Text lines with a syslog priority prefix (`<4>` for WARN...) and no timestamp, for
+    /// systemd's journal, which adds its own timestamp and reads the priority.
+    Journal,
+}
+
+/// REMOTE_ADDR: a fixed name or address, or a template filled from instance metadata.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemoteAddr {
+    Fixed(Remote),
+    /// `kms.{region}.{domain}`: see [`crate::imds`].
+    Template(RemoteTemplate),
+}
+
+impl std::fmt::Display for RemoteAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RemoteAddr::Fixed(r) => r.fmt(f),
+            RemoteAddr::Template(t) => t.fmt(f),
+        }
+    }
 }
 
 /// Forwards each connection on a vsock port to one TCP endpoint, if and only if the allowlist
@@ -32,9 +56,10 @@ pub struct Options {
     #[arg(value_name = "LISTEN", value_parser = parse_listen)]
     pub listen: Endpoint,
 
-    /// The remote endpoint's host name or IP address (not the enclave's CID).
+    /// The remote endpoint's host name or IP address (not the enclave's CID). {region} and
+    /// {domain} are filled from the EC2 instance metadata service, as in kms.{region}.{domain}.
     #[arg(value_name = "REMOTE_ADDR", value_parser = parse_remote)]
-    pub remote_addr: Remote,
+    pub remote_addr: RemoteAddr,
 
     /// The remote endpoint's TCP port.
     #[arg(value_name = "REMOTE_PORT", value_parser = parse_port)]
@@ -80,23 +105,31 @@ pub struct Options {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Log line format on standard error. The level comes from RUST_LOG (default: info).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Log line format on standard error (default: journal when standard error is systemd's
+    /// journal, text otherwise). The level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// The EC2 instance metadata service, asked for {region}/{domain} in REMOTE_ADDR.
+    #[arg(long, value_name = "IP:PORT", default_value = crate::imds::DEFAULT_ENDPOINT)]
+    pub imds_endpoint: SocketAddr,
 }
 
 fn parse_listen(s: &str) -> Result<Endpoint, String> {
     s.parse()
 }
 
-fn parse_remote(s: &str) -> Result<Remote, String> {
+fn parse_remote(s: &str) -> Result<RemoteAddr, String> {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!(
             "{s:?} looks like a number: REMOTE_ADDR is the remote endpoint's host name or IP \
              address (e.g. kms.us-east-1.amazonaws.com), not the enclave's CID"
         ));
     }
-    Remote::parse(s)
+    if RemoteTemplate::looks_like_template(s) {
+        return RemoteTemplate::parse(s).map(RemoteAddr::Template);
+    }
+    Remote::parse(s).map(RemoteAddr::Fixed)
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -149,7 +182,7 @@ mod tests {
         assert_eq!(o.listen, "8001".parse().unwrap());
         assert_eq!(
             o.remote_addr,
-            Remote::parse("ip-ranges.amazonaws.com").unwrap()
+            RemoteAddr::Fixed(Remote::parse("ip-ranges.amazonaws.com").unwrap())
         );
         assert_eq!(o.remote_port, 443);
         assert_eq!(o.config, PathBuf::from("your-vsock-proxy.yaml"));
@@ -169,6 +202,30 @@ mod tests {
         assert_eq!(o.max_connections, 1024);
         assert_eq!(o.connect_timeout, Duration::from_secs(5));
         assert_eq!(o.idle_timeout, None);
+        assert_eq!(o.drain_timeout, Duration::from_secs(30));
+        assert_eq!(o.log_format, None);
+        assert_eq!(o.imds_endpoint, "169.254.169.254:80".parse().unwrap());
+    }
+
+    #[test]
+    fn remote_templates_and_log_formats() {
+        let o = parse(&[
+            "8000",
+            "kms.{region}.{domain}",
+            "443",
+            "--log-format",
+            "journal",
+            "--imds-endpoint",
+            "127.0.0.1:8080",
+        ])
+        .unwrap();
+        assert!(matches!(o.remote_addr, RemoteAddr::Template(_)));
+        assert_eq!(o.remote_addr.to_string(), "kms.{region}.{domain}");
+        assert_eq!(o.log_format, Some(LogFormat::Journal));
+        assert_eq!(o.imds_endpoint, "127.0.0.1:8080".parse().unwrap());
+        let e = parse(&["8000", "kms.{zone}.amazonaws.com", "443"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("unknown placeholder {zone}"), "{e}");
     }
 
     #[test]

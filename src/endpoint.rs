@@ -1,23 +1,29 @@
 //! Where to listen or connect: AF_VSOCK, or a `unix:`/`tcp:` stand-in, behind one type.
 //!
 //! This module owns the address syntax (`8001`, `vsock:[CID:]PORT`, `unix:PATH`, `tcp:IP:PORT`),
-//! binding and accepting ([`Listener`]), connecting ([`Endpoint::connect`]) and the resulting
-//! byte stream ([`Stream`]). Everything above it handles the three transports through the same
-//! code; only this file knows which one is in use. Peer addresses are rendered for logs as
-//! `vsock:CID:PORT`, `unix:PATH` or `tcp:IP:PORT`.
+//! binding and accepting ([`Listener`]), adopting a listening socket passed by systemd socket
+//! activation ([`Listener::from_passed_fd`]), connecting ([`Endpoint::connect`]) and the
+//! resulting byte stream ([`Stream`]). Everything above it handles the three transports through
+//! the same code; only this file knows which one is in use. Peer addresses are rendered for logs
+//! as `vsock:CID:PORT`, `unix:PATH` or `tcp:IP:PORT`.
+//!
+//! A vsock listener is the `vsock` crate's socket in a tokio `AsyncFd`, accepted here rather than
+//! through `tokio_vsock::VsockListener`, whose only way to adopt an existing descriptor panics
+//! when it cannot register it; bound and passed vsock listeners share this one accept path.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
+use tokio_vsock::{VsockAddr, VsockStream, VMADDR_CID_ANY};
 
 /// A listen or connect address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,7 +102,8 @@ impl Endpoint {
     pub async fn bind(&self) -> io::Result<Listener> {
         match self {
             Endpoint::Vsock { cid, port } => {
-                VsockListener::bind(VsockAddr::new(*cid, *port)).map(Listener::Vsock)
+                let listener = vsock::VsockListener::bind_with_cid_port(*cid, *port)?;
+                vsock_listener(listener)
             }
             Endpoint::Unix(path) => {
                 remove_stale_socket(path)?;
@@ -135,37 +142,111 @@ fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
     }
 }
 
+/// Registers a listening vsock socket with the runtime (non-blocking).
+fn vsock_listener(listener: vsock::VsockListener) -> io::Result<Listener> {
+    listener.set_nonblocking(true)?;
+    // SAFETY: the listener owns its descriptor (an OwnedFd) and never replaces or closes it
+    // while it is inside the AsyncFd, so the descriptor stays valid and the same until the
+    // AsyncFd is dropped.
+    let registered = unsafe { AsyncFd::register(listener) };
+    registered
+        .map(Listener::Vsock)
+        .map_err(|e| e.into_parts().1)
+}
+
 /// A bound listener of any transport.
 #[derive(Debug)]
 pub enum Listener {
-    Vsock(VsockListener),
+    Vsock(AsyncFd<vsock::VsockListener>),
     Unix(UnixListener),
     Tcp(TcpListener),
 }
 
 impl Listener {
+    /// Adopts a listening socket passed by the service manager (socket activation): a stream
+    /// socket of family AF_VSOCK, AF_UNIX, AF_INET or AF_INET6 on which listen() was called.
+    /// Anything else is an error that says which `.socket` setting makes it right.
+    pub fn from_passed_fd(fd: OwnedFd) -> Result<Listener, String> {
+        let n = fd.as_raw_fd();
+        let what = |e: String| format!("socket-activation descriptor {n}: {e}");
+        let domain = sockopt(&fd, libc::SO_DOMAIN).map_err(|e| {
+            what(if e.raw_os_error() == Some(libc::ENOTSOCK) {
+                "is not a socket (use ListenStream= in the .socket unit)".to_owned()
+            } else {
+                format!("cannot inspect it: {e}")
+            })
+        })?;
+        let kind =
+            sockopt(&fd, libc::SO_TYPE).map_err(|e| what(format!("cannot inspect it: {e}")))?;
+        if kind != libc::SOCK_STREAM {
+            return Err(what(
+                "is not a stream socket (use ListenStream=, not ListenDatagram= or \
+                 ListenSequentialPacket=, in the .socket unit)"
+                    .to_owned(),
+            ));
+        }
+        let listening = sockopt(&fd, libc::SO_ACCEPTCONN)
+            .map_err(|e| what(format!("cannot inspect it: {e}")))?;
+        if listening == 0 {
+            return Err(what(
+                "is not listening (the .socket unit must not set Accept=yes)".to_owned(),
+            ));
+        }
+        let adopted = match domain {
+            libc::AF_VSOCK => vsock_listener(vsock::VsockListener::from(fd)),
+            libc::AF_UNIX => {
+                let std = std::os::unix::net::UnixListener::from(fd);
+                std.set_nonblocking(true)
+                    .and_then(|()| UnixListener::from_std(std))
+                    .map(Listener::Unix)
+            }
+            libc::AF_INET | libc::AF_INET6 => {
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(std))
+                    .map(Listener::Tcp)
+            }
+            other => {
+                return Err(what(format!(
+                    "has address family {other}, not vsock, unix, IPv4 or IPv6"
+                )))
+            }
+        };
+        adopted.map_err(|e| what(format!("cannot use it: {e}")))
+    }
+
     /// Accepts one connection and describes its peer for logs.
     pub async fn accept(&self) -> io::Result<(Stream, String)> {
+        std::future::poll_fn(|cx| self.poll_accept(cx)).await
+    }
+
+    /// Polls for one connection, as [`Listener::accept`], so that several listeners can be
+    /// served by one loop.
+    pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Stream, String)>> {
         match self {
-            Listener::Vsock(l) => {
-                let (s, peer) = l.accept().await?;
-                Ok((
-                    Stream::Vsock(s),
-                    format!("vsock:{}:{}", peer.cid(), peer.port()),
-                ))
-            }
+            Listener::Vsock(l) => loop {
+                let mut ready = ready!(l.poll_read_ready(cx))?;
+                match ready.try_io(|inner| inner.get_ref().accept()) {
+                    Ok(Ok((s, peer))) => {
+                        let peer = format!("vsock:{}:{}", peer.cid(), peer.port());
+                        return Poll::Ready(VsockStream::new(s).map(|s| (Stream::Vsock(s), peer)));
+                    }
+                    Ok(Err(e)) => return Poll::Ready(Err(e)),
+                    Err(_would_block) => continue,
+                }
+            },
             Listener::Unix(l) => {
-                let (s, peer) = l.accept().await?;
+                let (s, peer) = ready!(l.poll_accept(cx))?;
                 let peer = match peer.as_pathname() {
                     Some(p) => format!("unix:{}", p.display()),
                     None => "unix:(unnamed)".to_owned(),
                 };
-                Ok((Stream::Unix(s), peer))
+                Poll::Ready(Ok((Stream::Unix(s), peer)))
             }
             Listener::Tcp(l) => {
-                let (s, peer) = l.accept().await?;
+                let (s, peer) = ready!(l.poll_accept(cx))?;
                 s.set_nodelay(true)?;
-                Ok((Stream::Tcp(s), format!("tcp:{peer}")))
+                Poll::Ready(Ok((Stream::Tcp(s), format!("tcp:{peer}"))))
             }
         }
     }
@@ -174,7 +255,7 @@ impl Listener {
     pub fn local_endpoint(&self) -> io::Result<Endpoint> {
         match self {
             Listener::Vsock(l) => {
-                let a = l.local_addr()?;
+                let a = l.get_ref().local_addr()?;
                 Ok(Endpoint::Vsock {
                     cid: a.cid(),
                     port: a.port(),
@@ -189,6 +270,27 @@ impl Listener {
             Listener::Tcp(l) => Ok(Endpoint::Tcp(l.local_addr()?)),
         }
     }
+}
+
+/// An int-valued SOL_SOCKET option of `fd`.
+fn sockopt(fd: &OwnedFd, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which we own; the descriptor
+    // is borrowed for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
 }
 
 /// A connected byte stream of any transport.
@@ -330,6 +432,56 @@ mod tests {
             "vsock:any:8001".parse::<Endpoint>().unwrap().to_string(),
             "vsock:any:8001"
         );
+    }
+
+    #[tokio::test]
+    async fn passed_descriptors_are_adopted_or_refused_with_the_fix() {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let listener = Listener::from_passed_fd(OwnedFd::from(tcp)).unwrap();
+        assert_eq!(listener.local_endpoint().unwrap(), Endpoint::Tcp(addr));
+        let client = tokio::spawn(async move { TcpStream::connect(addr).await });
+        let (_s, peer) = listener.accept().await.unwrap();
+        assert!(peer.starts_with("tcp:127.0.0.1:"), "{peer}");
+        client.await.unwrap().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passed.sock");
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let listener = Listener::from_passed_fd(OwnedFd::from(unix)).unwrap();
+        assert_eq!(listener.local_endpoint().unwrap(), Endpoint::Unix(path));
+
+        let refused = |fd: OwnedFd| match Listener::from_passed_fd(fd) {
+            Ok(_) => panic!("adopted a descriptor it cannot serve"),
+            Err(e) => e,
+        };
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let e = refused(OwnedFd::from(udp));
+        assert!(
+            e.contains("not a stream socket") && e.contains("ListenStream="),
+            "{e}"
+        );
+        let unbound = unlistened_tcp_socket();
+        let e = refused(unbound);
+        assert!(
+            e.contains("is not listening") && e.contains("Accept=yes"),
+            "{e}"
+        );
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let e = refused(OwnedFd::from(file));
+        assert!(e.contains("is not a socket"), "{e}");
+        assert!(e.starts_with("socket-activation descriptor "), "{e}");
+    }
+
+    /// A TCP socket on which listen() was never called.
+    fn unlistened_tcp_socket() -> OwnedFd {
+        use std::os::fd::FromRawFd;
+        // SAFETY: socket() returns a new descriptor, checked below, that nothing else owns.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+            OwnedFd::from_raw_fd(fd)
+        }
     }
 
     #[tokio::test]

@@ -6,7 +6,9 @@
 //!   special addresses; [`policy`]: the pure allow/deny decision;
 //! - [`dns`]: the shared resolver; [`upstream`]: resolve, decide and connect for one connection;
 //! - [`endpoint`]: vsock and its `unix:`/`tcp:` stand-ins; [`relay`]: the data path;
-//! - [`server`]: the accept loop, limits and draining; [`app`]: start-up and shutdown.
+//! - [`server`]: the accept loop, limits and draining; [`app`]: start-up, reload and shutdown;
+//! - [`systemd`]: readiness, status, watchdog, socket activation and journal detection;
+//!   [`imds`]: `{region}` in REMOTE_ADDR from the EC2 instance metadata service.
 
 pub mod app;
 pub mod cli;
@@ -14,9 +16,11 @@ pub mod config;
 pub mod dns;
 pub mod endpoint;
 pub mod host;
+pub mod imds;
 pub mod logging;
 pub mod policy;
 pub mod relay;
 pub mod rlimit;
 pub mod server;
+pub mod systemd;
 pub mod upstream;

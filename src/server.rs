@@ -1,13 +1,17 @@
 //! The accept loop, the connection limit and graceful shutdown.
 //!
-//! This module owns the life of the listening socket and of every connection task: it accepts
-//! (backing off on errors such as EMFILE instead of spinning or exiting), enforces
-//! `--max-connections` by closing excess connections at once, runs one [`handle`] task per
-//! connection inside its own tracing span, and on shutdown stops accepting, lets open
-//! connections finish for the drain timeout, then returns.
+//! This module owns the life of the listening sockets and of every connection task: one loop
+//! accepts from every listener (backing off on errors such as EMFILE instead of spinning or
+//! exiting), enforces `--max-connections` by closing excess connections at once, runs one
+//! [`handle`] task per connection inside its own tracing span, and on shutdown stops accepting,
+//! lets open connections finish for the drain timeout, then returns.
+//!
+//! The loop also beats a [`Heartbeat`] (systemd's watchdog) between accepts, so the pings stop
+//! when the loop itself is stuck — not merely when some other task still runs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -52,7 +56,7 @@ impl Shared {
     }
 }
 
-/// Live counters (for logs now, for metrics and sd_notify STATUS later).
+/// Live counters (for logs and sd_notify STATUS).
 #[derive(Default, Debug)]
 pub struct Counters {
     pub accepted: AtomicU64,
@@ -68,30 +72,62 @@ pub struct ServerLimits {
     pub drain_timeout: Duration,
 }
 
+/// Something to call regularly from the accept loop while it is alive (the watchdog ping).
+pub struct Heartbeat {
+    pub every: Duration,
+    pub beat: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Waits for the next heartbeat tick and beats; never resolves without a heartbeat.
+async fn next_beat(heartbeat: &mut Option<(tokio::time::Interval, Heartbeat)>) {
+    match heartbeat {
+        Some((interval, heartbeat)) => {
+            interval.tick().await;
+            (heartbeat.beat)();
+        }
+        None => std::future::pending().await,
+    }
+}
+
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const OVER_LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Serves `listener` until `shutdown` resolves, then drains. Returns how many connections were
+/// Serves `listeners` until `shutdown` resolves, then drains. Returns how many connections were
 /// still open when the drain timeout ran out (they are closed when the runtime stops).
 pub async fn serve(
-    listener: Listener,
+    listeners: Vec<Listener>,
     shared: Arc<Shared>,
     limits: ServerLimits,
     shutdown: impl std::future::Future<Output = ()>,
+    heartbeat: Option<Heartbeat>,
 ) -> usize {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut heartbeat = heartbeat.map(|h| {
+        let mut interval = tokio::time::interval(h.every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        (interval, h)
+    });
     tokio::select! {
-        _ = accept_loop(&listener, &shared, &permits, limits.max_connections) => {}
+        _ = accept_loop(&listeners, &shared, &permits, limits.max_connections, &mut heartbeat) => {}
         _ = shutdown => {}
     }
-    drop(listener);
+    drop(listeners);
     let open = limits.max_connections - permits.available_permits();
     if open > 0 {
         info!(open, drain_timeout = %humantime::format_duration(limits.drain_timeout), "stopped accepting; waiting for open connections");
     }
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let drained = tokio::time::timeout(limits.drain_timeout, permits.acquire_many(all)).await;
+    // Keep beating while draining, in case the service manager still watches.
+    let drain = async {
+        loop {
+            tokio::select! {
+                _ = permits.acquire_many(all) => return,
+                _ = next_beat(&mut heartbeat) => {}
+            }
+        }
+    };
+    let drained = tokio::time::timeout(limits.drain_timeout, drain).await;
     match drained {
         Ok(_) => 0,
         Err(_) => {
@@ -105,26 +141,66 @@ pub async fn serve(
     }
 }
 
+/// Polls every listener once, starting after the one that accepted last (so a busy listener
+/// cannot starve the others).
+fn poll_accept_any(
+    listeners: &[Listener],
+    next: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<(Stream, String)>> {
+    let n = listeners.len();
+    for i in 0..n {
+        let index = (*next + i) % n;
+        if let Poll::Ready(result) = listeners[index].poll_accept(cx) {
+            *next = (index + 1) % n;
+            return Poll::Ready(result);
+        }
+    }
+    Poll::Pending
+}
+
+/// Waits out a back-off (if any), then accepts from any listener.
+async fn accept_any(
+    listeners: &[Listener],
+    next: &mut usize,
+    resume_at: Option<Instant>,
+) -> std::io::Result<(Stream, String)> {
+    if let Some(at) = resume_at {
+        tokio::time::sleep_until(at).await;
+    }
+    std::future::poll_fn(|cx| poll_accept_any(listeners, next, cx)).await
+}
+
 async fn accept_loop(
-    listener: &Listener,
+    listeners: &[Listener],
     shared: &Arc<Shared>,
     permits: &Arc<Semaphore>,
     max: usize,
+    heartbeat: &mut Option<(tokio::time::Interval, Heartbeat)>,
 ) {
     let mut backoff = ACCEPT_BACKOFF_START;
+    let mut resume_at: Option<Instant> = None;
+    let mut next_listener = 0;
     let mut next_id: u64 = 0;
     let mut last_over_limit_log: Option<Instant> = None;
     let mut over_limit_since_log: u64 = 0;
     loop {
-        let (stream, peer) = match listener.accept().await {
+        // Accepting is cancel-safe, so a heartbeat tick may interrupt the wait at any point.
+        let accepted = tokio::select! {
+            biased;
+            _ = next_beat(heartbeat) => continue,
+            accepted = accept_any(listeners, &mut next_listener, resume_at) => accepted,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => {
                 backoff = ACCEPT_BACKOFF_START;
+                resume_at = None;
                 accepted
             }
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: wait a little and keep serving.
                 warn!(error = %e, retry_in = ?backoff, "accept failed");
-                tokio::time::sleep(backoff).await;
+                resume_at = Some(Instant::now() + backoff);
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }

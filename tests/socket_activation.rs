@@ -1,0 +1,212 @@
+//! Socket activation through the real binary: `systemd-socket-activate` (systemd's own tool)
+//! binds the sockets, waits for the first connection, then execs the proxy with them as
+//! `LISTEN_FDS`, exactly as a `.socket` unit does. The proxy must serve every passed socket
+//! instead of binding LISTEN, leave a passed unix socket's file alone at exit, adopt a vsock
+//! listener (bound here, never connected to: the host has no vsock loopback), and refuse a
+//! socket it cannot serve with exit status 2. Each test has its own network namespace.
+
+mod common;
+mod systemd_support;
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::netns::{add_lo_addr, run_in_netns};
+use common::proxy::{connect, is_listening, PROXY_BIN};
+use common::upstream::echo_server;
+use systemd_support::{Daemon, NotifySocket};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn write_config(dir: &tempfile::TempDir) -> String {
+    let config = dir.path().join("allowlist.yaml");
+    std::fs::write(&config, "allowlist:\n- {address: 192.0.2.10, port: 443}\n").unwrap();
+    config.display().to_string()
+}
+
+/// `systemd-socket-activate -l ADDR... [-d] -E RUST_LOG=debug [-E NOTIFY_SOCKET=...] -- proxy ARGS`.
+fn activate(listen: &[&str], datagram: bool, env: &[(&str, &str)], proxy_args: &[&str]) -> Daemon {
+    let mut cmd = Command::new("systemd-socket-activate");
+    for l in listen {
+        cmd.arg("-l").arg(l);
+    }
+    if datagram {
+        cmd.arg("--datagram");
+    }
+    cmd.args(["-E", "RUST_LOG=debug"]);
+    for (k, v) in env {
+        cmd.arg("-E").arg(format!("{k}={v}"));
+    }
+    cmd.arg("--").arg(PROXY_BIN).args(proxy_args);
+    Daemon::spawn(cmd, false)
+}
+
+async fn round_trip(listen: &str, msg: &[u8]) -> Vec<u8> {
+    let mut c = connect(listen).await;
+    c.write_all(msg).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut reply))
+        .await
+        .expect("no reply through the proxy")
+        .unwrap();
+    reply
+}
+
+#[test]
+fn passed_tcp_and_unix_listeners_both_carry_traffic() {
+    run_in_netns(|| async {
+        add_lo_addr(ip("192.0.2.10"));
+        let _up = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(&dir);
+        let sock = dir.path().join("proxy.sock");
+        let tcp = "tcp:127.0.0.1:8001";
+        let unix = format!("unix:{}", sock.display());
+        let notify = NotifySocket::bind(dir.path());
+        let mut daemon = activate(
+            &["127.0.0.1:8001", sock.to_str().unwrap()],
+            false,
+            &[("NOTIFY_SOCKET", notify.path())],
+            &[tcp, "192.0.2.10", "443", "--config", &config],
+        );
+        assert!(
+            common::wait_until(WAIT, || is_listening(tcp) && is_listening(&unix)).await,
+            "systemd-socket-activate did not listen: {}",
+            daemon.logs()
+        );
+        // The first connection makes systemd-socket-activate exec the proxy, which must accept
+        // it from the passed socket's backlog.
+        assert_eq!(
+            round_trip(tcp, b"first, over tcp").await,
+            b"first, over tcp"
+        );
+        assert_eq!(
+            round_trip(&unix, b"then over unix").await,
+            b"then over unix"
+        );
+        assert_eq!(round_trip(tcp, b"and tcp again").await, b"and tcp again");
+        let logs = daemon.logs();
+        assert!(
+            logs.contains("using the sockets passed by systemd"),
+            "{logs}"
+        );
+        assert!(
+            logs.contains(&format!("listen=tcp:127.0.0.1:8001 {unix}")),
+            "serves both passed sockets: {logs}"
+        );
+        assert!(logs.contains("peer=unix:"), "{logs}");
+        assert!(
+            notify
+                .wait_for(WAIT, |m| m.contains("READY=1"))
+                .await
+                .is_some(),
+            "{:?}",
+            notify.messages()
+        );
+
+        daemon.signal(libc::SIGTERM);
+        let status = daemon
+            .wait_exit(WAIT)
+            .await
+            .expect("did not exit after SIGTERM");
+        assert_eq!(status.code(), Some(0), "{}", daemon.logs());
+        assert!(
+            sock.exists(),
+            "the proxy removed a socket file it did not create (it belongs to the .socket unit)"
+        );
+    });
+}
+
+#[test]
+fn passed_vsock_listener_is_adopted_and_a_mismatched_listen_is_reported() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(&dir);
+        // A vsock port unlikely to be used by anything else on this machine (vsock has no
+        // network namespaces). Nothing ever connects to it.
+        let vsock_port = 40000 + (std::process::id() % 20000);
+        let vsock = format!("vsock::{vsock_port}");
+        let mut daemon = activate(
+            &[&vsock, "127.0.0.1:8001"],
+            false,
+            &[],
+            &["tcp:127.0.0.1:9", "192.0.2.10", "443", "--config", &config],
+        );
+        assert!(
+            common::wait_until(WAIT, || is_listening("tcp:127.0.0.1:8001")).await,
+            "{}",
+            daemon.logs()
+        );
+        // Any connection triggers the exec; this one is then served (and refused upstream).
+        let mut c = connect("tcp:127.0.0.1:8001").await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut rest)).await;
+        assert!(
+            daemon
+                .wait_for_log(&format!("vsock:any:{vsock_port}"), WAIT)
+                .await,
+            "the vsock listener was not adopted: {}",
+            daemon.logs()
+        );
+        assert!(
+            daemon
+                .wait_for_log("LISTEN is not among the sockets passed by systemd", WAIT)
+                .await,
+            "{}",
+            daemon.logs()
+        );
+        assert!(
+            !is_listening("tcp:127.0.0.1:9"),
+            "bound LISTEN despite passed sockets"
+        );
+        daemon.signal(libc::SIGTERM);
+        let status = daemon
+            .wait_exit(WAIT)
+            .await
+            .expect("did not exit after SIGTERM");
+        assert_eq!(status.code(), Some(0), "{}", daemon.logs());
+    });
+}
+
+#[test]
+fn passed_datagram_socket_is_refused_with_exit_2() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(&dir);
+        let mut daemon = activate(
+            &["127.0.0.1:8001"],
+            true,
+            &[],
+            &[
+                "tcp:127.0.0.1:8001",
+                "192.0.2.10",
+                "443",
+                "--config",
+                &config,
+            ],
+        );
+        assert!(
+            systemd_support::wait_for_count(|| daemon.logs(), "Listening on", 1, WAIT).await,
+            "{}",
+            daemon.logs()
+        );
+        // A datagram triggers the exec.
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.send_to(b"wake up", "127.0.0.1:8001").unwrap();
+        let status = daemon.wait_exit(WAIT).await.expect("did not exit");
+        assert_eq!(status.code(), Some(2), "{}", daemon.logs());
+        let logs = daemon.logs();
+        assert!(
+            logs.contains("socket-activation descriptor 3: is not a stream socket")
+                && logs.contains("ListenStream="),
+            "{logs}"
+        );
+    });
+}

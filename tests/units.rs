@@ -1,0 +1,179 @@
+//! The unit files in `systemd/`: `systemd-analyze verify` prints nothing for each of them, and
+//! `systemd-analyze security --offline=true` rates each service unit at most 2.0.
+//!
+//! `verify` checks that ExecStart's binary exists and is executable, and the units name the
+//! installed path `/usr/bin/nitro-vsock-proxy`, which a development machine does not have. So
+//! each unit is verified as a copy in a temporary directory whose `/usr/bin/nitro-vsock-proxy`
+//! is rewritten to the binary cargo built for these tests; nothing else is changed. (A `--root`
+//! tree would need the whole of /usr/lib/systemd copied into it for the unit to load.) The
+//! socket unit is verified beside a copy of its service, which it loads.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nitro-vsock-proxy");
+const INSTALLED_BIN: &str = "/usr/bin/nitro-vsock-proxy";
+const UNITS: [&str; 3] = [
+    "nitro-vsock-proxy.service",
+    "nitro-vsock-proxy@.service",
+    "nitro-vsock-proxy.socket",
+];
+
+fn unit_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd")
+}
+
+fn read_unit(name: &str) -> String {
+    let path = unit_dir().join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path:?}: {e}"))
+}
+
+/// Copies every unit into a temporary directory with ExecStart pointing at the built binary.
+fn copies() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in UNITS {
+        let text = read_unit(name);
+        assert!(
+            name.ends_with(".socket") || text.contains(&format!("ExecStart={INSTALLED_BIN} ")),
+            "{name}: ExecStart must run {INSTALLED_BIN}"
+        );
+        std::fs::write(dir.path().join(name), text.replace(INSTALLED_BIN, BIN)).unwrap();
+    }
+    dir
+}
+
+fn systemd_analyze(args: &[&str], dir: &Path) -> (Option<i32>, String) {
+    let out = Command::new("systemd-analyze")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run systemd-analyze (install the `systemd` package: make deps): {e}")
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[test]
+fn systemd_analyze_verify_prints_nothing_for_every_unit() {
+    let dir = copies();
+    for name in UNITS {
+        let unit = format!("./{name}");
+        let (code, output) = systemd_analyze(&["verify", "--man=no", &unit], dir.path());
+        assert_eq!(code, Some(0), "systemd-analyze verify {name}:\n{output}");
+        assert!(
+            output.trim().is_empty(),
+            "systemd-analyze verify {name}:\n{output}"
+        );
+    }
+    // The check can fail: a unit with a typo in a key is reported.
+    let typo = dir.path().join("typo.service");
+    let broken = read_unit("nitro-vsock-proxy.service")
+        .replace(INSTALLED_BIN, BIN)
+        .replace("NoNewPrivileges=", "NoNewPrivilege=");
+    std::fs::write(&typo, broken).unwrap();
+    let (_, output) = systemd_analyze(&["verify", "--man=no", "./typo.service"], dir.path());
+    assert!(output.contains("NoNewPrivilege"), "{output}");
+}
+
+#[test]
+fn security_exposure_of_each_service_is_at_most_2() {
+    let dir = copies();
+    for name in UNITS.iter().filter(|n| n.ends_with(".service")) {
+        let unit = format!("./{name}");
+        // --threshold is in tenths of the printed score: 20 means 2.0.
+        let (code, output) = systemd_analyze(
+            &[
+                "security",
+                "--offline=true",
+                "--threshold=20",
+                "--no-pager",
+                &unit,
+            ],
+            dir.path(),
+        );
+        let score: f64 = output
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|rest| rest.split(": ").nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no overall exposure level for {name}:\n{output}"));
+        eprintln!("{name}: exposure {score}");
+        assert!(score <= 2.0, "{name}: exposure {score} > 2.0:\n{output}");
+        assert_eq!(code, Some(0), "{name} over the threshold:\n{output}");
+    }
+}
+
+#[test]
+fn units_carry_the_issue_s_contract() {
+    let service = read_unit("nitro-vsock-proxy.service");
+    let template = read_unit("nitro-vsock-proxy@.service");
+    let socket = read_unit("nitro-vsock-proxy.socket");
+    for (name, text) in [("service", &service), ("template", &template)] {
+        for line in [
+            "Type=notify",
+            "ExecReload=/bin/kill -HUP $MAINPID",
+            "Restart=on-failure",
+            "DynamicUser=yes",
+            "CapabilityBoundingSet=",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "RestrictAddressFamilies=AF_VSOCK AF_INET AF_INET6 AF_UNIX",
+            "SystemCallFilter=@system-service",
+            "WatchdogSec=20s",
+            "LimitNOFILE=4096",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{name} unit lacks {line:?}"
+            );
+        }
+    }
+    assert!(service.contains(&format!(
+        "ExecStart={INSTALLED_BIN} 8000 kms.{{region}}.{{domain}} 443 --config /etc/nitro-vsock-proxy/vsock-proxy.yaml"
+    )));
+    assert!(service.contains("Conflicts=nitro-enclaves-vsock-proxy.service"));
+    assert!(template.contains("EnvironmentFile=/etc/nitro-vsock-proxy/%i.env"));
+    assert!(template.contains("--config /etc/nitro-vsock-proxy/%i.yaml"));
+    assert!(socket.lines().any(|l| l == "ListenStream=vsock::8000"));
+
+    // The shipped files the units read (the allowlist is also loaded by the real binary in
+    // tests/region.rs).
+    let env =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/workshop.env"))
+            .unwrap();
+    for key in [
+        "LISTEN=8001",
+        "REMOTE_ADDR=ip-ranges.amazonaws.com",
+        "REMOTE_PORT=443",
+        "OPTIONS=",
+    ] {
+        assert!(
+            env.lines().any(|l| l == key),
+            "config/workshop.env lacks {key}"
+        );
+    }
+    let allowlist = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/vsock-proxy.yaml"),
+    )
+    .unwrap();
+    for entry in [
+        "kms.us-east-1.amazonaws.com",
+        "kms-fips.us-east-1.amazonaws.com",
+        "kms.us-gov-west-1.amazonaws.com",
+        "kms.cn-north-1.amazonaws.com.cn",
+        "kms.cn-northwest-1.amazonaws.com.cn",
+    ] {
+        assert!(
+            allowlist.contains(&format!("{{address: {entry}, port: 443}}")),
+            "config/vsock-proxy.yaml lacks {entry}"
+        );
+    }
+}
