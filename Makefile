@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release deps test lint unit-test integration-test bench demo clean
+.PHONY: all build release deps test lint unit-test integration-test rpm rpm-test bench demo clean
 
 all: build
 
@@ -20,6 +20,8 @@ deps:
 
 test: deps lint
 	$(CARGO) test --workspace --all-targets
+	@ONLINE= scripts/demo.sh  # the demo, offline, is part of the tests
+	@$(MAKE) --no-print-directory rpm-test
 	@echo "make test: all checks passed"
 
 lint:
@@ -32,11 +34,21 @@ unit-test:
 integration-test:
 	$(CARGO) test --workspace --tests
 
+# The RPM for Amazon Linux 2023 (packaging/rpm/), built with Debian's rpmbuild into target/rpm/.
+rpm: deps
+	@scripts/build-rpm.sh
+
+# Checks the built RPM: file list, no path shared with AWS's package, rpmlint, glibc <= 2.34,
+# install/remove in a throwaway root.
+rpm-test: rpm
+	@tests/packaging/rpm-test.sh
+
 bench: deps
 	$(CARGO) bench --bench relay
 
+# The workshop chain on this machine, offline; ONLINE=1 uses the real ip-ranges.amazonaws.com.
 demo: deps
-	@scripts/demo.sh
+	@ONLINE=$(ONLINE) scripts/demo.sh
 
 clean:
 	$(CARGO) clean

@@ -8,8 +8,12 @@
 #   systemd: tests/units.rs runs systemd-analyze (verify, security) on systemd/*, and
 #            tests/socket_activation.rs runs systemd-socket-activate; a full Debian 12 has it,
 #            minimal images do not
+#   rpm, rpmlint: make rpm builds the Amazon Linux 2023 RPM with rpmbuild; its test lints it
+#   busybox-static: the RPM test installs into a throwaway root whose only shell is busybox;
+#                   the VM tests boot an initramfs built around it
+#   binutils: objdump, to check the glibc symbol versions the binary needs
 set -euo pipefail
-needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck)
+needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils)
 missing=()
 for pkg in "${needed[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

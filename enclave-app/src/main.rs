@@ -1,10 +1,107 @@
-//! `enclave-app`: the enclave side of the workshop chain (forwarder, server, client).
+//! `enclave-app`: the enclave side of the Nitro Enclaves workshop's secure local channel.
 //!
-//! A stub until its issue lands; it exists so the workspace layout is in place.
+//! One binary, three commands with the workshop's arguments:
+//! - `forwarder LOCAL_IP LOCAL_PORT REMOTE_CID REMOTE_PORT`: TCP in the enclave to the parent's
+//!   nitro-vsock-proxy over vsock ([`forwarder`]);
+//! - `server PORT`: answers region queries on vsock with S3 prefixes ([`server`], over
+//!   [`protocol`], [`ranges`], [`cache`] and [`fetch`]);
+//! - `client CID PORT QUERY`: the parent-side client ([`client`]).
+//!
+//! [`accept`] is the accept loop they share; [`cli`] the command line; [`standin`] the hidden
+//! `demo-https` command, the HTTPS stand-in for ip-ranges.amazonaws.com used by `make demo` and
+//! the tests. Transports, the relay and the logger come from the daemon's library
+//! (`nitro_vsock_proxy`). This file only dispatches and maps results to exit statuses: 0 done,
+//! 1 runtime failure (the message says what and how to fix it), 2 usage error.
 
-fn main() {
-    eprintln!(
-        "enclave-app: not implemented yet (forwarder, server and client come with their issue)"
-    );
-    std::process::exit(2);
+mod accept;
+mod cache;
+mod cli;
+mod client;
+mod fetch;
+mod forwarder;
+mod protocol;
+mod ranges;
+mod server;
+mod standin;
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use nitro_vsock_proxy::cli::LogFormat;
+use tracing::{error, info, warn};
+
+use crate::cache::Cache;
+use crate::cli::{Cli, Command};
+use crate::fetch::Fetcher;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Client(args) => client::main(args.options()),
+        Command::Forwarder(args) => run_service(forwarder::run(args.options())),
+        Command::DemoHttps(args) => run_service(standin::run(args.options())),
+        Command::Server(args) => run_service(async move {
+            let fetcher = Arc::new(Fetcher::new(args.fetch_settings())?);
+            let source = fetcher.describe();
+            let loader: cache::Loader = Box::new(move || {
+                let fetcher = fetcher.clone();
+                Box::pin(async move { fetcher.download().await })
+            });
+            let cache = Cache::new(loader, args.url.to_string(), args.cache_ttl);
+            server::run(args.options(), cache, source).await
+        }),
+    }
+}
+
+/// Runs a long-lived command on a multi-thread runtime until it fails or SIGTERM/SIGINT.
+fn run_service(service: impl Future<Output = Result<(), String>>) -> ExitCode {
+    nitro_vsock_proxy::logging::init(LogFormat::Text);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = service => result,
+            () = shutdown_signal() => Ok(()),
+        }
+    });
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            error!("{message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (open connections are closed). If the handlers cannot be
+/// installed the command still runs, and says so.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            info!(signal = name, "stopping");
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            warn!("cannot install signal handlers: {e}; stop with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
 }

@@ -1,0 +1,328 @@
+//! The command line: `forwarder`, `server` and `client` with the workshop's arguments.
+//!
+//! This module owns argument syntax and the checks that need nothing but the arguments (clap
+//! exits with status 2 and says what to write instead). It turns arguments into each command's
+//! `Options`; defaults live here, in one place.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use nitro_vsock_proxy::endpoint::Endpoint;
+use reqwest::Url;
+
+use crate::fetch::FetchSettings;
+
+/// The address of the document the workshop's server downloads.
+pub const DEFAULT_URL: &str = "https://ip-ranges.amazonaws.com/ip-ranges.json";
+
+/// The enclave side of the Nitro Enclaves workshop's secure local channel.
+#[derive(Debug, Parser)]
+#[command(name = "enclave-app", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Forward each TCP connection on LOCAL_IP:LOCAL_PORT to vsock REMOTE_CID:REMOTE_PORT (the
+    /// parent's nitro-vsock-proxy), both ways, half-closes included.
+    Forwarder(ForwarderArgs),
+    /// Answer queries on vsock port PORT with the S3 prefixes of the region asked for.
+    Server(ServerArgs),
+    /// Ask the server in enclave CID on PORT for QUERY's S3 prefixes and print the reply.
+    Client(ClientArgs),
+    /// Demo and tests only: an HTTPS stand-in for ip-ranges.amazonaws.com.
+    #[command(name = "demo-https", hide = true)]
+    DemoHttps(DemoHttpsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ForwarderArgs {
+    /// The address to listen on inside the enclave, e.g. 127.0.0.1.
+    pub local_ip: IpAddr,
+    /// The TCP port to listen on, e.g. 443.
+    pub local_port: u16,
+    /// The parent's CID: 3.
+    pub remote_cid: u32,
+    /// The vsock port nitro-vsock-proxy listens on, e.g. 8001.
+    pub remote_port: u32,
+    /// Connect to this stand-in (unix:PATH or tcp:IP:PORT) instead of vsock REMOTE_CID:REMOTE_PORT.
+    #[arg(long, value_name = "ENDPOINT", value_parser = parse_stand_in)]
+    pub stand_in: Option<Endpoint>,
+    /// Connections forwarded at once; more are closed at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Time allowed to connect to the parent's proxy.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Close a connection after this long without traffic (default: never).
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// The vsock port to listen on (any CID), e.g. 5005.
+    pub port: u32,
+    /// Listen on this stand-in (unix:PATH or tcp:IP:PORT) instead of vsock.
+    #[arg(long, value_name = "ENDPOINT", value_parser = parse_stand_in)]
+    pub stand_in: Option<Endpoint>,
+    /// The document to download (https only).
+    #[arg(long, default_value = DEFAULT_URL, value_parser = parse_https_url)]
+    pub url: Url,
+    /// Trust only the CA certificates (PEM) in this file, instead of the system's roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Connect to IP:PORT (e.g. the forwarder) instead of resolving the URL's host, like curl's
+    /// --resolve; the certificate is still checked for the URL's host. A port written in the URL
+    /// takes precedence over this one.
+    #[arg(long, value_name = "IP:PORT")]
+    pub connect_to: Option<SocketAddr>,
+    /// Answer IPv6 prefixes too (after the IPv4 ones).
+    #[arg(long)]
+    pub ipv6: bool,
+    /// How long a downloaded document is used before it is downloaded again.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub cache_ttl: Duration,
+    /// Time allowed to connect to the endpoint.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Time allowed for each read from the endpoint.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub read_timeout: Duration,
+    /// Time allowed for a whole download.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub fetch_timeout: Duration,
+    /// The largest document accepted, in bytes.
+    #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_document_size: u64,
+    /// Time a client has to send its query, and to take the reply.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub client_timeout: Duration,
+    /// Clients served at once; more are closed at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The enclave's CID (nitro-cli describe-enclaves).
+    pub cid: u32,
+    /// The server's vsock port, e.g. 5005.
+    pub port: u32,
+    /// The region, e.g. us-east-1.
+    pub query: String,
+    /// Connect to this stand-in (unix:PATH or tcp:IP:PORT) instead of vsock CID:PORT.
+    #[arg(long, value_name = "ENDPOINT", value_parser = parse_stand_in)]
+    pub stand_in: Option<Endpoint>,
+    /// Time allowed to connect.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Time allowed for the whole reply (the server may have to download the document first).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// The largest reply accepted, in bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_reply_size: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoHttpsArgs {
+    /// IP:PORT to listen on.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// DNS name of the certificate; repeatable.
+    #[arg(long = "name", default_value = "ip-ranges.amazonaws.com")]
+    pub names: Vec<String>,
+    /// The file served.
+    #[arg(long)]
+    pub document: PathBuf,
+    /// The path it is served at.
+    #[arg(long, default_value = "/ip-ranges.json")]
+    pub path: String,
+    /// Where to write the CA certificate (PEM) once listening.
+    #[arg(long)]
+    pub ca_out: PathBuf,
+}
+
+impl ForwarderArgs {
+    pub fn options(&self) -> crate::forwarder::Options {
+        crate::forwarder::Options {
+            listen: SocketAddr::new(self.local_ip, self.local_port),
+            target: self.stand_in.clone().unwrap_or(Endpoint::Vsock {
+                cid: self.remote_cid,
+                port: self.remote_port,
+            }),
+            max_connections: self.max_connections as usize,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+}
+
+impl ServerArgs {
+    pub fn options(&self) -> crate::server::Options {
+        crate::server::Options {
+            listen: self.stand_in.clone().unwrap_or(Endpoint::Vsock {
+                cid: libc::VMADDR_CID_ANY,
+                port: self.port,
+            }),
+            ipv6: self.ipv6,
+            client_timeout: self.client_timeout,
+            max_connections: self.max_connections as usize,
+        }
+    }
+
+    pub fn fetch_settings(&self) -> FetchSettings {
+        FetchSettings {
+            url: self.url.clone(),
+            ca_file: self.ca_file.clone(),
+            connect_to: self.connect_to,
+            connect_timeout: self.connect_timeout,
+            read_timeout: self.read_timeout,
+            total_timeout: self.fetch_timeout,
+            max_bytes: self.max_document_size,
+        }
+    }
+}
+
+impl ClientArgs {
+    pub fn options(&self) -> crate::client::Options {
+        crate::client::Options {
+            target: self.stand_in.clone().unwrap_or(Endpoint::Vsock {
+                cid: self.cid,
+                port: self.port,
+            }),
+            query: self.query.clone(),
+            connect_timeout: self.connect_timeout,
+            timeout: self.timeout,
+            max_reply_bytes: self.max_reply_size,
+        }
+    }
+}
+
+impl DemoHttpsArgs {
+    pub fn options(&self) -> crate::standin::Options {
+        crate::standin::Options {
+            listen: self.listen,
+            names: self.names.clone(),
+            document: self.document.clone(),
+            path: self.path.clone(),
+            ca_out: self.ca_out.clone(),
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 500ms, 5s or 2m"))?;
+    if d.is_zero() {
+        return Err("must be longer than 0".into());
+    }
+    Ok(d)
+}
+
+fn parse_stand_in(s: &str) -> Result<Endpoint, String> {
+    if !(s.starts_with("unix:") || s.starts_with("tcp:") || s.starts_with("vsock:")) {
+        return Err(format!(
+            "{s:?}: a stand-in is unix:PATH or tcp:IP:PORT (or vsock:CID:PORT)"
+        ));
+    }
+    s.parse()
+}
+
+fn parse_https_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if url.scheme() != "https" || url.host_str().is_none() {
+        return Err(format!(
+            "{s:?}: the document must come over HTTPS, e.g. {DEFAULT_URL}"
+        ));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("enclave-app").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn workshop_arguments_parse() {
+        let Command::Forwarder(f) = parse(&["forwarder", "127.0.0.1", "443", "3", "8001"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a forwarder");
+        };
+        let o = f.options();
+        assert_eq!(o.listen, "127.0.0.1:443".parse().unwrap());
+        assert_eq!(o.target, Endpoint::Vsock { cid: 3, port: 8001 });
+
+        let Command::Server(s) = parse(&["server", "5005"]).unwrap().command else {
+            panic!("not a server");
+        };
+        assert_eq!(s.options().listen, "vsock:any:5005".parse().unwrap());
+        assert_eq!(s.url.as_str(), DEFAULT_URL);
+
+        let Command::Client(c) = parse(&["client", "16", "5005", "us-east-1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a client");
+        };
+        assert_eq!(
+            c.options().target,
+            Endpoint::Vsock {
+                cid: 16,
+                port: 5005
+            }
+        );
+        assert_eq!(c.options().query, "us-east-1");
+    }
+
+    #[test]
+    fn stand_ins_replace_vsock() {
+        let Command::Forwarder(f) = parse(&[
+            "forwarder",
+            "127.0.0.1",
+            "443",
+            "3",
+            "8001",
+            "--stand-in",
+            "unix:/tmp/p.sock",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not a forwarder");
+        };
+        assert_eq!(f.options().target, Endpoint::Unix("/tmp/p.sock".into()));
+        assert!(parse(&["server", "5005", "--stand-in", "5006"]).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &[
+                "server",
+                "5005",
+                "--url",
+                "http://ip-ranges.amazonaws.com/x",
+            ][..],
+            &["server", "5005", "--client-timeout", "0s"],
+            &["server", "5005", "--cache-ttl", "soon"],
+            &["server", "5005", "--max-connections", "0"],
+            &["forwarder", "localhost", "443", "3", "8001"],
+            &["forwarder", "127.0.0.1", "70000", "3", "8001"],
+            &["client", "16", "5005"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?}");
+        }
+    }
+}

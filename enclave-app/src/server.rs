@@ -1,0 +1,142 @@
+//! `enclave-app server`: answers region queries with the S3 prefixes of that region.
+//!
+//! This module owns one exchange with a client: wait (at most the client timeout) for the first
+//! bytes, take them as the query (see `protocol`), get the document from the cache (see `cache`
+//! and `fetch`), write the reply (again within the client timeout), half-close, and drain what
+//! the client may still send for a moment before closing, so the close is a FIN and never a
+//! reset that could cost the client the end of its reply. Clients are served concurrently by
+//! `accept`, so a silent client only ever holds its own connection. A client that sends nothing
+//! within the timeout gets an `{"error": ...}` reply; every failure is one WARN line.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nitro_vsock_proxy::endpoint::{Endpoint, Stream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::timeout;
+use tracing::{debug, info, warn};
+
+use crate::accept;
+use crate::cache::Cache;
+use crate::protocol::{self, MAX_QUERY_BYTES};
+
+/// How long the server keeps reading (and discarding) after its reply, waiting for the client
+/// to close first.
+const LINGER: Duration = Duration::from_secs(2);
+/// The most it discards while lingering.
+const LINGER_BYTES: u64 = 64 * 1024;
+
+/// What the server does.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// vsock VMADDR_CID_ANY:PORT, or a stand-in.
+    pub listen: Endpoint,
+    /// Answer IPv6 prefixes too.
+    pub ipv6: bool,
+    /// How long a client may take to send its query, and to take the reply.
+    pub client_timeout: Duration,
+    pub max_connections: usize,
+}
+
+struct Context {
+    options: Options,
+    cache: Cache,
+}
+
+/// Listens and answers until the process is stopped. Fails only if it cannot listen.
+pub async fn run(options: Options, cache: Cache, source: String) -> Result<(), String> {
+    let listener = accept::bind(&options.listen).await?;
+    let bound = listener
+        .local_endpoint()
+        .map(|e| e.to_string())
+        .unwrap_or_else(|_| options.listen.to_string());
+    info!(
+        listen = %bound,
+        source = %source,
+        ipv6 = options.ipv6,
+        max_connections = options.max_connections,
+        "server listening"
+    );
+    let max = options.max_connections;
+    let context = Arc::new(Context { options, cache });
+    accept::serve(listener, max, move |stream, _peer| {
+        let context = context.clone();
+        async move { exchange(stream, &context).await }
+    })
+    .await;
+    Ok(())
+}
+
+async fn exchange(mut stream: Stream, context: &Context) {
+    let wait = context.options.client_timeout;
+    let mut buf = vec![0u8; MAX_QUERY_BYTES + 1];
+    let reply = match timeout(wait, stream.read(&mut buf)).await {
+        Err(_) => {
+            let message = format!(
+                "no query received within {}: send a region name such as us-east-1 right after connecting",
+                humantime::format_duration(wait)
+            );
+            warn!("{message}; closing");
+            protocol::error_reply(&message)
+        }
+        Ok(Err(e)) => {
+            warn!("reading the query failed: {e}");
+            return;
+        }
+        Ok(Ok(0)) => {
+            debug!("client closed without sending a query");
+            return;
+        }
+        Ok(Ok(n)) => answer(&buf[..n], context).await,
+    };
+    match timeout(wait, async {
+        stream.write_all(&reply).await?;
+        stream.shutdown().await
+    })
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(reply_bytes = reply.len(), "sending the reply failed: {e}");
+            return;
+        }
+        Err(_) => {
+            warn!(
+                reply_bytes = reply.len(),
+                "the client did not take the reply within {}; closing",
+                humantime::format_duration(wait)
+            );
+            return;
+        }
+    }
+    let mut rest = (&mut stream).take(LINGER_BYTES);
+    let _ = timeout(LINGER, tokio::io::copy(&mut rest, &mut tokio::io::sink())).await;
+}
+
+/// The reply to the bytes a client sent.
+async fn answer(raw: &[u8], context: &Context) -> Vec<u8> {
+    let region = match protocol::parse_query(raw) {
+        Ok(region) => region,
+        Err(e) => {
+            warn!("bad query: {e}");
+            return protocol::error_reply(&e.to_string());
+        }
+    };
+    match context.cache.get().await {
+        Ok(index) => {
+            let prefixes = index.s3_prefixes(region, context.options.ipv6);
+            let reply = protocol::prefixes_reply(&prefixes);
+            info!(
+                query = region,
+                prefixes = prefixes.len(),
+                reply_bytes = reply.len(),
+                "answered"
+            );
+            reply
+        }
+        Err(e) => {
+            warn!(query = region, "cannot answer: {e}");
+            protocol::error_reply(&e)
+        }
+    }
+}
