@@ -5,16 +5,22 @@
 //! their order (IPv4 before IPv6 by default) and how long answers are cached (their TTL; a
 //! negative answer at most [`NEGATIVE_TTL_CAP`]). Lookups are absolute names: the search list
 //! never turns `api.example.com` into `api.example.com.corp.internal`.
+//!
+//! With the system configuration, a name listed in `/etc/hosts` (read at start-up) is answered
+//! from that file alone, as glibc's "files before dns" does: a name with only an IPv4 line is not
+//! also sent to DNS for its IPv6 address, which would wait out the timeout when DNS is down.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::config::{
     LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::Name;
-use hickory_resolver::TokioResolver;
+use hickory_resolver::proto::op::Query;
+use hickory_resolver::proto::rr::{Name, RecordType};
+use hickory_resolver::{Hosts, TokioResolver};
 
 use crate::host::HostName;
 
@@ -46,6 +52,8 @@ pub struct DnsSettings {
 pub struct Dns {
     resolver: TokioResolver,
     family: Family,
+    /// `/etc/hosts`, with the system configuration only.
+    hosts: Option<Arc<Hosts>>,
 }
 
 /// A failed lookup, ready for a log line.
@@ -60,11 +68,15 @@ impl Dns {
     /// Builds the resolver. Fails only when the system configuration cannot be read.
     pub fn new(settings: &DnsSettings) -> Result<Dns, String> {
         let provider = TokioRuntimeProvider::default();
+        let mut hosts = None;
         let mut builder = if settings.nameservers.is_empty() {
-            let mut b = TokioResolver::builder(provider).map_err(|e| {
+            let b = TokioResolver::builder(provider).map_err(|e| {
                 format!("cannot read the system DNS configuration (/etc/resolv.conf): {e}; pass --nameserver IP")
             })?;
-            b.options_mut().use_hosts_file = ResolveHosts::Always;
+            match Hosts::from_system() {
+                Ok(h) => hosts = Some(Arc::new(h)),
+                Err(e) => tracing::warn!("cannot read /etc/hosts ({e}); using DNS only"),
+            }
             b
         } else {
             let servers = settings
@@ -78,14 +90,11 @@ impl Dns {
                     ns
                 })
                 .collect();
-            let mut b = TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(servers),
-                provider,
-            );
-            b.options_mut().use_hosts_file = ResolveHosts::Never;
-            b
+            TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
         };
         let opts: &mut ResolverOpts = builder.options_mut();
+        // /etc/hosts is consulted by `lookup` itself, whole names at a time.
+        opts.use_hosts_file = ResolveHosts::Never;
         opts.ip_strategy = match settings.family {
             Family::Both => LookupIpStrategy::Ipv4AndIpv6,
             Family::V4Only => LookupIpStrategy::Ipv4Only,
@@ -102,6 +111,7 @@ impl Dns {
         Ok(Dns {
             resolver,
             family: settings.family,
+            hosts,
         })
     }
 
@@ -113,13 +123,18 @@ impl Dns {
             reason,
         };
         let fqdn = Name::from_ascii(format!("{name}.")).map_err(|e| fail(e.to_string()))?;
-        let answer = self
-            .resolver
-            .lookup_ip(fqdn)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let answer: Vec<IpAddr> = match self.hosts_answer(&fqdn) {
+            Some(ips) => ips,
+            None => self
+                .resolver
+                .lookup_ip(fqdn)
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .iter()
+                .collect(),
+        };
         let mut ips: Vec<IpAddr> = Vec::new();
-        for ip in answer.iter() {
+        for ip in answer {
             let ip = ip.to_canonical();
             let wanted = match self.family {
                 Family::Both => true,
@@ -136,5 +151,22 @@ impl Dns {
             return Err(fail("no address records".into()));
         }
         Ok(ips)
+    }
+
+    /// Every address `/etc/hosts` lists for `fqdn`, if it lists the name at all.
+    fn hosts_answer(&self, fqdn: &Name) -> Option<Vec<IpAddr>> {
+        let hosts = self.hosts.as_ref()?;
+        let ips: Vec<IpAddr> = [RecordType::A, RecordType::AAAA]
+            .into_iter()
+            .filter_map(|rt| hosts.lookup_static_host(&Query::query(fqdn.clone(), rt)))
+            .flat_map(|lookup| {
+                lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| r.data.ip_addr())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        (!ips.is_empty()).then_some(ips)
     }
 }

@@ -482,3 +482,49 @@ fn address_family_order_and_selection() {
         assert_eq!((v4.accepted(), v6.accepted()), (2, 1));
     });
 }
+
+/// With the system configuration, a name in /etc/hosts is answered from that file alone: no DNS
+/// query (not even for the IPv6 address the file does not list), as glibc does.
+#[test]
+fn hosts_file_names_are_not_sent_to_dns() {
+    run_in_netns(|| async {
+        add_lo_addr(ip("192.0.2.10"));
+        let up = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        // The system resolver's server: it knows other.test only, and counts what it is asked.
+        let dns = dns_with("other.test", &[ip("192.0.2.10")], 60).await;
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n192.0.2.10 api.test\n").unwrap();
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
+        let config = write_config(&dir, "allowlist:\n- {address: api.test, port: 443}\n");
+        let proxy = Proxy::spawn_with_bind_mounts(
+            &[LISTEN, "api.test", "443", "--config", &config],
+            &[(&hosts, "/etc/hosts"), (&resolv, "/etc/resolv.conf")],
+        );
+        proxy.wait_ready(LISTEN).await;
+        assert_eq!(round_trip(b"from hosts").await, b"from hosts");
+        assert_eq!(up.accepted(), 1);
+        assert_eq!(
+            dns.queries("api.test"),
+            0,
+            "api.test is in /etc/hosts: DNS must not be asked"
+        );
+
+        // A name not in the file goes to DNS as usual.
+        drop(proxy);
+        let proxy = Proxy::spawn_with_bind_mounts(
+            &[
+                LISTEN,
+                "other.test",
+                "443",
+                "--config",
+                &write_config(&dir, "allowlist:\n- {address: other.test, port: 443}\n"),
+            ],
+            &[(&hosts, "/etc/hosts"), (&resolv, "/etc/resolv.conf")],
+        );
+        proxy.wait_ready(LISTEN).await;
+        assert_eq!(round_trip(b"from dns").await, b"from dns");
+        assert!(dns.queries("other.test") >= 1);
+    });
+}

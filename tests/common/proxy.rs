@@ -21,7 +21,7 @@
 use std::ffi::OsStr;
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -192,6 +192,54 @@ impl Proxy {
                 };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Self::from_command(cmd)
+    }
+
+    /// Spawns the proxy in a mount namespace of its own where each `(file, target)` is
+    /// bind-mounted over `target` (e.g. a test's hosts file over /etc/hosts), so the proxy reads
+    /// the test's system configuration and the host's files stay untouched.
+    pub fn spawn_with_bind_mounts<S: AsRef<OsStr>>(args: &[S], binds: &[(&Path, &str)]) -> Proxy {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::process::CommandExt;
+        let cstr = |b: &[u8]| CString::new(b).expect("a path without NUL");
+        let binds: Vec<(CString, CString)> = binds
+            .iter()
+            .map(|(src, dst)| (cstr(src.as_os_str().as_bytes()), cstr(dst.as_bytes())))
+            .collect();
+        let root = cstr(b"/");
+        let mut cmd = command(args, &[]);
+        // SAFETY: between fork and exec the closure only makes system calls on memory prepared
+        // before the fork (no allocation, no locks).
+        unsafe {
+            cmd.pre_exec(move || {
+                let check = |rc: libc::c_int| {
+                    if rc == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                };
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                check(libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                for (src, dst) in &binds {
+                    check(libc::mount(
+                        src.as_ptr(),
+                        dst.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ))?;
                 }
                 Ok(())
             });
