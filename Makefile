@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release deps test lint unit-test integration-test rpm rpm-test bench demo clean
+.PHONY: all build release deps test lint unit-test integration-test vm-test rpm rpm-test bench demo clean
 
 all: build
 
@@ -18,7 +18,7 @@ release:
 deps:
 	@scripts/install-deps.sh
 
-test: deps lint
+test: deps lint vm-test
 	$(CARGO) test --workspace --all-targets
 	@ONLINE= scripts/demo.sh  # the demo, offline, is part of the tests
 	@$(MAKE) --no-print-directory rpm-test
@@ -33,6 +33,11 @@ unit-test:
 
 integration-test:
 	$(CARGO) test --workspace --tests
+
+# Real AF_VSOCK in a throwaway qemu VM (tests/vm/README.md): fetches qemu and a kernel from
+# Debian into target/vm-cache on first use, installs nothing. Fails, never skips, if it cannot run.
+vm-test: deps
+	@tests/vm/run.sh tier1
 
 # The RPM for Amazon Linux 2023 (packaging/rpm/), built with Debian's rpmbuild into target/rpm/.
 rpm: deps

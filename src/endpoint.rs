@@ -103,6 +103,13 @@ impl Endpoint {
         match self {
             Endpoint::Vsock { cid, port } => {
                 let listener = vsock::VsockListener::bind_with_cid_port(*cid, *port)?;
+                // The vsock crate listens with a backlog of 128, and unlike TCP a full vsock
+                // accept queue resets new connects at once: a burst of enclave connections while
+                // the daemon is busy must queue, not fail. A second listen() raises the backlog.
+                // SAFETY: listen(2) on a socket descriptor the listener owns.
+                if unsafe { libc::listen(listener.as_raw_fd(), libc::SOMAXCONN) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
                 vsock_listener(listener)
             }
             Endpoint::Unix(path) => {

@@ -1,0 +1,689 @@
+//! Tier 1 of the VM test tier: the real daemon over real AF_VSOCK, inside a throwaway qemu VM.
+//!
+//! The host kernel has no vsock loopback transport, and vsock CIDs 2 and 3 on the host are the
+//! machine's own hypervisor channel, so these tests do their work only inside the VM that
+//! `make vm-test` (`tests/vm/run.sh`) boots: its `/init` loads `vsock_loopback` and sets
+//! `NVP_VM_TIER=1`. There the daemon listens on `vsock:PORT` (VMADDR_CID_ANY) and each test
+//! connects to CID 1 (VMADDR_CID_LOCAL). Run by `cargo test` on the host, every test returns at
+//! once and the file prints one line saying it was skipped; the VM runner fails if that line
+//! ever appears inside the VM.
+//!
+//! Each test proves it used vsock, so a fallback to a stand-in transport cannot pass it: the
+//! client socket's domain is `AF_VSOCK` and its peer is CID 1 at the daemon's port, the daemon
+//! logs `listen=vsock:any:PORT`, and the daemon's log line for the connection names the peer
+//! `vsock:1:LOCAL_PORT` with the client socket's own local port.
+//!
+//! Everything else is as in the host integration tests (`tests/common`): each test gets its own
+//! network namespace (vsock itself is not namespaced, so every test uses its own vsock port)
+//! with an in-process DNS server on 127.0.0.1:53 and real upstream servers on test addresses
+//! added to `lo`, including listeners on addresses the daemon must never reach.
+//!
+//! The enclave-app chain test (forwarder → daemon → HTTPS stand-in, server ← client) belongs in
+//! this VM too; see "Hooks" in `tests/vm/README.md`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Shutdown};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use common::dns::TestDns;
+use common::netns::{add_lo_addr, run_in_netns};
+use common::proxy::Proxy;
+use common::upstream::{echo_server, response_server, sink_source_server, PatternGen};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_LOCAL};
+
+/// Set to `1` by the VM's `/init` (tests/vm/init-tier1); absent on the host.
+const VM_ENV: &str = "NVP_VM_TIER";
+
+/// Printed (once) when the tests run outside the VM. tests/vm/run.sh fails the run if it sees
+/// this text on the VM's console, so the gate cannot silently skip the tests there.
+const SKIP_MESSAGE: &str = "vsock_vm: SKIPPED on this host: real AF_VSOCK needs the test VM \
+                            (run `make vm-test`); the host has no vsock loopback";
+
+const DNS_ADDR: &str = "127.0.0.1:53";
+
+/// Generous: everything runs under software CPU emulation.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+const LOG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether this process runs inside the test VM. On the host: prints [`SKIP_MESSAGE`] once
+/// (straight to stderr, past libtest's output capture) and returns false.
+///
+/// # Panics
+/// If the VM marker is set but the vsock loopback transport is not loaded: that is not the test
+/// VM, and connecting to vsock there could reach a real hypervisor.
+fn in_vm() -> bool {
+    static SKIP: Once = Once::new();
+    if std::env::var(VM_ENV).as_deref() != Ok("1") {
+        SKIP.call_once(|| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{SKIP_MESSAGE}");
+        });
+        return false;
+    }
+    assert!(
+        std::path::Path::new("/sys/module/vsock_loopback").exists(),
+        "{VM_ENV}=1 but the vsock_loopback module is not loaded: this is not the test VM \
+         (tests/vm/init-tier1 loads it); refusing to use vsock here"
+    );
+    true
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Connects to the daemon's vsock port on CID 1 and proves the connection is AF_VSOCK: the
+/// socket's domain, and its peer being CID 1 at `port`. Returns the stream and its local port
+/// (what the daemon logs as `peer=vsock:1:PORT`).
+async fn vsock_connect(port: u32) -> (VsockStream, u32) {
+    let stream = tokio::time::timeout(
+        IO_TIMEOUT,
+        VsockStream::connect(VsockAddr::new(VMADDR_CID_LOCAL, port)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("vsock connect to 1:{port} timed out"))
+    .unwrap_or_else(|e| panic!("vsock connect to 1:{port} failed: {e}"));
+    assert_eq!(
+        socket_domain(&stream),
+        libc::AF_VSOCK,
+        "the client socket is not AF_VSOCK"
+    );
+    let peer = stream.peer_addr().expect("vsock peer_addr");
+    assert_eq!(
+        (peer.cid(), peer.port()),
+        (VMADDR_CID_LOCAL, port),
+        "the vsock peer is not CID 1 at the daemon's port"
+    );
+    let local = stream.local_addr().expect("vsock local_addr");
+    (stream, local.port())
+}
+
+/// The socket's address family (SO_DOMAIN), read from the kernel.
+fn socket_domain(sock: &impl AsRawFd) -> i32 {
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `domain`, which lives across the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "getsockopt(SO_DOMAIN): {}",
+        std::io::Error::last_os_error()
+    );
+    domain
+}
+
+/// Starts the daemon listening on `listen` (a vsock listen address) for `remote`:443 with
+/// `yaml` as its allowlist, asking the test's DNS server, and waits until it logs that it
+/// listens on vsock port `port` of any CID.
+async fn start_daemon(
+    dir: &tempfile::TempDir,
+    listen: &str,
+    port: u32,
+    yaml: &str,
+    remote: &str,
+    extra: &[&str],
+) -> Proxy {
+    let config = dir.path().join("allowlist.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let mut args: Vec<String> = vec![
+        listen.into(),
+        remote.into(),
+        "443".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--nameserver".into(),
+        DNS_ADDR.into(),
+        "--dns-timeout".into(),
+        "2s".into(),
+        "--connect-timeout".into(),
+        "5s".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let proxy = Proxy::spawn(&args);
+    let listening = format!("listen=vsock:any:{port}");
+    assert!(
+        proxy.wait_for_log(&listening, LOG_TIMEOUT).await,
+        "the daemon did not log `{listening}`:\n{}",
+        proxy.logs()
+    );
+    proxy
+}
+
+/// The vsock ports of the CID-1 peers a daemon log line names (`peer=vsock:1:PORT`).
+fn vsock_peer_ports(line: &str) -> impl Iterator<Item = u32> + '_ {
+    line.split("peer=vsock:1:").skip(1).filter_map(|rest| {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        rest[..digits].parse().ok()
+    })
+}
+
+/// Waits until one daemon log line names the vsock peer CID 1 at `peer_port` (the client's
+/// local port) and contains every needle; panics with the logs otherwise.
+async fn assert_log_line(proxy: &Proxy, peer_port: u32, needles: &[&str]) {
+    let found = common::wait_until(LOG_TIMEOUT, || {
+        proxy.logs().lines().any(|line| {
+            vsock_peer_ports(line).any(|p| p == peer_port)
+                && needles.iter().all(|n| line.contains(n))
+        })
+    })
+    .await;
+    assert!(
+        found,
+        "no daemon log line names peer=vsock:1:{peer_port} and contains all of {needles:?}:\n{}",
+        proxy.logs()
+    );
+}
+
+/// Writes `msg` over vsock, half-closes, and returns what came back before the close.
+async fn round_trip(port: u32, msg: &[u8]) -> (Vec<u8>, u32) {
+    let (mut conn, local_port) = vsock_connect(port).await;
+    // A denied connection may already be closed: a failed write or half-close is part of the
+    // outcome.
+    let _ = conn.write_all(msg).await;
+    let _ = conn.shutdown(Shutdown::Write);
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(IO_TIMEOUT, conn.read_to_end(&mut reply)).await;
+    assert!(read.is_ok(), "the daemon neither answered nor closed");
+    (reply, local_port)
+}
+
+#[test]
+fn vsock_loopback_transport_works_without_the_daemon() {
+    // Checks the VM itself, so a failure of the daemon tests cannot be the transport's.
+    if !in_vm() {
+        return;
+    }
+    run_in_netns(|| async {
+        const PORT: u32 = 7000;
+        let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, PORT)).unwrap();
+        assert_eq!(socket_domain(&listener), libc::AF_VSOCK);
+        let server = tokio::spawn(async move {
+            let (mut s, peer) = listener.accept().await.unwrap();
+            let mut data = Vec::new();
+            s.read_to_end(&mut data).await.unwrap();
+            s.write_all(&data).await.unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            peer
+        });
+        let (mut conn, local_port) = vsock_connect(PORT).await;
+        let data = common::upstream::pattern(1, 1 << 20);
+        conn.write_all(&data).await.unwrap();
+        conn.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        conn.read_to_end(&mut back).await.unwrap();
+        assert!(back == data, "1 MiB echo over vsock differs");
+        let peer = server.await.unwrap();
+        assert_eq!((peer.cid(), peer.port()), (VMADDR_CID_LOCAL, local_port));
+    });
+}
+
+#[test]
+fn allowed_connection_is_relayed_and_logged_with_its_vsock_peer() {
+    if !in_vm() {
+        return;
+    }
+    run_in_netns(|| async {
+        add_lo_addr(ip("192.0.2.10"));
+        let up = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        let dns = TestDns::start(DNS_ADDR.parse().unwrap()).await;
+        dns.set("api.test", &[ip("192.0.2.10")], 60);
+        let dir = tempfile::tempdir().unwrap();
+        // `8001`: AWS's form, vsock port 8001 on any CID.
+        let proxy = start_daemon(
+            &dir,
+            "8001",
+            8001,
+            "allowlist:\n- {address: api.test, port: 443}\n",
+            "api.test",
+            &[],
+        )
+        .await;
+
+        let (reply, local_port) = round_trip(8001, b"hello over vsock").await;
+        assert_eq!(reply, b"hello over vsock");
+        assert_eq!(up.accepted(), 1);
+        assert!(dns.queries("api.test") >= 1, "the daemon did not ask DNS");
+        assert_log_line(
+            &proxy,
+            local_port,
+            &[
+                "upstream=192.0.2.10:443",
+                "connection closed",
+                "bytes_to_upstream=16 bytes_to_client=16",
+                "end=completed",
+            ],
+        )
+        .await;
+    });
+}
+
+#[test]
+fn denied_connections_are_closed_and_logged_with_their_vsock_peer() {
+    if !in_vm() {
+        return;
+    }
+    run_in_netns(|| async {
+        const PORT: u32 = 8002;
+        add_lo_addr(ip("192.0.2.10"));
+        add_lo_addr(ip("169.254.169.254"));
+        add_lo_addr(ip("198.51.100.20"));
+        let up = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        // Listeners where a wrong connect would land, so it is caught, not sent anywhere.
+        let metadata = echo_server("169.254.169.254:443".parse().unwrap()).await;
+        let unlisted = echo_server("198.51.100.20:443".parse().unwrap()).await;
+        let dns = TestDns::start(DNS_ADDR.parse().unwrap()).await;
+        dns.set("api.test", &[ip("192.0.2.10")], 1);
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_daemon(
+            &dir,
+            &format!("vsock:{PORT}"),
+            PORT,
+            "allowlist:\n- {address: 192.0.2.0/24, port: 443}\n",
+            "api.test",
+            &[],
+        )
+        .await;
+        assert_eq!(round_trip(PORT, b"allowed").await.0, b"allowed");
+
+        // The name now points at the instance metadata service: denied whatever DNS says.
+        dns.set("api.test", &[ip("169.254.169.254")], 1);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (reply, local_port) = round_trip(PORT, b"steal credentials").await;
+        assert_eq!(reply, b"", "a denied connection got data");
+        assert_log_line(
+            &proxy,
+            local_port,
+            &["WARN", "connection refused", "169.254.169.254 denied"],
+        )
+        .await;
+
+        // ... and at an address outside the allowlisted block.
+        dns.set("api.test", &[ip("198.51.100.20")], 1);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (reply, local_port) = round_trip(PORT, b"elsewhere").await;
+        assert_eq!(reply, b"", "a denied connection got data");
+        assert_log_line(
+            &proxy,
+            local_port,
+            &["WARN", "connection refused", "198.51.100.20 denied"],
+        )
+        .await;
+
+        assert_eq!(
+            metadata.accepted(),
+            0,
+            "the daemon connected to 169.254.169.254"
+        );
+        assert_eq!(
+            unlisted.accepted(),
+            0,
+            "the daemon connected to 198.51.100.20"
+        );
+        assert_eq!(up.accepted(), 1);
+    });
+}
+
+#[test]
+fn half_close_over_vsock_lets_the_response_through() {
+    if !in_vm() {
+        return;
+    }
+    run_in_netns(|| async {
+        const PORT: u32 = 8003;
+        add_lo_addr(ip("192.0.2.10"));
+        // Answers only after it reads the client's EOF: the half-close must be passed on.
+        let up = response_server(
+            "192.0.2.10:443".parse().unwrap(),
+            b"the whole response".to_vec(),
+        )
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_daemon(
+            &dir,
+            &format!("vsock:{PORT}"),
+            PORT,
+            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
+            "192.0.2.10",
+            &[],
+        )
+        .await;
+        let (mut conn, local_port) = vsock_connect(PORT).await;
+        conn.write_all(b"GET /ip-ranges.json").await.unwrap();
+        conn.shutdown(Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(IO_TIMEOUT, conn.read_to_end(&mut reply))
+            .await
+            .expect("no response after the half-close")
+            .unwrap();
+        assert_eq!(reply, b"the whole response");
+        let report = up.wait_result(IO_TIMEOUT).await;
+        assert_eq!(report.head, b"GET /ip-ranges.json");
+        assert_log_line(
+            &proxy,
+            local_port,
+            &[
+                "connection closed",
+                "bytes_to_upstream=19 bytes_to_client=18",
+            ],
+        )
+        .await;
+    });
+}
+
+#[test]
+fn sixty_four_mib_each_way_over_vsock_arrive_intact() {
+    if !in_vm() {
+        return;
+    }
+    run_in_netns(|| async {
+        const PORT: u32 = 8004;
+        const SIZE: usize = 64 * 1024 * 1024;
+        const CLIENT_SEED: u64 = 0xC11E_4700;
+        add_lo_addr(ip("192.0.2.10"));
+        let up = sink_source_server("192.0.2.10:443".parse().unwrap(), SIZE).await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_daemon(
+            &dir,
+            &format!("vsock:{PORT}"),
+            PORT,
+            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
+            "192.0.2.10",
+            &[],
+        )
+        .await;
+        let (conn, local_port) = vsock_connect(PORT).await;
+        let (mut rd, mut wr) = conn.into_split();
+
+        let sender = tokio::spawn(async move {
+            let mut gen = PatternGen::new(CLIENT_SEED);
+            let mut hash = Sha256::new();
+            let mut chunk = vec![0u8; 256 * 1024];
+            let mut sent = 0;
+            while sent < SIZE {
+                let n = chunk.len().min(SIZE - sent);
+                gen.fill(&mut chunk[..n]);
+                wr.write_all(&chunk[..n]).await.unwrap();
+                hash.update(&chunk[..n]);
+                sent += n;
+            }
+            wr.shutdown().await.unwrap();
+            hex(&hash.finalize())
+        });
+        let receiver = tokio::spawn(async move {
+            let mut hash = Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0usize;
+            loop {
+                let n = rd.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+                total += n;
+            }
+            (total, hex(&hash.finalize()))
+        });
+        let long = Duration::from_secs(120);
+        let sent_hash = tokio::time::timeout(long, sender)
+            .await
+            .expect("sending 64 MiB timed out")
+            .unwrap();
+        let (received, received_hash) = tokio::time::timeout(long, receiver)
+            .await
+            .expect("receiving 64 MiB timed out")
+            .unwrap();
+        let upstream = up.wait_result(long).await;
+
+        assert_eq!(upstream.received, SIZE as u64, "bytes to upstream");
+        assert_eq!(
+            upstream.received_sha256, sent_hash,
+            "upstream got different bytes"
+        );
+        assert_eq!(received, SIZE, "bytes to the vsock client");
+        assert_eq!(
+            received_hash, upstream.sent_sha256,
+            "the vsock client got different bytes"
+        );
+        assert_log_line(
+            &proxy,
+            local_port,
+            &[
+                &format!("bytes_to_upstream={SIZE} bytes_to_client={SIZE}"),
+                "end=completed",
+            ],
+        )
+        .await;
+    });
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn two_hundred_concurrent_vsock_connections() {
+    if !in_vm() {
+        return;
+    }
+    run_in_netns(|| async {
+        const PORT: u32 = 8005;
+        const N: usize = 200;
+        const CONNECTING: usize = 64;
+        add_lo_addr(ip("192.0.2.10"));
+        let up = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_daemon(
+            &dir,
+            &format!("vsock:{PORT}"),
+            PORT,
+            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
+            "192.0.2.10",
+            &[],
+        )
+        .await;
+        // All of them are open at once: each gets its echo, then waits for every other. At
+        // most CONNECTING connections are waiting to be accepted at a time, below the daemon's
+        // listen backlog (see `a_burst_of_connects_while_the_daemon_is_busy_is_queued_not_reset`).
+        let barrier = Arc::new(tokio::sync::Barrier::new(N));
+        let connecting = Arc::new(tokio::sync::Semaphore::new(CONNECTING));
+        let mut tasks = Vec::new();
+        for i in 0..N {
+            let barrier = barrier.clone();
+            let connecting = connecting.clone();
+            tasks.push(tokio::spawn(async move {
+                // Held until the echo proves the daemon accepted this one.
+                let permit = connecting.acquire().await.unwrap();
+                let (mut conn, local_port) = vsock_connect(PORT).await;
+                let msg = format!("vsock connection {i} says hello");
+                conn.write_all(msg.as_bytes()).await.unwrap();
+                let mut buf = vec![0u8; msg.len()];
+                conn.read_exact(&mut buf).await.unwrap();
+                assert_eq!(buf, msg.as_bytes());
+                drop(permit);
+                barrier.wait().await;
+                conn.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                conn.read_to_end(&mut rest).await.unwrap();
+                assert!(rest.is_empty());
+                local_port
+            }));
+        }
+        let mut client_ports = BTreeSet::new();
+        for t in tasks {
+            let port = tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .expect("a vsock connection hung")
+                .unwrap();
+            client_ports.insert(port);
+        }
+        assert_eq!(client_ports.len(), N, "client ports are not distinct");
+        assert_eq!(up.accepted(), N);
+
+        // One "connection closed" line per connection, each naming its vsock peer.
+        let logged_ports = || -> BTreeSet<u32> {
+            proxy
+                .logs()
+                .lines()
+                .filter(|l| l.contains("connection closed"))
+                .flat_map(|l| vsock_peer_ports(l).collect::<Vec<_>>())
+                .collect()
+        };
+        common::wait_until(LOG_TIMEOUT, || logged_ports().len() >= N).await;
+        assert_eq!(
+            logged_ports(),
+            client_ports,
+            "the daemon's peers are not the clients' vsock ports:\n{}",
+            proxy.logs()
+        );
+        assert!(
+            !proxy.logs().contains("connection refused"),
+            "{}",
+            proxy.logs()
+        );
+    });
+}
+
+#[test]
+fn max_connections_closes_excess_vsock_connections_at_once_and_recovers() {
+    if !in_vm() {
+        return;
+    }
+    run_in_netns(|| async {
+        const PORT: u32 = 8006;
+        add_lo_addr(ip("192.0.2.10"));
+        let up = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_daemon(
+            &dir,
+            &format!("vsock:{PORT}"),
+            PORT,
+            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
+            "192.0.2.10",
+            &["--max-connections", "2"],
+        )
+        .await;
+        let mut held = Vec::new();
+        for i in 0..2u8 {
+            let (mut c, _) = vsock_connect(PORT).await;
+            c.write_all(&[i]).await.unwrap();
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).await.unwrap();
+            held.push(c);
+        }
+        // Excess connections are closed, not queued: EOF (or a reset) instead of a hang.
+        let mut excess_ports = Vec::new();
+        for _ in 0..5 {
+            let (mut c, local_port) = vsock_connect(PORT).await;
+            let mut buf = Vec::new();
+            let r = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf)).await;
+            assert!(r.is_ok(), "an excess vsock connection was left hanging");
+            assert!(buf.is_empty());
+            excess_ports.push(local_port);
+        }
+        assert_eq!(up.accepted(), 2);
+        // The (rate-limited) warning names the vsock peer of one of the excess connections.
+        let found = common::wait_until(LOG_TIMEOUT, || {
+            proxy.logs().lines().any(|l| {
+                l.contains("connection limit reached")
+                    && vsock_peer_ports(l).any(|p| excess_ports.contains(&p))
+            })
+        })
+        .await;
+        assert!(
+            found,
+            "no limit warning naming an excess vsock peer {excess_ports:?}:\n{}",
+            proxy.logs()
+        );
+
+        // Freeing a slot lets a new connection through.
+        drop(held.pop());
+        let mut served = false;
+        for _ in 0..50 {
+            let (mut c, _) = vsock_connect(PORT).await;
+            let _ = c.write_all(b"z").await;
+            let mut b = [0u8; 1];
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b)).await
+            {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            served,
+            "the daemon did not serve again after a slot was freed:\n{}",
+            proxy.logs()
+        );
+    });
+}
+
+/// vsock, unlike TCP, resets a connect that finds the listener's accept queue full (the client
+/// gets ECONNRESET at once; TCP would retry the SYN), so a burst of connects while the daemon is
+/// busy must fit into its listen backlog. The daemon is stopped (SIGSTOP) while 200 connects
+/// arrive, so none is accepted until all are queued.
+#[test]
+fn a_burst_of_connects_while_the_daemon_is_busy_is_queued_not_reset() {
+    if !in_vm() {
+        return;
+    }
+    run_in_netns(|| async {
+        const PORT: u32 = 8007;
+        const N: usize = 200;
+        add_lo_addr(ip("192.0.2.10"));
+        let up = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_daemon(
+            &dir,
+            &format!("vsock:{PORT}"),
+            PORT,
+            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
+            "192.0.2.10",
+            &[],
+        )
+        .await;
+        proxy.signal(libc::SIGSTOP);
+        let connects: Vec<_> = (0..N)
+            .map(|_| tokio::spawn(VsockStream::connect(VsockAddr::new(VMADDR_CID_LOCAL, PORT))))
+            .collect();
+        let mut conns = Vec::new();
+        let mut failed = 0;
+        for c in connects {
+            match c.await.unwrap() {
+                Ok(conn) => conns.push(conn),
+                Err(_) => failed += 1,
+            }
+        }
+        proxy.signal(libc::SIGCONT);
+        assert_eq!(
+            failed, 0,
+            "{failed} of {N} connects were reset while the daemon was busy (listen backlog too small)"
+        );
+        for (i, conn) in conns.iter_mut().enumerate() {
+            let msg = format!("queued {i}");
+            conn.write_all(msg.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; msg.len()];
+            tokio::time::timeout(IO_TIMEOUT, conn.read_exact(&mut buf))
+                .await
+                .expect("a queued connection was not served")
+                .unwrap();
+            assert_eq!(buf, msg.as_bytes());
+        }
+        assert_eq!(up.accepted(), N);
+    });
+}
