@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release deps test lint unit-test integration-test vm-test rpm rpm-test bench demo clean
+.PHONY: all build release deps test lint unit-test integration-test vm-test rpm rpm-test deb deb-test bench demo clean
 
 all: build
 
@@ -21,7 +21,7 @@ deps:
 test: deps lint vm-test
 	$(CARGO) test --workspace --all-targets
 	@ONLINE= scripts/demo.sh  # the demo, offline, is part of the tests
-	@$(MAKE) --no-print-directory rpm-test
+	@$(MAKE) --no-print-directory rpm-test deb-test
 	@echo "make test: all checks passed"
 
 lint:
@@ -47,6 +47,13 @@ rpm: deps
 # install/remove in a throwaway root.
 rpm-test: rpm
 	@tests/packaging/rpm-test.sh
+
+# The .deb for Debian/Ubuntu parents, into target/deb/, and its checks.
+deb: deps
+	@scripts/build-deb.sh
+
+deb-test: deb
+	@tests/packaging/deb-test.sh
 
 bench: deps
 	$(CARGO) bench --bench relay

@@ -11,9 +11,10 @@
 #   rpm, rpmlint: make rpm builds the Amazon Linux 2023 RPM with rpmbuild; its test lints it
 #   busybox-static: the RPM test installs into a throwaway root whose only shell is busybox;
 #                   the VM tests boot an initramfs built around it
+#   lintian: the .deb's test lints it
 #   binutils: objdump, to check the glibc symbol versions the binary needs
 set -euo pipefail
-needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils)
+needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian)
 missing=()
 for pkg in "${needed[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

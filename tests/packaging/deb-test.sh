@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Checks the .deb that `make deb` built (target/deb/nitro-vsock-proxy_VERSION-1_amd64.deb), the
+# same way as the RPM: exact file list, no path shared with AWS's package, lintian without
+# errors, glibc <= 2.34, install and purge in a throwaway root whose maintainer scripts really
+# run (busybox shell), an edited conffile kept on remove.
+# Prints one line per check and a closing "N passed, N failed" line; exits non-zero on failure.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+
+passed=0
+failed=0
+pass() { echo "PASS $*"; passed=$((passed + 1)); }
+fail() { echo "FAIL $*"; failed=$((failed + 1)); }
+check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; fi; }
+
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+deb=target/deb/nitro-vsock-proxy_${version}-1_amd64.deb
+if [[ ! -f $deb ]]; then
+  echo "FAIL no $deb: run 'make deb' first"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+echo "checking $deb"
+
+expected=$(sort <<'LIST'
+/etc/nitro-vsock-proxy/vsock-proxy.yaml
+/etc/nitro-vsock-proxy/workshop.env
+/etc/nitro-vsock-proxy/workshop.yaml
+/lib/systemd/system/nitro-vsock-proxy.service
+/lib/systemd/system/nitro-vsock-proxy.socket
+/lib/systemd/system/nitro-vsock-proxy@.service
+/usr/bin/nitro-vsock-proxy
+/usr/share/doc/nitro-vsock-proxy/README.md.gz
+/usr/share/doc/nitro-vsock-proxy/changelog.Debian.gz
+/usr/share/doc/nitro-vsock-proxy/copyright
+/usr/share/lintian/overrides/nitro-vsock-proxy
+LIST
+)
+actual=$(dpkg-deb -c "$deb" | awk '$1 !~ /^d/ {print $6}' | sed 's,^\.,,' | sort)
+if [[ "$actual" == "$expected" ]]; then
+  pass "dpkg-deb -c lists exactly the intended files ($(wc -l <<<"$actual"))"
+else
+  fail "dpkg-deb -c differs from the intended list:"
+  diff <(echo "$expected") <(echo "$actual") | sed 's/^/    /'
+fi
+
+for p in /usr/bin/vsock-proxy /usr/bin/nitro-cli /etc/nitro_enclaves/vsock-proxy.yaml \
+  /lib/systemd/system/nitro-enclaves-vsock-proxy.service /usr/lib/systemd/system/nitro-enclaves-vsock-proxy.service; do
+  if grep -qxF "$p" <<<"$actual"; then fail "shares $p with AWS's package"; fi
+done
+pass "no path shared with aws-nitro-enclaves-cli's"
+
+lint=$(lintian "$deb" 2>&1 | grep -v 'running with root privileges')
+errors=$(grep -c '^E: ' <<<"$lint" || true)
+check "lintian: no errors ($(grep -c '^W: ' <<<"$lint" || true) warnings, explained in packaging/deb/README.md)" [ "$errors" -eq 0 ]
+grep -E '^(E|W): ' <<<"$lint" | sed 's/^/    /'
+
+root=$(mktemp -d)
+trap 'rm -rf "$root" "$root.err"' EXIT
+mkdir -p "$root/bin" "$root/var/lib/dpkg/info" "$root/var/lib/dpkg/updates"
+touch "$root/var/lib/dpkg/status"
+cp /bin/busybox "$root/bin/busybox"
+ln -s busybox "$root/bin/sh"
+dpkgroot=(--root="$root" --force-depends --log=/dev/null)
+if dpkg "${dpkgroot[@]}" -i "$deb" >/dev/null 2>"$root.err"; then
+  pass "dpkg -i into a throwaway root; maintainer scripts succeed"
+else
+  fail "dpkg -i: $(cat "$root.err")"
+fi
+
+bin="$root/usr/bin/nitro-vsock-proxy"
+max_glibc=$(objdump -T "$bin" 2>/dev/null | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -n 1)
+check "highest GLIBC symbol version needed is ${max_glibc:-?} (<= 2.34)" \
+  [ -n "$max_glibc" ] && [ "$(printf '%s\n%s\n' "$max_glibc" 2.34 | sort -V | tail -n 1)" = 2.34 ]
+out=$("$bin" --version 2>&1)
+check "installed binary runs: '$out'" [ "$out" = "nitro-vsock-proxy $version" ]
+
+echo "# edited by the operator" >>"$root/etc/nitro-vsock-proxy/workshop.yaml"
+if dpkg "${dpkgroot[@]}" -r nitro-vsock-proxy >/dev/null 2>"$root.err"; then
+  pass "dpkg -r removes it; maintainer scripts succeed"
+else
+  fail "dpkg -r: $(cat "$root.err")"
+fi
+check "the binary is gone after dpkg -r" [ ! -e "$bin" ]
+check "the edited conffile stays after dpkg -r (removed only on purge)" \
+  grep -q "edited by the operator" "$root/etc/nitro-vsock-proxy/workshop.yaml"
+dpkg "${dpkgroot[@]}" -P nitro-vsock-proxy >/dev/null 2>&1
+check "dpkg -P purges the configuration" [ ! -e "$root/etc/nitro-vsock-proxy/workshop.yaml" ]
+
+echo "$passed passed, $failed failed"
+[[ $failed -eq 0 ]]
