@@ -9,7 +9,7 @@
 #   - `rpm -e --root DIR` removes it and keeps an edited config as .rpmsave.
 # Prints one line per check and a closing "N passed, N failed" line; exits non-zero on failure.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 
 passed=0
 failed=0
@@ -18,7 +18,8 @@ fail() { echo "FAIL $*"; failed=$((failed + 1)); }
 check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; fi; }
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
-rpm_file=$(ls -t target/rpm/RPMS/x86_64/nitro-vsock-proxy-"$version"-*.x86_64.rpm 2>/dev/null | head -n 1)
+rpm_file=target/rpm/RPMS/x86_64/nitro-vsock-proxy-$version-1.x86_64.rpm
+[[ -f $rpm_file ]] || rpm_file=""
 if [[ -z $rpm_file ]]; then
   echo "FAIL no RPM for version $version under target/rpm/RPMS/x86_64: run 'make rpm' first"
   echo "0 passed, 1 failed"
