@@ -250,9 +250,9 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 fn human_bytes(n: u64) -> String {
-    if n % (1 << 30) == 0 {
+    if n.is_multiple_of(1 << 30) {
         format!("{} GiB", n >> 30)
-    } else if n % (1 << 20) == 0 {
+    } else if n.is_multiple_of(1 << 20) {
         format!("{} MiB", n >> 20)
     } else {
         format!("{n} bytes")
