@@ -105,10 +105,10 @@ $deps"
 # HOOK (enclave-app chain test): add its test target here, e.g. (vsock_vm enclave_chain_vm);
 # if it is a test of the enclave-app package, cargo builds enclave-app's binary with it and it
 # lands in the VM the same way. See tests/vm/README.md.
-TIER1_TESTS=(vsock_vm)
+TIER1_TESTS=(vsock_vm vsock_chain)
 # Files and directories of the source tree the test programs read (repo-relative), copied into
 # the VM at their absolute paths, so paths built from env!("CARGO_MANIFEST_DIR") work there.
-TIER1_FILES=()
+TIER1_FILES=(enclave-app/testdata config/your-vsock-proxy.yaml)
 if [[ -n ${VM_TIER1_TESTS:-} ]]; then
   # Another selection, for trying a new test program in the VM before it is listed above.
   read -r -a TIER1_TESTS <<<"$VM_TIER1_TESTS"

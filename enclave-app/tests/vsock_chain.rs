@@ -1,0 +1,483 @@
+//! Tier 1 of the VM test tier, enclave side: the workshop chain over real AF_VSOCK.
+//!
+//! ```text
+//! enclave-app client 1 SERVER_PORT --vsock--> enclave-app server SERVER_PORT
+//!   --HTTPS, pinned to 127.0.0.1:443--> enclave-app forwarder 127.0.0.1 443 1 DAEMON_PORT
+//!   --vsock--> nitro-vsock-proxy vsock:DAEMON_PORT ip-ranges.amazonaws.com 443
+//!   --DNS (TestDns on 127.0.0.1:53: ip-ranges.amazonaws.com -> 192.0.2.10)-->
+//!   HTTPS stand-in (enclave-app demo-https) on 192.0.2.10:443
+//! ```
+//!
+//! The same chain as `chain.rs` with every stand-in transport replaced by vsock: no piece gets a
+//! `--stand-in` option. The daemon and the server listen on VMADDR_CID_ANY; the forwarder and the
+//! client connect to CID 1 (VMADDR_CID_LOCAL). The host kernel has no vsock loopback transport,
+//! and vsock CIDs 2 and 3 on the host are the machine's own hypervisor channel, so these tests do
+//! their work only inside the VM that `make vm-test` (`tests/vm/run.sh`) boots, whose `/init`
+//! loads `vsock_loopback` and sets `NVP_VM_TIER=1` (the gate of `tests/vsock_vm.rs`). On the host
+//! every test returns at once and the file prints one line saying it was skipped; the VM runner
+//! fails if that line ever appears inside the VM.
+//!
+//! Each test proves it used vsock, so a fallback to a stand-in cannot pass it: the daemon logs
+//! `listen=vsock:any:PORT` and the connection it served with `peer=vsock:1:PORT`; the forwarder
+//! logs `target=vsock:1:DAEMON_PORT` and the same byte counts as the daemon's connection; the
+//! server logs `listen=vsock:any:PORT` and answers (or fails) inside a span naming a `vsock:1:`
+//! peer; the client names `vsock:1:SERVER_PORT` when it fails. Each test has its own network
+//! namespace (loopback, DNS server, stand-in address) and, since vsock is not namespaced, its own
+//! vsock ports.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use nitro_vsock_proxy::endpoint::Endpoint;
+use support::chain::{
+    start_standin, CLIENT_TIMEOUT, FORWARDER, NAME, SAMPLE, SHIPPED_ALLOWLIST, US_EAST_1,
+};
+use support::dns::TestDns;
+use support::netns::{self, run_in_netns};
+use support::process::{proxy_bin, run, Output, Proc, APP};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Set to `1` by the VM's `/init` (tests/vm/init-tier1); absent on the host.
+const VM_ENV: &str = "NVP_VM_TIER";
+
+/// Printed (once) when the tests run outside the VM. tests/vm/run.sh fails the run if it sees
+/// this text on the VM's console, so the gate cannot silently skip the tests there.
+const SKIP_MESSAGE: &str = "vsock_chain: SKIPPED on this host: real AF_VSOCK needs the test VM \
+                            (run `make vm-test`); the host has no vsock loopback";
+
+/// VMADDR_CID_LOCAL: the only CID these tests connect to.
+const LOCAL_CID: u32 = 1;
+
+/// How long to wait for a process to log what it must log (generous: the VM may be emulated).
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Whether this process runs inside the test VM. On the host: prints [`SKIP_MESSAGE`] once
+/// (straight to stderr, past libtest's output capture) and returns false.
+///
+/// # Panics
+/// If the VM marker is set but the vsock loopback transport is not loaded: that is not the test
+/// VM, and connecting to vsock there could reach a real hypervisor.
+fn in_vm() -> bool {
+    static SKIP: Once = Once::new();
+    if std::env::var(VM_ENV).as_deref() != Ok("1") {
+        SKIP.call_once(|| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{SKIP_MESSAGE}");
+        });
+        return false;
+    }
+    assert!(
+        std::path::Path::new("/sys/module/vsock_loopback").exists(),
+        "{VM_ENV}=1 but the vsock_loopback module is not loaded: this is not the test VM \
+         (tests/vm/init-tier1 loads it); refusing to use vsock here"
+    );
+    true
+}
+
+/// What to start.
+struct Setup {
+    /// The daemon's vsock port (it listens on `vsock:PORT`, the forwarder connects to 1:PORT).
+    daemon_port: u32,
+    /// The server's vsock port (the client connects to 1:PORT).
+    server_port: u32,
+    /// The daemon's allowlist; `None`: the shipped config/your-vsock-proxy.yaml.
+    allowlist: Option<&'static str>,
+    /// What TestDns answers for ip-ranges.amazonaws.com when the daemon starts, and the TTL.
+    dns_answer: IpAddr,
+    dns_ttl: u32,
+}
+
+/// The chain over vsock, inside the calling test's network namespace. Everything stops when it
+/// is dropped.
+struct VsockChain {
+    setup: Setup,
+    dns: TestDns,
+    standin: Proc,
+    daemon: Proc,
+    forwarder: Proc,
+    server: Proc,
+    /// Last, so the files outlive the processes.
+    _dir: tempfile::TempDir,
+}
+
+impl VsockChain {
+    /// Starts every piece and waits until each has logged that it listens, on vsock where it
+    /// should. Call inside `run_in_netns`.
+    async fn start(setup: Setup) -> VsockChain {
+        let dir = tempfile::tempdir().expect("cannot make a temporary directory");
+        netns::add_lo_addr("192.0.2.10".parse().unwrap());
+        let dns = TestDns::start("127.0.0.1:53".parse().unwrap()).await;
+        dns.set(NAME, &[setup.dns_answer], setup.dns_ttl);
+
+        let ca = dir.path().join("ca.pem");
+        let standin = start_standin(ca.clone(), support::chain::STAND_IN, SAMPLE.as_ref()).await;
+
+        let allowlist = dir.path().join("allowlist.yaml");
+        match setup.allowlist {
+            Some(text) => std::fs::write(&allowlist, text).unwrap(),
+            None => {
+                std::fs::copy(SHIPPED_ALLOWLIST, &allowlist).unwrap();
+            }
+        }
+
+        // The parent's proxy, as in the workshop but with the test's DNS server.
+        let listen = format!("vsock:{}", setup.daemon_port);
+        let mut daemon = Proc::spawn(
+            "nitro-vsock-proxy",
+            proxy_bin(),
+            &[
+                listen.clone(),
+                NAME.to_owned(),
+                "443".to_owned(),
+                "--config".to_owned(),
+                allowlist.display().to_string(),
+                "--nameserver".to_owned(),
+                "127.0.0.1".to_owned(),
+                "--dns-timeout".to_owned(),
+                "2s".to_owned(),
+            ],
+            &[],
+        );
+        wait_logged(
+            &mut daemon,
+            &format!("listen=vsock:any:{}", setup.daemon_port),
+        )
+        .await;
+
+        // The enclave's forwarder: TCP 127.0.0.1:443 to vsock CID 1 at the daemon's port.
+        let mut forwarder = Proc::spawn(
+            "forwarder",
+            APP,
+            &[
+                "forwarder".to_owned(),
+                "127.0.0.1".to_owned(),
+                "443".to_owned(),
+                LOCAL_CID.to_string(),
+                setup.daemon_port.to_string(),
+            ],
+            &[],
+        );
+        wait_logged(
+            &mut forwarder,
+            &format!("target=vsock:{LOCAL_CID}:{}", setup.daemon_port),
+        )
+        .await;
+        let forwarder_addr: SocketAddr = FORWARDER.parse().unwrap();
+        forwarder
+            .wait_ready(|| netns::tcp_listening(forwarder_addr))
+            .await;
+
+        // The enclave's server on vsock, trusting only the stand-in's CA and pinned to the
+        // forwarder (as the enclave's /etc/hosts does).
+        let mut server = Proc::spawn(
+            "server",
+            APP,
+            &[
+                "server".to_owned(),
+                setup.server_port.to_string(),
+                "--connect-to".to_owned(),
+                FORWARDER.to_owned(),
+                "--ca-file".to_owned(),
+                ca.display().to_string(),
+            ],
+            &[],
+        );
+        wait_logged(
+            &mut server,
+            &format!("listen=vsock:any:{}", setup.server_port),
+        )
+        .await;
+
+        VsockChain {
+            setup,
+            dns,
+            standin,
+            daemon,
+            forwarder,
+            server,
+            _dir: dir,
+        }
+    }
+
+    /// `enclave-app client 1 SERVER_PORT QUERY`: real vsock, no stand-in.
+    async fn client(&self, query: &str) -> Output {
+        run(
+            APP,
+            &[
+                "client".to_owned(),
+                LOCAL_CID.to_string(),
+                self.setup.server_port.to_string(),
+                query.to_owned(),
+                "--timeout".to_owned(),
+                "30s".to_owned(),
+            ],
+            CLIENT_TIMEOUT,
+        )
+        .await
+    }
+}
+
+/// Waits until `proc` has logged `needle`.
+///
+/// # Panics
+/// With its logs, if it exits first or [`WAIT`] passes.
+async fn wait_logged(proc: &mut Proc, needle: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if proc.logs().contains(needle) {
+            return;
+        }
+        if let Some(status) = proc.exited() {
+            // Lets the reader threads take the last lines.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            panic!(
+                "the process exited ({status}) without logging `{needle}`; logs:\n{}",
+                proc.logs()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{needle}` logged within {WAIT:?}; logs:\n{}",
+            proc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The vsock port of the CID-1 peer a log line names (`peer=vsock:1:PORT`), if it names one.
+fn vsock_peer_port(line: &str) -> Option<u32> {
+    let rest = line.split_once("peer=vsock:1:")?.1;
+    let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    rest[..digits].parse().ok()
+}
+
+/// The number after `key` (e.g. `bytes_to_client=`) in a log line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    let rest = line.split_once(key)?.1;
+    let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    rest[..digits].parse().ok()
+}
+
+/// The lines `proc` has logged so far that name a vsock CID-1 peer and contain every needle.
+fn vsock_lines_now(proc: &Proc, needles: &[&str]) -> Vec<String> {
+    proc.logs()
+        .lines()
+        .filter(|l| vsock_peer_port(l).is_some() && needles.iter().all(|n| l.contains(n)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until `proc` has logged at least `n` lines that name a vsock CID-1 peer and contain
+/// every needle; returns them.
+///
+/// # Panics
+/// With its logs, if fewer come within [`WAIT`].
+async fn vsock_lines(proc: &Proc, needles: &[&str], n: usize) -> Vec<String> {
+    support::wait_until(WAIT, || vsock_lines_now(proc, needles).len() >= n).await;
+    let lines = vsock_lines_now(proc, needles);
+    assert!(
+        lines.len() >= n,
+        "fewer than {n} lines name peer=vsock:{LOCAL_CID}:PORT and contain all of {needles:?}; \
+         logs:\n{}",
+        proc.logs()
+    );
+    lines
+}
+
+/// The socket's address family (SO_DOMAIN), read from the kernel.
+fn socket_domain(sock: &impl AsFd) -> i32 {
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `domain`, which lives across the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "getsockopt(SO_DOMAIN): {}",
+        std::io::Error::last_os_error()
+    );
+    domain
+}
+
+/// Sends `query` to the server on vsock 1:`port` from this process, as the workshop's client
+/// does (one write, the write side left open), after checking the socket is AF_VSOCK; returns
+/// the whole reply.
+async fn raw_vsock_query(port: u32, query: &[u8]) -> Vec<u8> {
+    let endpoint = Endpoint::Vsock {
+        cid: LOCAL_CID,
+        port,
+    };
+    let mut stream = tokio::time::timeout(WAIT, endpoint.connect())
+        .await
+        .unwrap_or_else(|_| panic!("vsock connect to {endpoint} timed out"))
+        .unwrap_or_else(|e| panic!("vsock connect to {endpoint} failed: {e}"));
+    assert_eq!(
+        socket_domain(&stream),
+        libc::AF_VSOCK,
+        "the query socket is not AF_VSOCK"
+    );
+    stream.write_all(query).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut reply))
+        .await
+        .expect("the server neither replied nor closed")
+        .unwrap();
+    reply
+}
+
+#[test]
+fn the_chain_over_vsock_answers_s3_prefixes_through_the_allowlist() {
+    if !in_vm() {
+        return;
+    }
+    run_in_netns(|| async {
+        // Acceptance: the daemon on vsock:8001 (VMADDR_CID_ANY), the forwarder to CID 1, the
+        // server on vsock 5005, the client to CID 1, the shipped workshop allowlist.
+        let chain = VsockChain::start(Setup {
+            daemon_port: 8001,
+            server_port: 5005,
+            allowlist: None,
+            dns_answer: "192.0.2.10".parse().unwrap(),
+            dns_ttl: 300,
+        })
+        .await;
+
+        let out = chain.client("us-east-1").await;
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        assert_eq!(out.stdout, format!("{US_EAST_1}\n"), "{out:?}");
+
+        // The server answered a vsock client (CID 1).
+        let answered = vsock_lines(&chain.server, &["answered", "prefixes=7"], 1).await;
+        assert_eq!(answered.len(), 1, "one query, one answer: {answered:?}");
+
+        // The download went through the daemon: a vsock peer, relayed to the stand-in's
+        // address, which only the in-VM DNS server gives the name.
+        let relayed = vsock_lines(
+            &chain.daemon,
+            &[
+                "upstream=192.0.2.10:443",
+                "connection closed",
+                "end=completed",
+            ],
+            1,
+        )
+        .await;
+        assert_eq!(
+            relayed.len(),
+            1,
+            "one download, one connection: {relayed:?}"
+        );
+        assert!(chain.dns.queries(NAME) >= 1, "the daemon did not ask DNS");
+        assert_eq!(
+            chain.standin.wait_lines(&["served", "status=200"], 1).await,
+            1
+        );
+        let daemon_logs = chain.daemon.logs();
+        assert!(
+            daemon_logs
+                .lines()
+                .filter(|l| l.contains("conn{"))
+                .all(|l| vsock_peer_port(l).is_some()),
+            "every connection the daemon served came over vsock from CID 1:\n{daemon_logs}"
+        );
+
+        // The daemon's vsock connection is the forwarder's: the same bytes each way.
+        let forwarded = chain
+            .forwarder
+            .wait_lines(&["connection closed", "end=completed"], 1)
+            .await;
+        assert_eq!(forwarded, 1, "{}", chain.forwarder.logs());
+        let forwarder_logs = chain.forwarder.logs();
+        let forwarder_line = forwarder_logs
+            .lines()
+            .find(|l| l.contains("connection closed") && l.contains("end=completed"))
+            .unwrap();
+        let to_parent = field(forwarder_line, "bytes_to_parent=");
+        let to_enclave = field(forwarder_line, "bytes_to_client=");
+        assert!(
+            to_parent.is_some_and(|n| n > 0) && to_enclave.is_some_and(|n| n > 0),
+            "{forwarder_line}"
+        );
+        assert_eq!(
+            (to_parent, to_enclave),
+            (
+                field(&relayed[0], "bytes_to_upstream="),
+                field(&relayed[0], "bytes_to_client=")
+            ),
+            "the forwarder's and the daemon's byte counts differ:\n{forwarder_line}\n{}",
+            relayed[0]
+        );
+    });
+}
+
+#[test]
+fn an_endpoint_outside_the_allowlist_gives_an_error_reply_over_vsock() {
+    if !in_vm() {
+        return;
+    }
+    run_in_netns(|| async {
+        // The daemon starts while the name resolves inside the allowed block; then DNS moves it
+        // to the stand-in's address, which the allowlist does not cover.
+        let chain = VsockChain::start(Setup {
+            daemon_port: 8002,
+            server_port: 5006,
+            allowlist: Some("allowlist:\n  - {address: 198.51.100.0/24, port: 443}\n"),
+            dns_answer: "198.51.100.10".parse().unwrap(),
+            dns_ttl: 0,
+        })
+        .await;
+        chain.dns.set(NAME, &["192.0.2.10".parse().unwrap()], 0);
+        let denial = ["WARN", "connection refused", "192.0.2.10 denied"];
+
+        let out = chain.client("us-east-1").await;
+        assert_eq!(out.code(), Some(1), "{out:?}");
+        assert!(out.stdout.is_empty(), "{out:?}");
+        assert!(
+            out.stderr.contains(&format!(
+                "the server at vsock:{LOCAL_CID}:5006 could not answer \"us-east-1\""
+            )),
+            "the client reports the server's error reply: {}",
+            out.stderr
+        );
+        // The daemon logged the denial with its vsock peer; the server its failure with its
+        // client's.
+        vsock_lines(&chain.daemon, &denial, 1).await;
+        vsock_lines(&chain.server, &["WARN", "cannot answer"], 1).await;
+
+        // The reply itself, on the wire: an {"error": ...} object (a failure is not cached, so
+        // this query is denied again).
+        let reply = raw_vsock_query(5006, b"us-east-1").await;
+        let value: serde_json::Value = serde_json::from_slice(&reply)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&reply)));
+        let message = value["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("cannot download https://ip-ranges.amazonaws.com/ip-ranges.json"),
+            "{value}"
+        );
+        // Two queries, two denials, each with its vsock peer.
+        vsock_lines(&chain.daemon, &denial, 2).await;
+
+        assert!(
+            !chain.daemon.logs().contains("upstream=192.0.2.10"),
+            "the daemon connected to the denied address:\n{}",
+            chain.daemon.logs()
+        );
+        assert!(
+            !chain.standin.logs().contains("conn{"),
+            "nothing reached the stand-in: {}",
+            chain.standin.logs()
+        );
+    });
+}
