@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release deps test lint unit-test integration-test vm-test rpm rpm-test deb deb-test bench demo clean
+.PHONY: all build release deps test lint unit-test integration-test vm-test vm-test-tier1 vm-test-tier2 rpm rpm-test deb deb-test bench demo clean
 
 all: build
 
@@ -34,10 +34,21 @@ unit-test:
 integration-test:
 	$(CARGO) test --workspace --tests
 
-# Real AF_VSOCK in a throwaway qemu VM (tests/vm/README.md): fetches qemu and a kernel from
-# Debian into target/vm-cache on first use, installs nothing. Fails, never skips, if it cannot run.
+# Real AF_VSOCK in throwaway qemu VMs (tests/vm/README.md), both tiers: fetches qemu and a kernel
+# from Debian into target/vm-cache on first use. Fails, never skips, if it cannot run.
+#   tier 1: the daemon and enclave-app over vsock in a busybox VM
+#   tier 2: systemd as PID 1 in a Debian 12 VM (rootfs built once with debootstrap, as root):
+#           the RPM installed, the units started, reloaded, stopped, socket-activated, upgraded
+#           and removed
 vm-test: deps
 	@tests/vm/run.sh tier1
+	@tests/vm/run.sh tier2
+
+vm-test-tier1: deps
+	@tests/vm/run.sh tier1
+
+vm-test-tier2: deps
+	@tests/vm/run.sh tier2
 
 # The RPM for Amazon Linux 2023 (packaging/rpm/), built with Debian's rpmbuild into target/rpm/.
 rpm: deps

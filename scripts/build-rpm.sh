@@ -12,10 +12,21 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 TOP=$PWD/target/rpm
 mkdir -p "$TOP"/{SOURCES,SPECS,BUILD,RPMS,SRPMS} target/rpm-vendor
 
-echo "build-rpm: source tarball $NAME-$VERSION.tar.gz"
+# The files that go into Source0, and a hash of their names and contents: an unchanged tree
+# reuses the RPMs already built from it (make test asks for the RPM more than once).
+files=$TOP/source-files
 git ls-files -z --cached --others --exclude-standard \
-  | while IFS= read -r -d '' f; do [[ -e "$f" ]] && printf '%s\0' "$f"; done \
-  | tar --null -T - --transform "s,^,$NAME-$VERSION/," -czf "$TOP/SOURCES/$NAME-$VERSION.tar.gz"
+  | while IFS= read -r -d '' f; do [[ -e "$f" ]] && printf '%s\0' "$f"; done >"$files"
+source_hash=$(xargs -0 sha256sum <"$files" | sha256sum | cut -c1-16)
+rpm=$TOP/RPMS/x86_64/$NAME-$VERSION-1.x86_64.rpm
+if [[ -f $rpm && $(cat "$TOP/.source-hash" 2>/dev/null) == "$source_hash" ]]; then
+  echo "build-rpm: sources unchanged since the last build ($source_hash): $rpm"
+  exit 0
+fi
+rm -f "$TOP/.source-hash"
+
+echo "build-rpm: source tarball $NAME-$VERSION.tar.gz"
+tar --null -T "$files" --transform "s,^,$NAME-$VERSION/," -czf "$TOP/SOURCES/$NAME-$VERSION.tar.gz"
 
 lock_hash=$(sha256sum Cargo.lock | cut -c1-16)
 vendor_tar=target/rpm-vendor/vendor-$lock_hash.tar.gz
@@ -38,4 +49,5 @@ rpmbuild -ba --nocheck --quiet \
   --define "_topdir $TOP" \
   "${extra[@]}" \
   packaging/rpm/$NAME.spec
+echo "$source_hash" >"$TOP/.source-hash"
 find "$TOP/RPMS" "$TOP/SRPMS" -name '*.rpm' -newer "$TOP/SOURCES/$NAME-$VERSION.tar.gz" -print

@@ -12,9 +12,11 @@
 #   busybox-static: the RPM test installs into a throwaway root whose only shell is busybox;
 #                   the VM tests boot an initramfs built around it
 #   lintian: the .deb's test lints it
+#   debootstrap: the VM tests' tier 2 (systemd as PID 1) builds its Debian 12 root filesystem
+#                with it, once, into target/vm-cache/ (tests/vm/rootfs.sh)
 #   binutils: objdump, to check the glibc symbol versions the binary needs
 set -euo pipefail
-needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian)
+needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap)
 missing=()
 for pkg in "${needed[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

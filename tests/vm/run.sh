@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The VM test tier: `make vm-test` runs `tests/vm/run.sh tier1`. See tests/vm/README.md.
+# The VM test tier: `make vm-test` runs `tests/vm/run.sh tier1`, then `tier2`. See tests/vm/README.md.
 #
 #   tests/vm/run.sh [tier1|tier2] [-- LIBTEST ARGS...]
 #
 # tier1: builds the daemon and the in-VM test programs, packs them (with their shared libraries),
 #        busybox and the vsock modules into an initramfs, boots it under qemu and fails unless
 #        every test program passed inside the VM. Real AF_VSOCK (vsock_loopback), no systemd.
-# tier2: systemd as PID 1 (units, socket activation, packages): not built yet, see README.md.
+# tier2: systemd as PID 1: boots the cached Debian 12 rootfs (rootfs.sh) with the RPM `make rpm`
+#        builds (and a release-2 rebuild of it), enclave-app and tests/vm/tier2/, and fails unless
+#        every check of tests/vm/tier2/checks.sh passed inside: rpm -i, systemctl start/reload/
+#        stop, the enclave-app chain over vsock, socket activation, the sandbox, rpm -U, rpm -e.
 #
-# LIBTEST ARGS go to every test program in the VM, e.g. `-- --test-threads=1 two_hundred`.
-# Environment: VM_TIMEOUT (seconds the VM may run, default 300), VM_ACCEL, VM_MEMORY, VM_CPUS
-# (see boot.sh), VM_OPT_LEVEL (of the in-VM build, default 2), VM_STATIC=1 (static programs,
-# without the daemon's systemd feature, in target/vm-build-static), VM_TIER1_TESTS (test targets
-# instead of TIER1_TESTS below, space-separated), VM_TIER1_FILES (likewise for TIER1_FILES).
+# LIBTEST ARGS go to every test program in the tier-1 VM, e.g. `-- --test-threads=1 two_hundred`.
+# Environment: VM_TIMEOUT (seconds the VM may run, default 300, tier 2: 420), VM_ACCEL,
+# VM_MEMORY, VM_CPUS (see boot.sh), VM_OPT_LEVEL (of the in-VM build, default 2), VM_STATIC=1
+# (tier 1: static programs, without the daemon's systemd feature, in target/vm-build-static),
+# VM_TIER1_TESTS (test targets instead of TIER1_TESTS below, space-separated), VM_TIER1_FILES
+# (likewise for TIER1_FILES), VM_TIER2_CHECKS (a script to run in the tier-2 VM instead of
+# tests/vm/tier2/checks.sh), VM_DEBIAN_MIRROR (rootfs.sh's mirror).
 # Every reason the tier cannot run is a failure with a message, never a skip.
 set -euo pipefail
 # shellcheck source=tests/vm/lib.sh
@@ -102,9 +107,7 @@ $deps"
 # this order. Every binary cargo builds along with them (the daemon: the tests'
 # CARGO_BIN_EXE_nitro-vsock-proxy) goes into the VM at the path cargo compiled into the tests,
 # and as /vm/bin/NAME.
-# HOOK (enclave-app chain test): add its test target here, e.g. (vsock_vm enclave_chain_vm);
-# if it is a test of the enclave-app package, cargo builds enclave-app's binary with it and it
-# lands in the VM the same way. See tests/vm/README.md.
+# A test of the enclave-app package (vsock_chain) brings enclave-app's binary the same way.
 TIER1_TESTS=(vsock_vm vsock_chain)
 # Files and directories of the source tree the test programs read (repo-relative), copied into
 # the VM at their absolute paths, so paths built from env!("CARGO_MANIFEST_DIR") work there.
@@ -206,11 +209,200 @@ $artifacts"
   vm_log "tier 1 passed: the daemon over real AF_VSOCK inside the VM"
 }
 
+# ---- Tier 2: systemd as PID 1 ----------------------------------------------------------------
+# The VM boots tests/vm/rootfs.sh's cached Debian 12 rootfs with a per-run archive appended (the
+# RPMs, enclave-app, tests/vm/tier2/), systemd runs nvp-tier2.service, which runs
+# tests/vm/tier2/checks.sh and powers off. See tests/vm/README.md, "Tier 2".
+
+# enclave-app for the VM, with tier 1's cargo settings and target dir (optimised dev profile; a
+# warm tier 1 leaves nothing to build). Sets TIER2_APP.
+tier2_build_enclave_app() {
+  local vars=("CARGO_TARGET_DIR=$VM_BUILD" "CARGO_PROFILE_DEV_OPT_LEVEL=${VM_OPT_LEVEL:-2}"
+    CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_DEV_INCREMENTAL=false)
+  env "${vars[@]}" "${CARGO:-cargo}" build --workspace --bin enclave-app >&2 ||
+    vm_die "building enclave-app for the VM failed (${vars[*]} cargo build --workspace --bin enclave-app)"
+  TIER2_APP="$VM_BUILD/debug/enclave-app"
+  [[ -x $TIER2_APP ]] || vm_die "cargo built no $TIER2_APP"
+}
+
+# What goes into the RPM: every file build-rpm.sh puts in the source tarball (what git tracks or
+# would track) except the tests, which the package build does not compile (--nocheck), and the
+# toolchain's version.
+tier2_rpm_key() {
+  {
+    (cd "$VM_ROOT" && git ls-files -z --cached --others --exclude-standard |
+      while IFS= read -r -d '' f; do
+        case $f in tests/* | enclave-app/tests/*) ;; *) [[ -f $f ]] && printf '%s\0' "$f" ;; esac
+      done | LC_ALL=C sort -z | xargs -0 sha256sum)
+    "${CARGO:-cargo}" --version
+    rustc --version
+  } | sha256sum | cut -c1-16
+}
+
+# The two RPMs the checks install, in $VM_CACHE/tier2-rpm-<key>/release{1,2}/ (sets TIER2_RPMS),
+# built only when what goes into them changed:
+#   release 1: the RPM `make rpm` builds (scripts/build-rpm.sh; a release build, ≈1.5 min here);
+#   release 2: a newer build of it for the upgrade check (tier2_release2).
+tier2_rpms() {
+  local key dir
+  key=$(tier2_rpm_key) || vm_die "cannot list the source files (git ls-files) for the RPM cache key"
+  dir="$VM_CACHE/tier2-rpm-$key"
+  TIER2_RPMS=$dir
+  [[ -f $dir/done ]] && return 0
+  find "$VM_CACHE" -maxdepth 1 -name 'tier2-rpm-*' -exec rm -rf {} +
+  vm_log "no cached RPMs for these sources: building the RPM with scripts/build-rpm.sh (as make rpm; a release build, ≈1.5 min) and its release 2"
+  "$VM_ROOT/scripts/build-rpm.sh" >&2 || vm_die "scripts/build-rpm.sh failed: tier 2 installs the RPM it builds"
+  local version rpm1
+  version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$VM_ROOT/Cargo.toml" | head -n 1)
+  rpm1="$VM_ROOT/target/rpm/RPMS/x86_64/nitro-vsock-proxy-$version-1.x86_64.rpm"
+  [[ -f $rpm1 ]] || vm_die "scripts/build-rpm.sh made no $rpm1"
+  mkdir -p "$dir.partial/release1" "$dir.partial/release2"
+  cp "$rpm1" "$dir.partial/release1/"
+  tier2_release2 "$rpm1" "$dir.partial/release2"
+  touch "$dir.partial/done"
+  mv "$dir.partial" "$dir"
+}
+
+# RELEASE1_RPM OUT_DIR: release 2 of the same package, for the upgrade check. rpmbuild -bb from
+# the sources build-rpm.sh just made (target/rpm/SOURCES) with a copy of the committed spec in
+# which only two lines differ: `Release: 2%{?dist}`, and %build's `cargo build` replaced by
+# installing release 1's binary (taken from that RPM) where %install expects it. The upgrade check
+# is about the package (scriptlets, %config files, units), which comes from the spec unchanged; a
+# second release build of the same program would add ≈1.5 min.
+tier2_release2() {
+  local rpm1=$1 out=$2 top spec extra=()
+  top="$VM_CACHE/tier2-rpmbuild"
+  spec="$top/SPECS/nitro-vsock-proxy.spec"
+  rm -rf "$top"
+  mkdir -p "$top"/{SOURCES,SPECS,BUILD,RPMS,SRPMS,prebuilt}
+  cp "$VM_ROOT"/target/rpm/SOURCES/* "$top/SOURCES/"
+  rpm2cpio "$rpm1" | (cd "$top/prebuilt" && "$VM_BUSYBOX" cpio -idm ./usr/bin/nitro-vsock-proxy 2>/dev/null)
+  [[ -x $top/prebuilt/usr/bin/nitro-vsock-proxy ]] || vm_die "cannot extract /usr/bin/nitro-vsock-proxy from $rpm1"
+  sed -e 's/^Release:\([[:space:]]*\)1%{?dist}$/Release:\12%{?dist}/' \
+    -e "s|^cargo build --release .*-p nitro-vsock-proxy.*|install -D -m 0755 $top/prebuilt/usr/bin/nitro-vsock-proxy target/release/nitro-vsock-proxy|" \
+    "$VM_ROOT/packaging/rpm/nitro-vsock-proxy.spec" >"$spec"
+  if ! grep -q '^Release:[[:space:]]*2%{?dist}$' "$spec" || ! grep -q "^install .*$top/prebuilt" "$spec" ||
+    [[ $(diff "$VM_ROOT/packaging/rpm/nitro-vsock-proxy.spec" "$spec" | grep -c '^>') != 2 ]]; then
+    vm_die "cannot make the release-2 spec (packaging/rpm/nitro-vsock-proxy.spec no longer has 'Release: 1%{?dist}' and one 'cargo build --release ... -p nitro-vsock-proxy' line); update tier2_release2 in tests/vm/run.sh"
+  fi
+  # As scripts/build-rpm.sh: Debian's rpmbuild lacks the systemd macros and the BuildRequires.
+  if [[ $(rpm --eval '%{_unitdir}') == '%{_unitdir}' ]]; then
+    extra+=(--load "$VM_ROOT/packaging/rpm/debian-systemd.macros" --nodeps)
+  fi
+  rpmbuild -bb --nocheck --quiet --define "_topdir $top" "${extra[@]}" "$spec" >&2 ||
+    vm_die "rpmbuild of the release-2 RPM failed (spec: $spec)"
+  local rpm2
+  rpm2=$(find "$top/RPMS" -name 'nitro-vsock-proxy-*-2.x86_64.rpm' | head -n 1)
+  [[ -n $rpm2 ]] || vm_die "rpmbuild made no release-2 RPM under $top/RPMS"
+  cp "$rpm2" "$out/"
+  rm -rf "$top"
+}
+
+# ROOT_DIR FILE: FILE's shared libraries that the rootfs lacks are copied into ROOT_DIR (the
+# per-run archive) at the paths this host's loader resolves; normally none: the rootfs is Debian
+# 12, as the build host.
+tier2_add_missing_libs() {
+  local payload=$1 file=$2 lib
+  while read -r lib; do
+    if [[ ! -e $TIER2_ROOTFS/root$lib && ! -e $payload$lib ]]; then
+      vm_log "the rootfs lacks $lib (needed by $file): adding this host's copy"
+      mkdir -p "$payload$(dirname "$lib")"
+      cp -L "$lib" "$payload$lib"
+    fi
+  done < <(ldd "$file" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+}
+
+# The per-run archive's tree: test units, checks, RPMs, enclave-app.
+tier2_payload() {
+  local p=$1
+  rm -rf "$p"
+  (
+    umask 022
+    mkdir -p "$p"/etc/systemd/system/multi-user.target.wants "$p"/etc/systemd/system-preset \
+      "$p"/vm/tier2 "$p"/vm/rpm/release1 "$p"/vm/rpm/release2 "$p"/usr/local/bin
+    install -m 0644 "$VM_DIR"/tier2/*.service "$VM_DIR"/tier2/*.socket "$p/etc/systemd/system/"
+    ln -s ../nvp-tier2.service "$p/etc/systemd/system/multi-user.target.wants/nvp-tier2.service"
+    # Amazon Linux 2023's preset policy (its systemd ships 99-default-disable.preset): %post's
+    # `systemctl preset` enables nothing unless a preset file names it. Debian enables everything.
+    echo 'disable *' >"$p/etc/systemd/system-preset/99-default-disable.preset"
+    # The names under test are answered by the VM's own DNS server (nvp-dns.service), not here.
+    printf 'nameserver 127.0.0.1\n' >"$p/etc/resolv.conf"
+    printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$p/etc/hosts"
+    install -m 0755 "$VM_DIR"/tier2/imds.sh "$p/vm/tier2/"
+    install -m 0755 "${VM_TIER2_CHECKS:-$VM_DIR/tier2/checks.sh}" "$p/vm/tier2/checks.sh"
+    install -m 0644 "$VM_ROOT/enclave-app/testdata/ip-ranges.sample.json" "$p/vm/tier2/"
+    install -m 0644 "$TIER2_RPMS"/release1/*.rpm "$p/vm/rpm/release1/"
+    install -m 0644 "$TIER2_RPMS"/release2/*.rpm "$p/vm/rpm/release2/"
+    install -m 0755 "$TIER2_APP" "$p/usr/local/bin/enclave-app"
+    # The enclave image's entry point starts the enclave side in the VM, as in the enclave.
+    install -m 0755 "$VM_ROOT/enclave-app/run.sh" "$p/usr/local/bin/enclave-run.sh"
+  )
+  tier2_add_missing_libs "$p" "$TIER2_APP"
+  local bin
+  bin=$(mktemp -d)
+  rpm2cpio "$TIER2_RPMS"/release1/*.rpm | (cd "$bin" && "$VM_BUSYBOX" cpio -idm ./usr/bin/nitro-vsock-proxy 2>/dev/null)
+  tier2_add_missing_libs "$p" "$bin/usr/bin/nitro-vsock-proxy"
+  rm -rf "$bin"
+}
+
+run_tier2() {
+  local started t0 rootfs_s build_s rpm_s pack_s vm_s
+  started=$(vm_now)
+  "$VM_DIR/fetch.sh"
+  t0=$(vm_now)
+  TIER2_ROOTFS=$("$VM_DIR/rootfs.sh") || vm_die "tier 2 has no rootfs (tests/vm/rootfs.sh failed; reason above)"
+  rootfs_s=$(vm_elapsed "$t0")
+  vm_lock_cache
+  vm_load_cache
+
+  t0=$(vm_now)
+  vm_log "building enclave-app for the VM (optimised, as tier 1)"
+  tier2_build_enclave_app
+  build_s=$(vm_elapsed "$t0")
+  t0=$(vm_now)
+  tier2_rpms
+  rpm_s=$(vm_elapsed "$t0")
+  vm_log "RPMs: $(cd "$TIER2_RPMS" && echo release1/*.rpm release2/*.rpm)"
+
+  t0=$(vm_now)
+  local run="$VM_RUN/tier2"
+  mkdir -p "$run"
+  tier2_payload "$run/payload"
+  # The kernel unpacks concatenated cpio archives in order; the payload's files land over the
+  # rootfs's. -mindepth 1: the payload must not carry a "." entry (it would set /'s mode).
+  (cd "$run/payload" && find . -mindepth 1 | "$VM_BUSYBOX" cpio -o -H newc 2>/dev/null) >"$run/payload.cpio"
+  cat "$TIER2_ROOTFS/rootfs.cpio" "$run/payload.cpio" >"$run/initrd.cpio.partial"
+  mv "$run/initrd.cpio.partial" "$run/initrd.cpio"
+  pack_s=$(vm_elapsed "$t0")
+
+  t0=$(vm_now)
+  local log="$run/console.log" status=0
+  "$VM_DIR/boot.sh" --initrd "$run/initrd.cpio" --log "$log" --timeout "${VM_TIMEOUT:-420}" \
+    --append "rdinit=/lib/systemd/systemd systemd.show_status=false" || status=$?
+  vm_s=$(vm_elapsed "$t0")
+
+  # Not the exit status alone: the checks' own summary must be there and agree with the PASS lines.
+  local summary passes fails
+  summary=$(grep -aE '^tier2: [0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1 || true)
+  passes=$(grep -ac '^PASS ' "$log" || true)
+  fails=$(grep -ac '^FAIL ' "$log" || true)
+  vm_log "timings: rootfs ${rootfs_s}s, enclave-app build ${build_s}s, RPMs ${rpm_s}s, initramfs ${pack_s}s, VM ${vm_s}s, total $(vm_elapsed "$started")s"
+  case $status in
+    0) ;;
+    124 | 125) vm_die "tier 2 failed: the VM did not complete (reason above); console log above and in $log" ;;
+    *)
+      grep -a '^FAIL ' "$log" >&2 || true
+      vm_die "tier 2 failed inside the VM (status $status, $fails checks failed); console log above and in $log"
+      ;;
+  esac
+  if [[ -z $summary || $summary != "tier2: $passes passed, 0 failed" || $fails != 0 || $passes -lt 50 ]]; then
+    vm_die "the VM reported success but the checks' summary does not agree (summary '${summary:-none}', $passes PASS and $fails FAIL lines); console log: $log"
+  fi
+  vm_log "tier 2 passed: $passes checks under systemd as PID 1 (RPM, units, socket activation, sandbox)"
+}
+
 case $tier in
   tier1) run_tier1 ;;
-  tier2)
-    "$VM_DIR/rootfs.sh" >/dev/null
-    vm_die "tier 2 (systemd as PID 1) is not built yet; see tests/vm/README.md"
-    ;;
-  *) vm_die "unknown tier $tier: use tier1 (or tier2, once it exists)" ;;
+  tier2) run_tier2 ;;
+  *) vm_die "unknown tier $tier: use tier1 or tier2" ;;
 esac

@@ -1,0 +1,480 @@
+#!/bin/bash
+# The tier-2 checks: run inside the VM, as root, by nvp-tier2.service once systemd (PID 1) has
+# reached multi-user.target. See tests/vm/README.md, "Tier 2". Everything here is VM-internal:
+# vsock goes to CID 1 (the VM's own loopback transport), TCP to addresses on the VM's lo.
+#
+#   package    rpm -i of the release-1 RPM (the one `make rpm` builds), as on Amazon Linux 2023
+#   workshop   systemctl enable --now nitro-vsock-proxy@workshop (the RPM's workshop.env/.yaml);
+#              the enclave-app chain over vsock gets its answer; sandbox facts of the process
+#   reload     DNS re-pointed at a loopback address: denied (WARN in journalctl -u); the allowlist
+#              edited + systemctl reload: allowed; an invalid edit: refused, previous kept; the
+#              stock file again + reload: denied again
+#   sandbox    no permission errors in the journal; a soft open-file limit raised under
+#              ~@resources (second instance with a drop-in); the watchdog fed, no restart
+#   stop       systemctl stop while a connection is open: new ones refused, the open one
+#              finishes, the unit ends inactive with Result=success
+#   socket     the shipped nitro-vsock-proxy.socket + .service, unchanged: the first connection
+#              starts the service (region from a stand-in IMDS at 169.254.169.254), is served
+#   upgrade    rpm -U to release 2 restarts the running instance and the default service;
+#              traffic flows; the operator's edit survives
+#   erase      rpm -e stops and removes everything, the edited config kept as .rpmsave
+#
+# Prints one PASS/FAIL line per check and `tier2: N passed, M failed`; exits 1 if any failed (and
+# then prints the units' status and journals). Checks never skip: a missing prerequisite makes
+# the checks that need it fail.
+#
+# Conditions written `check "what" eval '...'` are single-quoted on purpose: check evaluates them.
+# shellcheck disable=SC2016
+set -uo pipefail
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export SYSTEMD_PAGER="" SYSTEMD_COLORS=0
+
+W=/run/nvp-tier2
+APP=/usr/local/bin/enclave-app
+DOC=/vm/tier2/ip-ranges.sample.json
+INSTANCE=nitro-vsock-proxy@workshop.service
+DEFAULT=nitro-vsock-proxy.service
+SOCKET=nitro-vsock-proxy.socket
+CONF=/etc/nitro-vsock-proxy/workshop.yaml
+RPM1=$(find /vm/rpm/release1 -name '*.rpm' 2>/dev/null | head -n 1)
+RPM2=$(find /vm/rpm/release2 -name '*.rpm' 2>/dev/null | head -n 1)
+mkdir -p "$W"
+cd "$W" || exit 1
+
+passed=0
+failed=0
+pass() { echo "PASS $*"; passed=$((passed + 1)); }
+fail() { echo "FAIL $*"; failed=$((failed + 1)); }
+# check DESCRIPTION COMMAND...: one PASS or FAIL line.
+check() {
+  local what=$1
+  shift
+  if "$@"; then pass "$what"; else fail "$what"; fi
+}
+section() { printf '\n== %s (VM up %ss)\n' "$*" "$(cut -d. -f1 /proc/uptime)"; }
+note() { echo "   $*"; }
+
+# wait_for SECONDS COMMAND...: polls COMMAND every 0.2 s until it succeeds or SECONDS pass.
+wait_for() {
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@"; do
+    ((SECONDS >= deadline)) && return 1
+    sleep 0.2
+  done
+}
+prop() { systemctl show -p "$2" --value "$1"; }
+state_is() { [[ $(prop "$1" ActiveState) == "$2" ]]; }
+# jlog UNIT [journalctl options]: the unit's messages, text only.
+jlog() { journalctl -q --no-pager -o cat -u "$1" "${@:2}"; }
+# jcount UNIT REGEX [journalctl options]: how many of the unit's messages match.
+jcount() { jlog "$1" "${@:3}" | grep -Ec -- "$2"; }
+# has_logged UNIT REGEX N [journalctl options]: the unit has at least N messages matching.
+has_logged() {
+  local unit=$1 re=$2 n=$3
+  shift 3
+  (($(jcount "$unit" "$re" "$@") >= n))
+}
+# wait_log SECONDS UNIT REGEX N [journalctl options]: until has_logged.
+wait_log() {
+  local seconds=$1
+  shift
+  wait_for "$seconds" has_logged "$@"
+}
+strip_rpm_notes() { grep -v -e 'use Alien instead' -e 'assuming you know what you are doing' -e 'saved as .*\.rpmsave' "$1"; }
+
+# ask NAME PORT: the parent's query (enclave-app client) to the enclave server on vsock 1:PORT;
+# reply in NAME.out, errors in NAME.err; the client's exit status.
+ask() {
+  timeout 60 "$APP" client 1 "$2" us-east-1 >"$W/$1.out" 2>"$W/$1.err"
+}
+# The S3 prefixes of us-east-1 from the bundled document: two of them, and neither its EC2 nor
+# its S3_EXPRESS prefix.
+good_reply() {
+  grep -q '3\.5\.0\.0/19' "$W/$1.out" && grep -q '52\.92\.16\.0/20' "$W/$1.out" &&
+    ! grep -q -e '3\.208\.0\.0/12' -e '15\.193\.6\.0' "$W/$1.out"
+}
+answered() {
+  ask "$1" "$2" && good_reply "$1"
+}
+refused_reply() {
+  local rc=0
+  ask "$1" "$2" || rc=$?
+  ((rc == 1)) && grep -q error "$W/$1.out" "$W/$1.err"
+}
+resolves_to() { [[ $(getent ahostsv4 "$1" | awk 'NR == 1 { print $1 }') == "$2" ]]; }
+# set_dns NAME=ADDR...: the test DNS server's answers (nvp-dns.service), in effect on return.
+set_dns() {
+  local pair
+  : >"$W/dns-hosts.new"
+  for pair in "$@"; do echo "${pair#*=} ${pair%%=*}" >>"$W/dns-hosts.new"; done
+  mv "$W/dns-hosts.new" "$W/dns-hosts"
+  systemctl reload nvp-dns.service 2>/dev/null || true
+  for pair in "$@"; do
+    wait_for 10 resolves_to "${pair%%=*}" "${pair#*=}" || return 1
+  done
+}
+tcp_listening() { ss -Hltn | awk -v a="$1" '$4 == a { found = 1 } END { exit !found }'; }
+vsock_listening() { ss -H --vsock -l 2>/dev/null | grep -q ":$1\b"; }
+pid_of() { prop "$1" MainPID; }
+count_processes() { pgrep -c -x nitro-vsock-pro || true; }
+
+# The hardening systemd applied to a running process (the unit's own settings, in effect).
+sandbox_facts() { # UNIT
+  local pid status
+  pid=$(pid_of "$1")
+  if ! [[ $pid =~ ^[1-9][0-9]*$ ]]; then
+    fail "$1 has a main process whose sandbox can be inspected (MainPID=$pid)"
+    return
+  fi
+  status=$(cat "/proc/$pid/status")
+  local uid capeff nnp seccomp
+  uid=$(awk '/^Uid:/ { print $2 }' <<<"$status")
+  capeff=$(awk '/^CapEff:/ { print $2 }' <<<"$status")
+  nnp=$(awk '/^NoNewPrivs:/ { print $2 }' <<<"$status")
+  seccomp=$(awk '/^Seccomp:/ { print $2 }' <<<"$status")
+  note "$1: pid $pid uid $uid CapEff $capeff NoNewPrivs $nnp Seccomp $seccomp"
+  check "$1 runs as a dynamic user (uid $uid, not root)" [ "$uid" != 0 ]
+  check "$1 has no effective capabilities" [ "$capeff" = 0000000000000000 ]
+  check "$1 runs with NoNewPrivileges and a seccomp filter (SystemCallFilter)" \
+    eval '[ "$nnp" = 1 ] && [ "$seccomp" = 2 ]'
+  check "$1 runs in its own user namespace (PrivateUsers=yes)" \
+    [ "$(readlink "/proc/$pid/ns/user")" != "$(readlink /proc/1/ns/user)" ]
+  check "$1 sees /proc with subset=pid and hidepid=invisible (ProcSubset=pid, ProtectProc=invisible)" \
+    eval 'grep " /proc " "/proc/$pid/mountinfo" | grep "subset=pid" | grep -q "hidepid=invisible"'
+  check "$1 has a read-only / (ProtectSystem=strict)" \
+    awk '$5 == "/" { split($6, o, ","); if (o[1] == "ro") found = 1 } END { exit !found }' "/proc/$pid/mountinfo"
+}
+
+dump_diagnostics() {
+  section "diagnostics (some check failed)"
+  systemctl --no-pager --failed
+  systemctl --no-pager status 'nitro-vsock-proxy*' 'nvp-*' 2>&1 | head -n 120
+  local u
+  for u in "$INSTANCE" "$DEFAULT" "$SOCKET" nvp-enclave.service nvp-enclave-kms.service \
+    nvp-https.service nvp-loopback.service nvp-dns.service nvp-slow.service; do
+    echo "---- journalctl -u $u"
+    jlog "$u" -o short-monotonic | tail -n 60
+  done
+  echo "---- /run/nvp-tier2/imds.log"
+  cat "$W/imds.log" 2>/dev/null
+  echo "---- journal warnings and errors"
+  journalctl -q --no-pager -b -p warning | tail -n 60
+}
+
+# ---------------------------------------------------------------------------------------------
+section "the VM"
+note "kernel $(uname -r); $(systemctl --version | head -n 1); system: $(systemctl is-system-running)"
+check "systemd is PID 1" [ "$(cat /proc/1/comm)" = systemd ]
+check "systemd-modules-load loaded vsock_loopback (modules-load.d)" [ -d /sys/module/vsock_loopback ]
+check "the release-1 and release-2 RPMs are in the VM" eval '[ -f "$RPM1" ] && [ -f "$RPM2" ]'
+
+# Test addresses on lo: the HTTPS stand-in (192.0.2.10, TEST-NET-1), a slow upstream for the
+# drain check (192.0.2.30), the instance metadata service's own address (the VM has no other
+# network, so nothing leaves it). 127.0.0.10 is loopback already.
+for a in 192.0.2.10 192.0.2.30 169.254.169.254; do ip addr add "$a/32" dev lo; done
+echo "nameserver 127.0.0.1" >/etc/resolv.conf
+systemctl start nvp-dns.service
+check "the test DNS server answers ip-ranges.amazonaws.com = 192.0.2.10" \
+  set_dns ip-ranges.amazonaws.com=192.0.2.10 kms.us-east-1.amazonaws.com=192.0.2.10
+
+# The HTTPS stand-in for both names on 192.0.2.10:443, with a certificate from a CA made at
+# start; and 127.0.0.10:443 relayed to it (what a DNS answer of 127.0.0.10 reaches, the reload
+# checks).
+systemd-run --quiet --collect --unit=nvp-https "$APP" demo-https --listen 192.0.2.10:443 \
+  --name ip-ranges.amazonaws.com --name kms.us-east-1.amazonaws.com \
+  --document "$DOC" --ca-out "$W/ca.pem"
+systemd-run --quiet --collect --unit=nvp-loopback socat TCP-LISTEN:443,bind=127.0.0.10,reuseaddr,fork \
+  TCP:192.0.2.10:443
+check "the HTTPS stand-in is listening (enclave-app demo-https)" wait_for 20 test -s "$W/ca.pem"
+check "127.0.0.10:443 relays to it" wait_for 10 tcp_listening 127.0.0.10:443
+
+# ---------------------------------------------------------------------------------------------
+section "package: rpm -i of the release-1 RPM"
+note "installing $RPM1"
+rpm --initdb
+rc=0
+rpm -i --nodeps "$RPM1" 2>"$W/rpm-i.err" || rc=$?
+check "rpm -i --nodeps installs it; the scriptlets succeed silently against a running systemd" \
+  eval '((rc == 0)) && [ -z "$(strip_rpm_notes "$W/rpm-i.err")" ]'
+strip_rpm_notes "$W/rpm-i.err"
+all_exist() {
+  local f
+  for f in "$@"; do [ -e "$f" ] || { note "missing: $f"; return 1; }; done
+}
+check "it installed the binary, the three units and the three configuration files" all_exist \
+  /usr/bin/nitro-vsock-proxy /usr/lib/systemd/system/{nitro-vsock-proxy.service,nitro-vsock-proxy@.service,nitro-vsock-proxy.socket} \
+  /etc/nitro-vsock-proxy/{vsock-proxy.yaml,workshop.env,workshop.yaml}
+note "rpm -q: $(rpm -q nitro-vsock-proxy 2>&1)"
+check "rpm -i starts nothing (the service, instance and socket are inactive)" \
+  eval '! systemctl -q is-active "$DEFAULT" "$SOCKET" "$INSTANCE"'
+check "rpm -i enables nothing under Amazon Linux's 'disable *' preset policy (%post: systemctl preset)" \
+  eval '[[ $(systemctl is-enabled "$DEFAULT") == disabled && $(systemctl is-enabled "$SOCKET") == disabled ]]'
+cp "$CONF" "$W/workshop.yaml.stock"
+
+# ---------------------------------------------------------------------------------------------
+section "workshop: systemctl enable --now nitro-vsock-proxy@workshop, the enclave-app chain over vsock"
+# As README.md says: the RPM's workshop.env and workshop.yaml, unedited.
+rc=0
+timeout 60 systemctl enable --now "$INSTANCE" || rc=$?
+check "systemctl enable --now $INSTANCE succeeds (Type=notify: READY=1 came)" [ "$rc" = 0 ]
+check "$INSTANCE is active" state_is "$INSTANCE" active
+check "it listens on vsock port 8001 (any CID)" wait_for 10 vsock_listening 8001
+started_pid=$(pid_of "$INSTANCE")
+started_at=$SECONDS
+sandbox_facts "$INSTANCE"
+
+# The enclave side, started by the enclave image's own entry point (enclave-app/run.sh) with the
+# workshop's settings but one: the forwarder on 127.0.0.1:443 -> vsock CID 1 (the VM itself,
+# where an enclave has the parent's CID 3) port 8001, then the server on vsock port 5005. The
+# server is pinned to the forwarder with --connect-to (the enclave does that with /etc/hosts;
+# here /etc/hosts is the proxy's too). --cache-ttl 100ms: every query downloads again, through
+# the proxy.
+systemd-run --quiet --collect --unit=nvp-enclave \
+  --setenv=ENCLAVE_APP="$APP" --setenv=PARENT_CID=1 --setenv=PROXY_PORT=8001 \
+  --setenv=FORWARDER_PORT=443 --setenv=SERVER_PORT=5005 --setenv=HOSTS_FILE="$W/enclave-hosts" \
+  --setenv=SERVER_ARGS="--ca-file $W/ca.pem --connect-to 127.0.0.1:443 --cache-ttl 100ms" \
+  /usr/local/bin/enclave-run.sh
+check "the enclave side (run.sh: forwarder, then server on vsock 5005) is up" wait_for 20 vsock_listening 5005
+served_before=$(jcount nvp-https.service 'served')
+check "the chain answers: client -> vsock 5005 -> server -> forwarder -> vsock 8001 -> proxy -> HTTPS stand-in" \
+  answered chain 5005
+note "reply: $(head -c 200 "$W/chain.out") $(cat "$W/chain.err")"
+check "the stand-in served the document once more" \
+  eval '(($(jcount nvp-https.service served) > served_before))'
+check "journalctl -u $INSTANCE: the connection from vsock CID 1 relayed to 192.0.2.10:443 and completed" \
+  wait_log 10 "$INSTANCE" 'peer=vsock:1:[0-9]+ upstream=192\.0\.2\.10:443\}: connection closed .*end=completed' 1
+check "systemctl status shows the live counters (STATUS=)" \
+  wait_for 5 eval '[[ $(prop "$INSTANCE" StatusText) == *"accepted"* ]]'
+note "StatusText: $(prop "$INSTANCE" StatusText)"
+
+# ---------------------------------------------------------------------------------------------
+section "reload: the allowlist decides, systemctl reload changes the decision"
+check "DNS now answers ip-ranges.amazonaws.com = 127.0.0.10 (loopback)" \
+  set_dns ip-ranges.amazonaws.com=127.0.0.10 kms.us-east-1.amazonaws.com=192.0.2.10
+# shellcheck disable=SC2034 # read by the eval below
+served_before=$(jcount nvp-https.service 'served')
+check "a loopback answer is denied by the stock allowlist: the client gets an error (exit 1)" \
+  refused_reply denied1 5005
+check "journalctl -u $INSTANCE -p warning shows the denial (127.0.0.10, loopback)" \
+  wait_log 10 "$INSTANCE" 'connection refused: no allowed address: 127\.0\.0\.10 denied \(loopback' 1 -p warning
+check "the denied connection never reached the stand-in" \
+  eval '(($(jcount nvp-https.service served) == served_before))'
+
+reloads=$(jcount "$INSTANCE" 'allowlist reloaded')
+{ cat "$W/workshop.yaml.stock"; echo "  - {address: 127.0.0.10, port: 443}"; } >"$CONF"
+rc=0
+systemctl reload "$INSTANCE" || rc=$?
+check "systemctl reload succeeds with 127.0.0.10 added to the allowlist" [ "$rc" = 0 ]
+check "the daemon logs the reload (SIGHUP, RELOADING=1 ... READY=1)" \
+  wait_log 10 "$INSTANCE" 'allowlist reloaded' $((reloads + 1))
+check "the reload kept the process (same MainPID)" [ "$(pid_of "$INSTANCE")" = "$started_pid" ]
+check "after the reload the same query is answered" answered allowed 5005
+check "... through the proxy to 127.0.0.10:443" \
+  wait_log 10 "$INSTANCE" 'upstream=127\.0\.0\.10:443\}: connection closed .*end=completed' 1
+
+printf 'allowlist:\n  - {address: ip-ranges.amazonaws.com, port: 443x}\n' >"$CONF"
+systemctl reload "$INSTANCE"
+check "an invalid allowlist is refused at reload: ERROR with file and line in journalctl -p err" \
+  wait_log 10 "$INSTANCE" "reload failed, keeping the previous allowlist: .*$CONF, line 2" 1 -p err
+check "... and the previous allowlist stays: still answered" answered kept 5005
+check "... and the unit stays active" state_is "$INSTANCE" active
+
+cp "$W/workshop.yaml.stock" "$CONF"
+reloads=$(jcount "$INSTANCE" 'allowlist reloaded')
+systemctl reload "$INSTANCE"
+check "the stock allowlist reloaded" wait_log 10 "$INSTANCE" 'allowlist reloaded' $((reloads + 1))
+check "after that reload the loopback answer is denied again" refused_reply denied2 5005
+check "two denials in journalctl -u $INSTANCE -p warning" \
+  wait_log 10 "$INSTANCE" 'no allowed address: 127\.0\.0\.10 denied' 2 -p warning
+set_dns ip-ranges.amazonaws.com=192.0.2.10 kms.us-east-1.amazonaws.com=192.0.2.10
+check "DNS back to 192.0.2.10: answered again" answered again 5005
+
+# ---------------------------------------------------------------------------------------------
+section "sandbox: the hardened unit works (vsock, DNS, journal, sd_notify, watchdog)"
+# Everything above ran under the shipped hardening: vsock listen/accept, DNS over UDP to
+# 127.0.0.1:53, the journal stream with priorities, READY/RELOADING/STATUS. What the sandbox
+# would break shows as an error in the daemon's own log.
+check "no permission error in the daemon's log (EPERM/EACCES from the sandbox)" \
+  eval '! jlog "$INSTANCE" | grep -Ei "operation not permitted|permission denied|os error (1|13)\b|cannot raise"'
+check "its only warnings and errors are the expected denials and the refused reload" \
+  eval '! jlog "$INSTANCE" -p warning | grep -v -e "no allowed address: 127\.0\.0\.10 denied" -e "reload failed, keeping the previous allowlist" | grep -v "^$"'
+check "the journal has the daemon's messages at their priorities (<4> WARN -> priority 4)" \
+  eval '(($(journalctl -q -u "$INSTANCE" -p warning..warning -o cat | grep -c "denied") >= 2))'
+# ~@resources takes setrlimit(2) out of the filter; the daemon raises its soft open-file limit to
+# the hard one at start (glibc does that with prlimit64, which @system-service keeps). A second
+# instance with a drop-in giving a lower soft limit, as `systemctl edit` would, must come up with
+# the limit raised and without the "cannot raise the open-file limit" warning. The units' own
+# LimitNOFILE=4096 sets both limits, so the workshop instance does not exercise this.
+sed 's/^LISTEN=.*/LISTEN=8002/' /etc/nitro-vsock-proxy/workshop.env >/etc/nitro-vsock-proxy/limits.env
+cp "$W/workshop.yaml.stock" /etc/nitro-vsock-proxy/limits.yaml
+mkdir -p /etc/systemd/system/nitro-vsock-proxy@limits.service.d
+printf '[Service]\nLimitNOFILE=1024:8192\n' >/etc/systemd/system/nitro-vsock-proxy@limits.service.d/limits.conf
+systemctl daemon-reload
+rc=0
+systemctl start nitro-vsock-proxy@limits.service || rc=$?
+check "a second instance, nitro-vsock-proxy@limits (LISTEN=8002, drop-in LimitNOFILE=1024:8192), starts" \
+  eval '((rc == 0)) && wait_for 10 vsock_listening 8002'
+limits_pid=$(pid_of nitro-vsock-proxy@limits.service)
+note "its limits: $(grep 'Max open files' "/proc/$limits_pid/limits" 2>&1)"
+check "under SystemCallFilter=~@resources it raised its soft open-file limit to 8192" \
+  awk '/^Max open files/ { found = ($4 == 8192 && $5 == 8192) } END { exit !found }' "/proc/$limits_pid/limits"
+check "... without a warning" eval '[ -z "$(jlog nitro-vsock-proxy@limits.service -p warning)" ]'
+systemctl stop nitro-vsock-proxy@limits.service
+rm -rf /etc/nitro-vsock-proxy/limits.* /etc/systemd/system/nitro-vsock-proxy@limits.service.d
+systemctl daemon-reload
+# WatchdogSec=20s: if WATCHDOG=1 did not reach systemd, the daemon would be killed and restarted
+# within 20 s. Let it run at least 25 s.
+remaining=$((25 - (SECONDS - started_at)))
+((remaining > 0)) && sleep "$remaining"
+check "the watchdog is fed: after $((SECONDS - started_at)) s, same MainPID, no restart" \
+  eval '[[ $(pid_of "$INSTANCE") == "$started_pid" && $(prop "$INSTANCE" NRestarts) == 0 ]] && state_is "$INSTANCE" active'
+check "systemd recorded watchdog pings (WatchdogTimestamp set)" \
+  eval '(($(prop "$INSTANCE" WatchdogTimestampMonotonic) > 0))'
+check "no watchdog timeout in the journal" eval '! journalctl -q -b -o cat | grep -qi "watchdog timeout"'
+
+# ---------------------------------------------------------------------------------------------
+section "stop: systemctl stop drains the open connection; the unit ends inactive, not failed"
+# A slow upstream: answers 4 s after the request, then closes. DNS points the name at it.
+cat >"$W/slow.sh" <<'SLOW'
+#!/bin/sh
+read -r line
+echo "$line" >/run/nvp-tier2/slow.got
+sleep 4
+echo "late reply to $line"
+SLOW
+chmod +x "$W/slow.sh"
+# -t 10: after the proxy passes on the client's half-close, socat would otherwise end the
+# exchange 0.5 s later, before the reply.
+systemd-run --quiet --collect --unit=nvp-slow socat -t 10 TCP-LISTEN:443,bind=192.0.2.30,reuseaddr,fork \
+  EXEC:"$W/slow.sh"
+check "the slow upstream listens on 192.0.2.30:443" wait_for 10 tcp_listening 192.0.2.30:443
+set_dns ip-ranges.amazonaws.com=192.0.2.30 kms.us-east-1.amazonaws.com=192.0.2.10
+rm -f "$W/slow.got"
+# The request is written and the client's side half-closed at once (stdin ends); -t 15 keeps the
+# client reading the reply for 15 s.
+(printf 'drain-ping\n' | timeout 30 socat -t 15 - VSOCK-CONNECT:1:8001 >"$W/drain.out" 2>"$W/drain.err") &
+client=$!
+check "a connection is open through the proxy to the slow upstream" wait_for 15 test -s "$W/slow.got"
+stop_started=$SECONDS
+systemctl stop --no-block "$INSTANCE"
+check "the unit is deactivating while the connection is open" \
+  wait_for 5 state_is "$INSTANCE" deactivating
+check "the daemon stopped accepting (SIGTERM) and waits for the open connection" \
+  wait_log 10 "$INSTANCE" 'stopped accepting; waiting for open connections open=1' 1
+check "while draining, a new vsock connection is not served (the listener is closed)" \
+  eval '! timeout 5 socat -u OPEN:/dev/null VSOCK-CONNECT:1:8001 2>/dev/null'
+check "the stop completes within the drain time" wait_for 40 state_is "$INSTANCE" inactive
+stop_took=$((SECONDS - stop_started))
+note "stop took $stop_took s"
+check "the stop waited for the open connection (the upstream answers after 4 s)" [ "$stop_took" -ge 3 ]
+wait "$client"
+check "the open connection finished: the client got the upstream's late reply" \
+  grep -q 'late reply to drain-ping' "$W/drain.out"
+check "the unit ended inactive with Result=success and exit status 0 (not failed)" \
+  eval '[[ $(prop "$INSTANCE" Result) == success && $(prop "$INSTANCE" ExecMainStatus) == 0 ]] && ! systemctl -q is-failed "$INSTANCE"'
+check "the daemon logged the drain: SIGTERM, stopped accepting, stopped with none cut" \
+  eval 'jlog "$INSTANCE" | grep -Eq "stopping signal=\"?SIGTERM" && jlog "$INSTANCE" | grep -q "stopped accepting" && jlog "$INSTANCE" | grep -Eq "stopped .*closed_at_stop=0"'
+systemctl stop nvp-slow.service
+set_dns ip-ranges.amazonaws.com=192.0.2.10 kms.us-east-1.amazonaws.com=192.0.2.10
+
+# ---------------------------------------------------------------------------------------------
+section "socket: the shipped nitro-vsock-proxy.socket starts the shipped service on the first connection"
+# Unchanged units: the service asks the metadata service (the stand-in on 169.254.169.254:80)
+# for the region and serves kms.us-east-1.amazonaws.com:443, allowlisted in vsock-proxy.yaml.
+systemctl start nvp-imds.socket
+rc=0
+systemctl start "$SOCKET" || rc=$?
+check "systemctl start $SOCKET succeeds; vsock port 8000 listens" \
+  eval '((rc == 0)) && wait_for 10 vsock_listening 8000'
+check "the service is not started yet" state_is "$DEFAULT" inactive
+# The same enclave pieces for the KMS name: forwarder 127.0.0.1:8444 -> vsock 1:8000, server on
+# vsock 5006 downloading https://kms.us-east-1.amazonaws.com/ip-ranges.json.
+systemd-run --quiet --collect --unit=nvp-enclave-kms \
+  --setenv=ENCLAVE_APP="$APP" --setenv=PARENT_CID=1 --setenv=PROXY_PORT=8000 \
+  --setenv=REMOTE_HOST=kms.us-east-1.amazonaws.com \
+  --setenv=FORWARDER_PORT=8444 --setenv=SERVER_PORT=5006 --setenv=HOSTS_FILE="$W/enclave-hosts-kms" \
+  --setenv=SERVER_ARGS="--url https://kms.us-east-1.amazonaws.com/ip-ranges.json --ca-file $W/ca.pem --connect-to 127.0.0.1:8444 --cache-ttl 100ms" \
+  /usr/local/bin/enclave-run.sh
+check "the second enclave server (vsock 5006, via vsock 8000) is up" wait_for 20 vsock_listening 5006
+check "the service is still not started (nothing connected to 8000)" state_is "$DEFAULT" inactive
+check "the first connection is served: the chain through vsock 8000 answers" answered socket 5006
+note "reply: $(head -c 120 "$W/socket.out") $(cat "$W/socket.err")"
+check "that connection started $DEFAULT (active)" state_is "$DEFAULT" active
+check "it took the socket from systemd (socket activation), not a bind of its own" \
+  wait_log 10 "$DEFAULT" 'using the sockets passed by systemd \(socket activation\)' 1
+check "it filled kms.{region}.{domain} from the metadata stand-in (IMDSv2 token, then region and domain)" \
+  eval 'jlog "$DEFAULT" | grep -q "region=us-east-1 remote=kms.us-east-1.amazonaws.com" &&
+    grep -q "^PUT /latest/api/token" "$W/imds.log" && grep -q "^GET /latest/meta-data/placement/region token=tier2-session-token" "$W/imds.log"'
+check "exactly one connection, relayed to 192.0.2.10:443, completed" \
+  eval 'wait_log 10 "$DEFAULT" "peer=vsock:1:[0-9]+ upstream=192\.0\.2\.10:443\}: connection closed .*end=completed" 1 &&
+    (($(jcount "$DEFAULT" "connection closed") == 1))'
+sandbox_facts "$DEFAULT"
+check "no warnings or errors from $DEFAULT" eval '[ -z "$(jlog "$DEFAULT" -p warning)" ]'
+# All three shipped units have been loaded by now: systemd reports a problem in a unit file as a
+# warning naming FILE:LINE.
+check "systemd reported no problem in the shipped unit files" \
+  eval '! journalctl -q -b -p warning -o cat | grep -E "nitro-vsock-proxy[^ ]*\.(service|socket):[0-9]+:"'
+
+# ---------------------------------------------------------------------------------------------
+section "upgrade: rpm -U to release 2 restarts the running services"
+systemctl start "$INSTANCE"
+check "the instance runs again and answers" eval 'state_is "$INSTANCE" active && answered before-upgrade 5005'
+echo "# edited by the operator before the upgrade" >>"$CONF"
+instance_pid=$(pid_of "$INSTANCE")
+default_pid=$(pid_of "$DEFAULT")
+note "before: $(rpm -q nitro-vsock-proxy); $INSTANCE pid $instance_pid, $DEFAULT pid $default_pid"
+note "upgrading to $RPM2"
+rc=0
+rpm -U --nodeps "$RPM2" 2>"$W/rpm-U.err" || rc=$?
+check "rpm -U --nodeps succeeds silently" eval '((rc == 0)) && [ -z "$(strip_rpm_notes "$W/rpm-U.err")" ]'
+strip_rpm_notes "$W/rpm-U.err"
+check "release 2 is installed" eval '[[ $(rpm -q nitro-vsock-proxy) == nitro-vsock-proxy-*-2.* ]]'
+note "after: $(rpm -q nitro-vsock-proxy)"
+check "the upgrade restarted $INSTANCE (new MainPID, active)" \
+  eval 'state_is "$INSTANCE" active && [[ $(pid_of "$INSTANCE") != "$instance_pid" ]]'
+check "the upgrade restarted $DEFAULT (new MainPID, active)" \
+  eval 'state_is "$DEFAULT" active && [[ $(pid_of "$DEFAULT") != "$default_pid" ]]'
+check "the socket unit is still listening" eval 'state_is "$SOCKET" active && vsock_listening 8000'
+check "traffic flows after the upgrade: the workshop chain answers" answered after-upgrade 5005
+check "... and the chain through the socket-activated service answers" answered after-upgrade-kms 5006
+check "the operator's edit of workshop.yaml survived the upgrade (%config(noreplace))" \
+  grep -q 'edited by the operator' "$CONF"
+check "no .rpmnew/.rpmsave from the upgrade (the packaged file did not change)" \
+  eval '! ls /etc/nitro-vsock-proxy/*.rpmnew /etc/nitro-vsock-proxy/*.rpmsave 2>/dev/null'
+
+# ---------------------------------------------------------------------------------------------
+# %preun runs `systemctl --no-reload disable --now nitro-vsock-proxy.service
+# nitro-vsock-proxy.socket 'nitro-vsock-proxy@*.service'`; systemctl disable takes no pattern.
+section "erase: rpm -e stops everything and removes it, keeping the edited config as .rpmsave"
+note "running before: $(count_processes) nitro-vsock-proxy processes"
+rc=0
+rpm -e --nodeps nitro-vsock-proxy 2>"$W/rpm-e.err" || rc=$?
+check "rpm -e succeeds silently" eval '((rc == 0)) && [ -z "$(strip_rpm_notes "$W/rpm-e.err")" ]'
+strip_rpm_notes "$W/rpm-e.err"
+check "rpm -e stopped the running instance $INSTANCE" eval '! systemctl -q is-active "$INSTANCE"'
+systemctl --no-pager list-units --all --plain --no-legend 'nitro-vsock-proxy*' | sed 's/^/   left: /'
+for link in /etc/systemd/system/*.wants/nitro-vsock-proxy*; do
+  [ -L "$link" ] && note "left: enablement link $link -> $(readlink "$link")"
+done
+check "rpm -e stopped $DEFAULT and $SOCKET" eval '! systemctl -q is-active "$DEFAULT" "$SOCKET"'
+check "no nitro-vsock-proxy process is left" eval '(($(count_processes) == 0))'
+check "vsock ports 8000 and 8001 no longer listen" eval '! vsock_listening 8000 && ! vsock_listening 8001'
+check "none of them ended failed" eval '! systemctl -q is-failed "$INSTANCE" "$DEFAULT" "$SOCKET"'
+check "the binary and the units are gone" \
+  eval '[ ! -e /usr/bin/nitro-vsock-proxy ] && ! ls /usr/lib/systemd/system/nitro-vsock-proxy* 2>/dev/null'
+check "systemd no longer knows the unit files (daemon-reload in %postun)" \
+  eval '[ -z "$(systemctl list-unit-files --no-legend "nitro-vsock-proxy*")" ]'
+check "the edited workshop.yaml is kept as workshop.yaml.rpmsave" \
+  grep -q 'edited by the operator' "$CONF.rpmsave"
+check "the unedited configuration files are removed" \
+  eval '[ ! -e /etc/nitro-vsock-proxy/workshop.env ] && [ ! -e /etc/nitro-vsock-proxy/vsock-proxy.yaml ]'
+check "rpm no longer lists the package" eval '! rpm -q nitro-vsock-proxy >/dev/null'
+
+# ---------------------------------------------------------------------------------------------
+echo
+if ((failed > 0)); then
+  dump_diagnostics
+fi
+echo "tier2: $passed passed, $failed failed"
+((failed == 0))
