@@ -26,53 +26,23 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Shutdown};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::dns::TestDns;
 use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::Proxy;
 use common::upstream::{echo_server, response_server, sink_source_server, PatternGen};
+use common::vm::in_vm;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_LOCAL};
-
-/// Set to `1` by the VM's `/init` (tests/vm/init-tier1); absent on the host.
-const VM_ENV: &str = "NVP_VM_TIER";
-
-/// Printed (once) when the tests run outside the VM. tests/vm/run.sh fails the run if it sees
-/// this text on the VM's console, so the gate cannot silently skip the tests there.
-const SKIP_MESSAGE: &str = "vsock_vm: SKIPPED on this host: real AF_VSOCK needs the test VM \
-                            (run `make vm-test`); the host has no vsock loopback";
 
 const DNS_ADDR: &str = "127.0.0.1:53";
 
 /// Generous: everything runs under software CPU emulation.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Whether this process runs inside the test VM. On the host: prints [`SKIP_MESSAGE`] once
-/// (straight to stderr, past libtest's output capture) and returns false.
-///
-/// # Panics
-/// If the VM marker is set but the vsock loopback transport is not loaded: that is not the test
-/// VM, and connecting to vsock there could reach a real hypervisor.
-fn in_vm() -> bool {
-    static SKIP: Once = Once::new();
-    if std::env::var(VM_ENV).as_deref() != Ok("1") {
-        SKIP.call_once(|| {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "{SKIP_MESSAGE}");
-        });
-        return false;
-    }
-    assert!(
-        std::path::Path::new("/sys/module/vsock_loopback").exists(),
-        "{VM_ENV}=1 but the vsock_loopback module is not loaded: this is not the test VM \
-         (tests/vm/init-tier1 loads it); refusing to use vsock here"
-    );
-    true
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -205,7 +175,7 @@ async fn round_trip(port: u32, msg: &[u8]) -> (Vec<u8>, u32) {
 #[test]
 fn vsock_loopback_transport_works_without_the_daemon() {
     // Checks the VM itself, so a failure of the daemon tests cannot be the transport's.
-    if !in_vm() {
+    if !in_vm("vsock_vm") {
         return;
     }
     run_in_netns(|| async {
@@ -234,7 +204,7 @@ fn vsock_loopback_transport_works_without_the_daemon() {
 
 #[test]
 fn allowed_connection_is_relayed_and_logged_with_its_vsock_peer() {
-    if !in_vm() {
+    if !in_vm("vsock_vm") {
         return;
     }
     run_in_netns(|| async {
@@ -274,7 +244,7 @@ fn allowed_connection_is_relayed_and_logged_with_its_vsock_peer() {
 
 #[test]
 fn denied_connections_are_closed_and_logged_with_their_vsock_peer() {
-    if !in_vm() {
+    if !in_vm("vsock_vm") {
         return;
     }
     run_in_netns(|| async {
@@ -340,7 +310,7 @@ fn denied_connections_are_closed_and_logged_with_their_vsock_peer() {
 
 #[test]
 fn half_close_over_vsock_lets_the_response_through() {
-    if !in_vm() {
+    if !in_vm("vsock_vm") {
         return;
     }
     run_in_netns(|| async {
@@ -387,7 +357,7 @@ fn half_close_over_vsock_lets_the_response_through() {
 
 #[test]
 fn sixty_four_mib_each_way_over_vsock_arrive_intact() {
-    if !in_vm() {
+    if !in_vm("vsock_vm") {
         return;
     }
     run_in_netns(|| async {
@@ -477,7 +447,7 @@ fn hex(bytes: &[u8]) -> String {
 
 #[test]
 fn two_hundred_concurrent_vsock_connections() {
-    if !in_vm() {
+    if !in_vm("vsock_vm") {
         return;
     }
     run_in_netns(|| async {
@@ -560,7 +530,7 @@ fn two_hundred_concurrent_vsock_connections() {
 
 #[test]
 fn max_connections_closes_excess_vsock_connections_at_once_and_recovers() {
-    if !in_vm() {
+    if !in_vm("vsock_vm") {
         return;
     }
     run_in_netns(|| async {
@@ -639,7 +609,7 @@ fn max_connections_closes_excess_vsock_connections_at_once_and_recovers() {
 /// arrive, so none is accepted until all are queued.
 #[test]
 fn a_burst_of_connects_while_the_daemon_is_busy_is_queued_not_reset() {
-    if !in_vm() {
+    if !in_vm("vsock_vm") {
         return;
     }
     run_in_netns(|| async {

@@ -29,7 +29,7 @@ mod support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::Once;
+
 use std::time::{Duration, Instant};
 
 use nitro_vsock_proxy::endpoint::Endpoint;
@@ -39,44 +39,14 @@ use support::chain::{
 use support::dns::TestDns;
 use support::netns::{self, run_in_netns};
 use support::process::{proxy_bin, run, Output, Proc, APP};
+use support::vm::in_vm;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Set to `1` by the VM's `/init` (tests/vm/init-tier1); absent on the host.
-const VM_ENV: &str = "NVP_VM_TIER";
-
-/// Printed (once) when the tests run outside the VM. tests/vm/run.sh fails the run if it sees
-/// this text on the VM's console, so the gate cannot silently skip the tests there.
-const SKIP_MESSAGE: &str = "vsock_chain: SKIPPED on this host: real AF_VSOCK needs the test VM \
-                            (run `make vm-test`); the host has no vsock loopback";
 
 /// VMADDR_CID_LOCAL: the only CID these tests connect to.
 const LOCAL_CID: u32 = 1;
 
 /// How long to wait for a process to log what it must log (generous: the VM may be emulated).
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Whether this process runs inside the test VM. On the host: prints [`SKIP_MESSAGE`] once
-/// (straight to stderr, past libtest's output capture) and returns false.
-///
-/// # Panics
-/// If the VM marker is set but the vsock loopback transport is not loaded: that is not the test
-/// VM, and connecting to vsock there could reach a real hypervisor.
-fn in_vm() -> bool {
-    static SKIP: Once = Once::new();
-    if std::env::var(VM_ENV).as_deref() != Ok("1") {
-        SKIP.call_once(|| {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "{SKIP_MESSAGE}");
-        });
-        return false;
-    }
-    assert!(
-        std::path::Path::new("/sys/module/vsock_loopback").exists(),
-        "{VM_ENV}=1 but the vsock_loopback module is not loaded: this is not the test VM \
-         (tests/vm/init-tier1 loads it); refusing to use vsock here"
-    );
-    true
-}
 
 /// What to start.
 struct Setup {
@@ -339,7 +309,7 @@ async fn raw_vsock_query(port: u32, query: &[u8]) -> Vec<u8> {
 
 #[test]
 fn the_chain_over_vsock_answers_s3_prefixes_through_the_allowlist() {
-    if !in_vm() {
+    if !in_vm("vsock_chain") {
         return;
     }
     run_in_netns(|| async {
@@ -424,7 +394,7 @@ fn the_chain_over_vsock_answers_s3_prefixes_through_the_allowlist() {
 
 #[test]
 fn an_endpoint_outside_the_allowlist_gives_an_error_reply_over_vsock() {
-    if !in_vm() {
+    if !in_vm("vsock_chain") {
         return;
     }
     run_in_netns(|| async {

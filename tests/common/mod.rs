@@ -16,6 +16,7 @@ pub mod dns;
 pub mod netns;
 pub mod proxy;
 pub mod upstream;
+pub mod vm;
 
 use std::time::{Duration, Instant};
 

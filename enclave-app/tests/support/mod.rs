@@ -15,6 +15,8 @@
 pub mod dns;
 #[path = "../../../tests/common/netns.rs"]
 pub mod netns;
+#[path = "../../../tests/common/vm.rs"]
+pub mod vm;
 
 pub mod chain;
 pub mod process;

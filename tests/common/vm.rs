@@ -1,0 +1,37 @@
+//! The gate of the tests that need real AF_VSOCK: they do their work only inside the test VM
+//! (tests/vm/, `make vm-test`), whose `/init` sets `NVP_VM_TIER=1` and loads `vsock_loopback`.
+//! On the host they print that they were skipped; tests/vm/run.sh fails a VM run whose console
+//! shows that text, so the gate cannot silently skip them where they must run.
+
+use std::sync::Once;
+
+/// Set to `1` by the VM's `/init` (tests/vm/init-tier1); absent on the host.
+pub const VM_ENV: &str = "NVP_VM_TIER";
+
+/// Whether this process runs inside the test VM. On the host: prints, once per test program,
+/// "`program`: SKIPPED on this host: ..." (straight to stderr, past libtest's output capture)
+/// and returns false.
+///
+/// # Panics
+/// If the VM marker is set but the vsock loopback transport is not loaded: that is not the test
+/// VM, and connecting to vsock there could reach a real hypervisor.
+pub fn in_vm(program: &str) -> bool {
+    static SKIP: Once = Once::new();
+    if std::env::var(VM_ENV).as_deref() != Ok("1") {
+        SKIP.call_once(|| {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "{program}: SKIPPED on this host: real AF_VSOCK needs the test VM \
+                 (run `make vm-test`); the host has no vsock loopback"
+            );
+        });
+        return false;
+    }
+    assert!(
+        std::path::Path::new("/sys/module/vsock_loopback").exists(),
+        "{VM_ENV}=1 but the vsock_loopback module is not loaded: this is not the test VM \
+         (tests/vm/init-tier1 loads it); refusing to use vsock here"
+    );
+    true
+}
