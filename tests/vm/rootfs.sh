@@ -23,8 +23,8 @@
 # Nothing test-specific: run.sh tier2 appends the per-run payload (the RPMs, enclave-app, the test
 # units and checks from tests/vm/tier2/) as a second cpio archive, which the kernel unpacks over
 # this one. Needs root (debootstrap, chroot, file ownership) and the host's debootstrap
-# (scripts/install-deps.sh installs it). Environment: VM_DEBIAN_MIRROR (default
-# http://deb.debian.org/debian).
+# (scripts/install-deps.sh installs it). Environment: VM_DEBIAN_MIRROR (default: the Debian 12
+# archive this machine's apt is configured with).
 set -euo pipefail
 # shellcheck source=tests/vm/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -40,7 +40,12 @@ source "$(dirname "$0")/lib.sh"
 #                              through its sandbox, and the tests change answers with SIGHUP
 #   socat                      raw vsock clients (VSOCK-CONNECT) and a slow TCP upstream
 PACKAGES=(systemd-sysv udev kmod rpm procps iproute2 dnsmasq-base socat)
-MIRROR=${VM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The archive apt already uses here (its bookworm main index), so no address is written down.
+# shellcheck disable=SC2016 # $(URI) is apt-get's format, not a shell expansion
+MIRROR=${VM_DEBIAN_MIRROR:-$(apt-get indextargets --format '$(URI)' 'Created-By: Packages' 2>/dev/null |
+  grep -m1 '/dists/bookworm/main/binary-amd64/' | sed 's,/dists/.*,,' || true)}
+[[ -n $MIRROR ]] || vm_die "no Debian 12 (bookworm) main archive in this machine's apt sources: \
+set VM_DEBIAN_MIRROR to one for debootstrap"
 
 [[ -f $VM_CACHE_STAMP ]] || "$VM_DIR/fetch.sh"
 vm_load_cache
