@@ -124,14 +124,11 @@ fn kms_endpoint_of_the_instance_region_with_the_shipped_allowlist() {
             "{}",
             proxy.logs()
         );
-        let mut c = connect(LISTEN).await;
-        c.write_all(b"to KMS in Beijing").await.unwrap();
-        c.shutdown().await.unwrap();
-        let mut reply = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut reply))
+        let reply = connect(LISTEN)
             .await
-            .unwrap()
-            .unwrap();
+            .round_trip(b"to KMS in Beijing", Duration::from_secs(10))
+            .await
+            .expect("no reply through the proxy");
         assert_eq!(reply, b"to KMS in Beijing");
         assert_eq!(up.accepted(), 1);
 

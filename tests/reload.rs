@@ -14,7 +14,6 @@ use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::{connect, Proxy};
 use common::upstream::response_server;
 use systemd_support::wait_for_count;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LISTEN: &str = "tcp:127.0.0.1:8001";
 const WAIT: Duration = Duration::from_secs(10);
@@ -25,14 +24,11 @@ fn ip(s: &str) -> IpAddr {
 
 /// Which upstream answered a request through the proxy ("" when the proxy closed it).
 async fn who_answers() -> String {
-    let mut c = connect(LISTEN).await;
-    c.write_all(b"who?").await.unwrap();
-    c.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    tokio::time::timeout(WAIT, c.read_to_end(&mut reply))
+    let reply = connect(LISTEN)
         .await
-        .expect("no answer through the proxy")
-        .unwrap();
+        .round_trip(b"who?", WAIT)
+        .await
+        .expect("no answer through the proxy");
     String::from_utf8(reply).unwrap()
 }
 

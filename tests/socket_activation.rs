@@ -16,7 +16,7 @@ use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::{connect, is_listening, PROXY_BIN};
 use common::upstream::echo_server;
 use systemd_support::{Daemon, NotifySocket};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -48,15 +48,11 @@ fn activate(listen: &[&str], datagram: bool, env: &[(&str, &str)], proxy_args: &
 }
 
 async fn round_trip(listen: &str, msg: &[u8]) -> Vec<u8> {
-    let mut c = connect(listen).await;
-    c.write_all(msg).await.unwrap();
-    c.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    tokio::time::timeout(WAIT, c.read_to_end(&mut reply))
+    connect(listen)
+        .await
+        .round_trip(msg, WAIT)
         .await
         .expect("no reply through the proxy")
-        .unwrap();
-    reply
 }
 
 #[test]

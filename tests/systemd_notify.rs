@@ -15,7 +15,7 @@ use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::{connect, is_listening, Proxy, PROXY_BIN};
 use common::upstream::echo_server;
 use systemd_support::{Daemon, NotifySocket};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const LISTEN: &str = "tcp:127.0.0.1:8001";
 const WAIT: Duration = Duration::from_secs(10);
@@ -38,15 +38,11 @@ fn args(config: &str) -> Vec<String> {
 }
 
 async fn echo_once(msg: &[u8]) -> Vec<u8> {
-    let mut c = connect(LISTEN).await;
-    c.write_all(msg).await.unwrap();
-    c.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    tokio::time::timeout(WAIT, c.read_to_end(&mut reply))
+    connect(LISTEN)
+        .await
+        .round_trip(msg, WAIT)
         .await
         .expect("no reply through the proxy")
-        .unwrap();
-    reply
 }
 
 #[test]
