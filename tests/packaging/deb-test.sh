@@ -7,13 +7,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 
-passed=0
-failed=0
-pass() { echo "PASS $*"; passed=$((passed + 1)); }
-fail() { echo "FAIL $*"; failed=$((failed + 1)); }
-check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; fi; }
+# shellcheck source=tests/packaging/lib.sh
+source tests/packaging/lib.sh
 
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+version=$(cargo_version)
 deb=target/deb/nitro-vsock-proxy_${version}-1_amd64.deb
 if [[ ! -f $deb ]]; then
   echo "FAIL no $deb: run 'make deb' first"
@@ -57,10 +54,9 @@ grep -E '^(E|W): ' <<<"$lint" | sed 's/^/    /'
 
 root=$(mktemp -d)
 trap 'rm -rf "$root" "$root.err"' EXIT
-mkdir -p "$root/bin" "$root/var/lib/dpkg/info" "$root/var/lib/dpkg/updates"
+busybox_root "$root"
+mkdir -p "$root/var/lib/dpkg/info" "$root/var/lib/dpkg/updates"
 touch "$root/var/lib/dpkg/status"
-cp /bin/busybox "$root/bin/busybox"
-ln -s busybox "$root/bin/sh"
 dpkgroot=(--root="$root" --force-depends --log=/dev/null)
 if dpkg "${dpkgroot[@]}" -i "$deb" >/dev/null 2>"$root.err"; then
   pass "dpkg -i into a throwaway root; maintainer scripts succeed"
@@ -69,11 +65,7 @@ else
 fi
 
 bin="$root/usr/bin/nitro-vsock-proxy"
-max_glibc=$(objdump -T "$bin" 2>/dev/null | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -n 1)
-check "highest GLIBC symbol version needed is ${max_glibc:-?} (<= 2.34)" \
-  [ -n "$max_glibc" ] && [ "$(printf '%s\n%s\n' "$max_glibc" 2.34 | sort -V | tail -n 1)" = 2.34 ]
-out=$("$bin" --version 2>&1)
-check "installed binary runs: '$out'" [ "$out" = "nitro-vsock-proxy $version" ]
+check_installed_binary "$bin" "$version"
 
 echo "# edited by the operator" >>"$root/etc/nitro-vsock-proxy/workshop.yaml"
 if dpkg "${dpkgroot[@]}" -r nitro-vsock-proxy >/dev/null 2>"$root.err"; then
@@ -87,5 +79,4 @@ check "the edited conffile stays after dpkg -r (removed only on purge)" \
 dpkg "${dpkgroot[@]}" -P nitro-vsock-proxy >/dev/null 2>&1
 check "dpkg -P purges the configuration" [ ! -e "$root/etc/nitro-vsock-proxy/workshop.yaml" ]
 
-echo "$passed passed, $failed failed"
-[[ $failed -eq 0 ]]
+summary

@@ -11,13 +11,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 
-passed=0
-failed=0
-pass() { echo "PASS $*"; passed=$((passed + 1)); }
-fail() { echo "FAIL $*"; failed=$((failed + 1)); }
-check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; fi; }
+# shellcheck source=tests/packaging/lib.sh
+source tests/packaging/lib.sh
 
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+version=$(cargo_version)
 rpm_file=target/rpm/RPMS/x86_64/nitro-vsock-proxy-$version-1.x86_64.rpm
 [[ -f $rpm_file ]] || rpm_file=""
 if [[ -z $rpm_file ]]; then
@@ -91,9 +88,8 @@ grep -E ': (E|W): ' <<<"$lint" | sed 's/^/    /'
 # A throwaway root with only a shell (static busybox), so the scriptlets really run there.
 root=$(mktemp -d)
 trap 'rm -rf "$root" "$root.err"' EXIT
-mkdir -p "$root/bin" "$root/var/lib/rpm"
-cp /bin/busybox "$root/bin/busybox"
-ln -s busybox "$root/bin/sh"
+busybox_root "$root"
+mkdir -p "$root/var/lib/rpm"
 rpmroot=(--root "$root" --dbpath /var/lib/rpm --nodeps --noplugins)
 rpm --root "$root" --dbpath /var/lib/rpm --initdb
 # Debian's rpm wrapper prints a note about alien on every call: not ours to report.
@@ -105,12 +101,7 @@ else
 fi
 
 bin="$root/usr/bin/nitro-vsock-proxy"
-max_glibc=$(objdump -T "$bin" 2>/dev/null | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -n 1)
-check "highest GLIBC symbol version needed is ${max_glibc:-?} (<= 2.34 for Amazon Linux 2023)" \
-  [ -n "$max_glibc" ] && [ "$(printf '%s\n%s\n' "$max_glibc" 2.34 | sort -V | tail -n 1)" = 2.34 ]
-
-out=$("$bin" --version 2>&1)
-check "installed binary runs: '$out'" [ "$out" = "nitro-vsock-proxy $version" ]
+check_installed_binary "$bin" "$version"
 
 check "no stray files outside the package's paths" \
   [ -z "$(cd "$root" && find . -path ./var/lib/rpm -prune -o -path ./bin -prune -o -type f -print | sed 's,^\.,,' | grep -vxF -f <(echo "$actual"))" ]
@@ -125,5 +116,4 @@ fi
 check "the edited $conf is kept as .rpmsave" [ -f "$root$conf.rpmsave" ]
 check "the binary is gone after rpm -e" [ ! -e "$bin" ]
 
-echo "$passed passed, $failed failed"
-[[ $failed -eq 0 ]]
+summary
