@@ -25,7 +25,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Shutdown};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +32,7 @@ use common::dns::TestDns;
 use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::Proxy;
 use common::upstream::{echo_server, response_server, sink_source_server, PatternGen};
-use common::vm::in_vm;
+use common::vm::{in_vm, socket_domain};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_LOCAL};
@@ -72,29 +71,6 @@ async fn vsock_connect(port: u32) -> (VsockStream, u32) {
     );
     let local = stream.local_addr().expect("vsock local_addr");
     (stream, local.port())
-}
-
-/// The socket's address family (SO_DOMAIN), read from the kernel.
-fn socket_domain(sock: &impl AsRawFd) -> i32 {
-    let mut domain: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `domain`, which lives across the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut domain as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "getsockopt(SO_DOMAIN): {}",
-        std::io::Error::last_os_error()
-    );
-    domain
 }
 
 /// Starts the daemon listening on `listen` (a vsock listen address) for `remote`:443 with

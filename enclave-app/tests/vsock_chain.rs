@@ -28,7 +28,6 @@
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd};
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +38,7 @@ use support::chain::{
 use support::dns::TestDns;
 use support::netns::{self, run_in_netns};
 use support::process::{proxy_bin, run, Output, Proc, APP};
-use support::vm::in_vm;
+use support::vm::{in_vm, socket_domain};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// VMADDR_CID_LOCAL: the only CID these tests connect to.
@@ -256,29 +255,6 @@ async fn vsock_lines(proc: &Proc, needles: &[&str], n: usize) -> Vec<String> {
         proc.logs()
     );
     lines
-}
-
-/// The socket's address family (SO_DOMAIN), read from the kernel.
-fn socket_domain(sock: &impl AsFd) -> i32 {
-    let mut domain: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `domain`, which lives across the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut domain as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "getsockopt(SO_DOMAIN): {}",
-        std::io::Error::last_os_error()
-    );
-    domain
 }
 
 /// Sends `query` to the server on vsock 1:`port` from this process, as the workshop's client

@@ -3,6 +3,7 @@
 //! On the host they print that they were skipped; tests/vm/run.sh fails a VM run whose console
 //! shows that text, so the gate cannot silently skip them where they must run.
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Once;
 
 /// Set to `1` by the VM's `/init` (tests/vm/init-tier1); absent on the host.
@@ -34,4 +35,28 @@ pub fn in_vm(program: &str) -> bool {
          (tests/vm/init-tier1 loads it); refusing to use vsock here"
     );
     true
+}
+
+/// The socket's address family (SO_DOMAIN), read from the kernel: lets a test prove it used
+/// AF_VSOCK, so a fallback to a stand-in transport cannot pass it.
+pub fn socket_domain(sock: &impl AsFd) -> i32 {
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `domain`, which lives across the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "getsockopt(SO_DOMAIN): {}",
+        std::io::Error::last_os_error()
+    );
+    domain
 }
