@@ -23,15 +23,9 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn write_config(dir: &tempfile::TempDir, yaml: &str) -> String {
-    let path = dir.path().join("allowlist.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path.display().to_string()
-}
-
 /// Starts the proxy for `remote`:443 with `yaml`, asking our DNS server, and waits until it listens.
 async fn start_proxy(dir: &tempfile::TempDir, yaml: &str, remote: &str, extra: &[&str]) -> Proxy {
-    let config = write_config(dir, yaml);
+    let config = common::write_allowlist(dir, yaml);
     let mut args: Vec<String> = vec![
         LISTEN.into(),
         remote.into(),
@@ -177,7 +171,7 @@ fn not_allowlisted_remote_exits_2_naming_the_entries() {
     run_in_netns(|| async {
         let _dns = dns_with("other.test", &[ip("192.0.2.10")], 60).await;
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(
+        let config = common::write_allowlist(
             &dir,
             "allowlist:\n- {address: api.test, port: 443}\n- {address: api.test, port: 8443}\n",
         );
@@ -289,8 +283,9 @@ fn special_answer_is_denied(special: &str, listen_on: &str, kind_in_log: &str) {
             "{}",
             proxy.logs()
         );
+        // The reason also appears in an earlier DEBUG line: wait for the WARN line itself.
         assert!(
-            proxy.logs().contains("WARN"),
+            proxy.wait_for_log("WARN", Duration::from_secs(5)).await,
             "denials are logged at WARN:\n{}",
             proxy.logs()
         );
@@ -497,7 +492,8 @@ fn hosts_file_names_are_not_sent_to_dns() {
         std::fs::write(&hosts, "127.0.0.1 localhost\n192.0.2.10 api.test\n").unwrap();
         let resolv = dir.path().join("resolv.conf");
         std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
-        let config = write_config(&dir, "allowlist:\n- {address: api.test, port: 443}\n");
+        let config =
+            common::write_allowlist(&dir, "allowlist:\n- {address: api.test, port: 443}\n");
         let proxy = Proxy::spawn_with_bind_mounts(
             &[LISTEN, "api.test", "443", "--config", &config],
             &[(&hosts, "/etc/hosts"), (&resolv, "/etc/resolv.conf")],
@@ -519,7 +515,7 @@ fn hosts_file_names_are_not_sent_to_dns() {
                 "other.test",
                 "443",
                 "--config",
-                &write_config(&dir, "allowlist:\n- {address: other.test, port: 443}\n"),
+                &common::write_allowlist(&dir, "allowlist:\n- {address: other.test, port: 443}\n"),
             ],
             &[(&hosts, "/etc/hosts"), (&resolv, "/etc/resolv.conf")],
         );
