@@ -22,14 +22,13 @@ fn ip(s: &str) -> IpAddr {
 /// A proxy to 192.0.2.10:443 (an IP literal: these tests are about bytes, not DNS).
 async fn start_proxy(dir: &tempfile::TempDir, listen: &str, extra: &[&str]) -> Proxy {
     add_lo_addr(ip("192.0.2.10"));
-    let config = dir.path().join("allowlist.yaml");
-    std::fs::write(&config, "allowlist:\n- {address: 192.0.2.10, port: 443}\n").unwrap();
+    let config = common::write_allowlist(dir, common::UPSTREAM_ALLOWLIST);
     let mut args: Vec<String> = vec![
         listen.into(),
         "192.0.2.10".into(),
         "443".into(),
         "--config".into(),
-        config.display().to_string(),
+        config,
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let proxy = Proxy::spawn(&args);
@@ -342,9 +341,7 @@ fn accept_errors_from_emfile_back_off_and_service_continues() {
     run_in_netns(|| async {
         add_lo_addr(ip("192.0.2.10"));
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("allowlist.yaml");
-        std::fs::write(&config, "allowlist:\n- {address: 192.0.2.10, port: 443}\n").unwrap();
-        let config = config.display().to_string();
+        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
         // Room for the runtime's own descriptors and a few connections, then EMFILE.
         let proxy =
             Proxy::spawn_with_nofile_limit(&[LISTEN, "192.0.2.10", "443", "--config", &config], 32);

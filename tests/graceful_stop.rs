@@ -29,9 +29,7 @@ fn sigterm_during_a_64_mib_transfer_lets_it_complete_then_exits_0() {
     run_in_netns(|| async {
         add_lo_addr(ip("192.0.2.10"));
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("allowlist.yaml");
-        std::fs::write(&config, "allowlist:\n- {address: 192.0.2.10, port: 443}\n").unwrap();
-        let config = config.display().to_string();
+        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
         // A drain timeout far above the transfer time even on a slow, loaded machine: the test
         // is about completeness, not speed.
         let mut proxy = Proxy::spawn_with_env(

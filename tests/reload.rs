@@ -54,9 +54,8 @@ fn sighup_applies_a_changed_allowlist_and_keeps_the_old_one_when_the_new_is_bad(
         let b = response_server("192.0.2.20:443".parse().unwrap(), b"B".to_vec()).await;
 
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("allowlist.yaml");
-        std::fs::write(&config, "allowlist:\n- {address: 192.0.2.10, port: 443}\n").unwrap();
-        let path = config.display().to_string();
+        let path = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
+        let config = std::path::PathBuf::from(&path);
         let proxy = Proxy::spawn(&[
             LISTEN,
             "api.test",

@@ -24,12 +24,6 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn write_config(dir: &tempfile::TempDir) -> String {
-    let config = dir.path().join("allowlist.yaml");
-    std::fs::write(&config, "allowlist:\n- {address: 192.0.2.10, port: 443}\n").unwrap();
-    config.display().to_string()
-}
-
 /// `systemd-socket-activate -l ADDR... [-d] -E RUST_LOG=debug [-E NOTIFY_SOCKET=...] -- proxy ARGS`.
 fn activate(listen: &[&str], datagram: bool, env: &[(&str, &str)], proxy_args: &[&str]) -> Daemon {
     let mut cmd = Command::new("systemd-socket-activate");
@@ -61,7 +55,7 @@ fn passed_tcp_and_unix_listeners_both_carry_traffic() {
         add_lo_addr(ip("192.0.2.10"));
         let _up = echo_server("192.0.2.10:443".parse().unwrap()).await;
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(&dir);
+        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
         let sock = dir.path().join("proxy.sock");
         let tcp = "tcp:127.0.0.1:8001";
         let unix = format!("unix:{}", sock.display());
@@ -124,7 +118,7 @@ fn passed_tcp_and_unix_listeners_both_carry_traffic() {
 fn passed_vsock_listener_is_adopted_and_a_mismatched_listen_is_reported() {
     run_in_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(&dir);
+        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
         // A vsock port unlikely to be used by anything else on this machine (vsock has no
         // network namespaces). Nothing ever connects to it.
         let vsock_port = 40000 + (std::process::id() % 20000);
@@ -175,7 +169,7 @@ fn passed_vsock_listener_is_adopted_and_a_mismatched_listen_is_reported() {
 fn passed_datagram_socket_is_refused_with_exit_2() {
     run_in_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(&dir);
+        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
         let mut daemon = activate(
             &["127.0.0.1:8001"],
             true,

@@ -24,12 +24,6 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn write_config(dir: &tempfile::TempDir) -> String {
-    let config = dir.path().join("allowlist.yaml");
-    std::fs::write(&config, "allowlist:\n- {address: 192.0.2.10, port: 443}\n").unwrap();
-    config.display().to_string()
-}
-
 fn args(config: &str) -> Vec<String> {
     [LISTEN, "192.0.2.10", "443", "--config", config]
         .iter()
@@ -52,7 +46,7 @@ fn ready_after_bind_then_status_reload_and_stopping() {
         let _up = echo_server("192.0.2.10:443".parse().unwrap()).await;
         let dir = tempfile::tempdir().unwrap();
         let notify = NotifySocket::bind(dir.path());
-        let config = write_config(&dir);
+        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
         let mut proxy = Proxy::spawn_with_env(&args(&config), &[("NOTIFY_SOCKET", notify.path())]);
 
         // READY=1 arrives, and by then the listener is bound.
@@ -141,7 +135,7 @@ fn ready_after_bind_then_status_reload_and_stopping() {
 fn watchdog_pings_only_when_enabled_for_this_process() {
     run_in_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(&dir);
+        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
 
         // WATCHDOG_USEC=300ms: a ping at least every 150 ms, from start-up on.
         let notify = NotifySocket::bind(dir.path());
@@ -225,7 +219,7 @@ fn failed_start_up_sends_no_ready_but_a_failure_status() {
         // READY=1 must wait for the bind, not just for the configuration.
         let dir = tempfile::tempdir().unwrap();
         let notify = NotifySocket::bind(dir.path());
-        let config = write_config(&dir);
+        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
         let _taken = std::net::TcpListener::bind("127.0.0.1:8001").unwrap();
         let mut proxy = Proxy::spawn_with_env(&args(&config), &[("NOTIFY_SOCKET", notify.path())]);
         let status = proxy.wait_exit(WAIT).await.expect("did not exit");
@@ -251,7 +245,7 @@ fn failed_start_up_sends_no_ready_but_a_failure_status() {
 fn journal_stream_on_stderr_selects_priority_prefixed_lines() {
     run_in_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(&dir);
+        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
         // Nothing listens on 192.0.2.10:443 here: a connection is refused with a WARN line.
         add_lo_addr(ip("192.0.2.10"));
 

@@ -84,14 +84,13 @@ async fn start_daemon(
     remote: &str,
     extra: &[&str],
 ) -> Proxy {
-    let config = dir.path().join("allowlist.yaml");
-    std::fs::write(&config, yaml).unwrap();
+    let config = common::write_allowlist(dir, yaml);
     let mut args: Vec<String> = vec![
         listen.into(),
         remote.into(),
         "443".into(),
         "--config".into(),
-        config.display().to_string(),
+        config,
         "--nameserver".into(),
         DNS_ADDR.into(),
         "--dns-timeout".into(),

@@ -18,6 +18,16 @@ pub mod proxy;
 pub mod upstream;
 pub mod vm;
 
+/// The allowlist most tests use: the test upstream 192.0.2.10:443, by IP.
+pub const UPSTREAM_ALLOWLIST: &str = "allowlist:\n- {address: 192.0.2.10, port: 443}\n";
+
+/// Writes `yaml` as `allowlist.yaml` in `dir`; returns its path, for `--config`.
+pub fn write_allowlist(dir: &tempfile::TempDir, yaml: &str) -> String {
+    let path = dir.path().join("allowlist.yaml");
+    std::fs::write(&path, yaml).expect("cannot write the test allowlist");
+    path.display().to_string()
+}
+
 use std::time::{Duration, Instant};
 
 pub use dns::TestDns;
