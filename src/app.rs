@@ -1,56 +1,34 @@
 //! Start-up, reload and shutdown of the daemon: from parsed [`Options`] to an exit status.
 //!
-//! This module owns the order of start-up (signal handlers, configuration, REMOTE_ADDR from
-//! instance metadata if it is a template, REMOTE_ADDR check, resolver, file limit, listeners —
-//! passed by systemd or bound —, readiness, serve), the mapping of failures to exit statuses
-//! (2: usage or configuration, 1: fatal runtime error, 0: clean stop on SIGTERM/SIGINT), the
-//! allowlist reload on SIGHUP and what the service manager is told along the way (READY=1 only
-//! once the configuration is loaded and the listeners are bound, STATUS= with live counters,
+//! This module owns the order of start-up (signal handlers, configuration and routes —
+//! [`crate::check`] —, resolver, the check of every route, file limit, listeners — passed by
+//! systemd and matched to routes by listen address, or bound —, readiness, serve), the mapping of
+//! failures to exit statuses (2: usage or configuration, 1: fatal runtime error, 0: clean stop on
+//! SIGTERM/SIGINT), the reload on SIGHUP (allowlist and routes: new routes listen, removed ones
+//! stop accepting and drain, changed ones apply to new connections; an invalid file changes
+//! nothing) and what the service manager is told along the way (READY=1 only once the
+//! configuration is loaded and the listeners are bound, STATUS= with the routes and live totals,
 //! RELOADING=1/READY=1 around a reload, STOPPING=1 on SIGTERM, WATCHDOG=1 from the accept loop).
 
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::cli::{Options, RemoteAddr};
-use crate::config;
-use crate::dns::{Dns, DnsSettings, Family};
+use crate::check::{self, Fatal, Metadata};
+use crate::cli::Options;
+use crate::dns::Dns;
 use crate::endpoint::{Endpoint, Listener};
-use crate::policy::{Policy, Remote};
-use crate::server::{self, Counters, Heartbeat, ServerLimits, Shared};
+use crate::route::{self, Route, Settings};
+use crate::server::{self, Command, Heartbeat, Served, ServerLimits, Shared};
 use crate::systemd::Notifier;
-use crate::upstream::allowed_addresses;
 
 /// How often STATUS= is refreshed (only when it changed, only under a service manager).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
-
-/// A reason to stop before serving.
-#[derive(Debug)]
-pub enum Fatal {
-    /// The configuration (file or arguments) is wrong: exit status 2.
-    Config(String),
-    /// Something outside the configuration failed: exit status 1.
-    Runtime(String),
-}
-
-impl Fatal {
-    fn exit_code(&self) -> ExitCode {
-        match self {
-            Fatal::Config(_) => ExitCode::from(2),
-            Fatal::Runtime(_) => ExitCode::from(1),
-        }
-    }
-
-    fn message(&self) -> &str {
-        match self {
-            Fatal::Config(m) | Fatal::Runtime(m) => m,
-        }
-    }
-}
 
 /// Runs the daemon to completion.
 pub fn run(options: Options) -> ExitCode {
@@ -70,6 +48,11 @@ pub fn run(options: Options) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if options.check_config {
+        let status = runtime.block_on(check::check_config(&options));
+        runtime.shutdown_background();
+        return ExitCode::from(status);
+    }
     let result = runtime.block_on(serve(options, notifier.clone()));
     // Connections still open after the drain timeout must not hold the process up.
     runtime.shutdown_background();
@@ -78,7 +61,7 @@ pub fn run(options: Options) -> ExitCode {
         Err(fatal) => {
             notifier.status(&format!("failed: {}", fatal.message()));
             error!("{}", fatal.message());
-            fatal.exit_code()
+            ExitCode::from(fatal.exit_status())
         }
     }
 }
@@ -112,36 +95,14 @@ impl Signals {
 
 async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
     let signals = Signals::install();
-    let allowlist = config::load(&options.config).map_err(|e| Fatal::Config(e.to_string()))?;
-    let policy = Policy::new(allowlist);
-    let remote = match &options.remote_addr {
-        RemoteAddr::Fixed(remote) => remote.clone(),
-        RemoteAddr::Template(template) => {
-            let (remote, info) = crate::imds::fill_from_metadata(template, options.imds_endpoint)
-                .await
-                .map_err(Fatal::Runtime)?;
-            info!(region = %info.region, remote = %remote, "REMOTE_ADDR {template} filled from the instance metadata service");
-            remote
-        }
-    };
-    let family = match (options.ipv4, options.ipv6) {
-        (true, _) => Family::V4Only,
-        (_, true) => Family::V6Only,
-        _ => Family::Both,
-    };
-    let dns = Dns::new(&DnsSettings {
-        nameservers: options.nameservers.clone(),
-        family,
-        timeout: options.dns_timeout,
-    })
-    .map_err(Fatal::Runtime)?;
-
-    check_remote_is_allowlisted(&policy, &dns, &remote, options.remote_port, &options.config)
-        .await?;
+    let mut metadata = Metadata::new(options.imds_endpoint);
+    let loaded = check::load(&options, &mut metadata).await?;
+    let dns = Dns::new(&check::dns_settings(&options)).map_err(Fatal::Runtime)?;
+    check::check_routes(&loaded.policy, &dns, &loaded.routes, &options.config).await?;
 
     match crate::rlimit::raise_nofile_limit() {
         Ok(limit) => {
-            let needed = u64::from(options.max_connections) * 2 + 32;
+            let needed = u64::from(options.max_connections) * 2 + 32 + loaded.routes.len() as u64;
             if limit < needed {
                 warn!(nofile = limit, needed, "the open-file limit is below what --max-connections needs; accepts may fail with EMFILE (raise LimitNOFILE= in the unit)");
             }
@@ -149,37 +110,45 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
         Err(e) => warn!("cannot raise the open-file limit: {e}"),
     }
 
-    let (listeners, bound_unix) = listen(&options.listen).await?;
-    let listening: Vec<String> = listeners
+    let routes: Vec<Arc<Route>> = loaded
+        .routes
+        .into_iter()
+        .map(|settings| Arc::new(Route::new(settings)))
+        .collect();
+    let served = listen(&routes).await?;
+    let listening: Vec<String> = served
         .iter()
-        .map(|l| {
-            l.local_endpoint()
+        .map(|s| {
+            s.listener
+                .local_endpoint()
                 .map(|e| e.to_string())
-                .unwrap_or_else(|_| options.listen.to_string())
+                .unwrap_or_else(|_| s.route.listen.to_string())
         })
         .collect();
-    let listening = listening.join(" ");
+    for route in &routes {
+        let settings = route.settings();
+        info!(
+            route = %route.listen,
+            remote = %settings.target,
+            max_connections = settings.max_connections,
+            idle_timeout = settings.idle_timeout.map(|d| humantime::format_duration(d).to_string()),
+            from = %settings.spec.origin,
+            "serving route"
+        );
+    }
+    let allowlist_entries = loaded.policy.entries().len();
+    let shared = Arc::new(Shared::new(loaded.policy, dns, options.connect_timeout));
+    shared.replace_routes(routes);
     info!(
-        listen = %listening,
-        remote = %remote,
-        port = options.remote_port,
-        allowlist_entries = policy.entries().len(),
+        listen = %listening.join(" "),
+        routes = listening.len(),
+        allowlist_entries,
         config = %options.config.display(),
         max_connections = options.max_connections,
         "nitro-vsock-proxy {} listening", env!("CARGO_PKG_VERSION")
     );
 
-    let shared = Arc::new(Shared {
-        policy: RwLock::new(Arc::new(policy)),
-        dns,
-        remote,
-        remote_port: options.remote_port,
-        connect_timeout: options.connect_timeout,
-        idle_timeout: options.idle_timeout,
-        counters: Counters::default(),
-    });
     let status = StatusLine {
-        prefix: format!("{listening} -> {}:{}", shared.remote, shared.remote_port),
         shared: shared.clone(),
     };
     notifier.ready(&status.render());
@@ -188,13 +157,18 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
         Some(Signals { term, int, hup }) => (Some((term, int)), Some(hup)),
         None => (None, None),
     };
+    let (commands, command_queue) = mpsc::unbounded_channel();
     let reloader = hup.map(|hup| {
         tokio::spawn(reload_on_sighup(
             hup,
-            options.config.clone(),
-            shared.clone(),
-            notifier.clone(),
-            status.clone(),
+            Reloader {
+                options: options.clone(),
+                metadata,
+                shared: shared.clone(),
+                commands,
+                notifier: notifier.clone(),
+                status: status.clone(),
+            },
         ))
     });
     let status_task = notifier
@@ -229,11 +203,15 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
             notifier.stopping(&format!("stopping ({name}): {}", status.render()));
         }
     };
-    let left = server::serve(listeners, shared.clone(), limits, shutdown, heartbeat).await;
-    // A socket file systemd created stays: it belongs to the .socket unit.
-    if let Some(path) = bound_unix {
-        let _ = std::fs::remove_file(path);
-    }
+    let left = server::serve(
+        served,
+        shared.clone(),
+        limits,
+        command_queue,
+        shutdown,
+        heartbeat,
+    )
+    .await;
     info!(
         accepted = shared.counters.accepted.load(Ordering::Relaxed),
         denied = shared.counters.denied.load(Ordering::Relaxed),
@@ -243,59 +221,101 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
     Ok(())
 }
 
-/// The listeners: the sockets systemd passed (socket activation), or else LISTEN bound here.
-/// Also returns the unix socket path this process created, to remove at exit.
-async fn listen(endpoint: &Endpoint) -> Result<(Vec<Listener>, Option<std::path::PathBuf>), Fatal> {
+/// Binds `endpoint` for a route; also returns the unix socket file this process created, to
+/// remove when the route stops.
+async fn bind(endpoint: &Endpoint) -> Result<(Listener, Option<std::path::PathBuf>), String> {
+    let listener = endpoint.bind().await.map_err(|e| {
+        format!("cannot listen on {endpoint}: {e} (is another proxy already using it?)")
+    })?;
+    let socket_file = match endpoint {
+        Endpoint::Unix(path) => Some(path.clone()),
+        _ => None,
+    };
+    Ok((listener, socket_file))
+}
+
+/// The listeners: each socket systemd passed (socket activation) serves the route with the same
+/// listen address; every other route's address is bound here. A passed socket that matches no
+/// route is a configuration error (the .socket unit and the routes disagree).
+async fn listen(routes: &[Arc<Route>]) -> Result<Vec<Served>, Fatal> {
     let passed = crate::systemd::take_listen_fds().map_err(Fatal::Config)?;
-    if passed.is_empty() {
-        let listener = endpoint.bind().await.map_err(|e| {
-            Fatal::Runtime(format!(
-                "cannot listen on {endpoint}: {e} (is another proxy already using it?)"
-            ))
-        })?;
-        let bound_unix = match endpoint {
-            Endpoint::Unix(path) => Some(path.clone()),
-            _ => None,
-        };
-        return Ok((vec![listener], bound_unix));
-    }
-    let listeners = passed
+    let adopted = passed
         .into_iter()
         .map(Listener::from_passed_fd)
         .collect::<Result<Vec<_>, _>>()
         .map_err(Fatal::Config)?;
-    let addresses: Vec<Option<Endpoint>> =
-        listeners.iter().map(|l| l.local_endpoint().ok()).collect();
-    let shown: Vec<String> = addresses
-        .iter()
-        .map(|a| a.as_ref().map_or_else(|| "?".to_owned(), |a| a.to_string()))
-        .collect();
-    if addresses.iter().flatten().any(|a| a == endpoint) {
-        info!(sockets = %shown.join(" "), "using the sockets passed by systemd (socket activation)");
-    } else {
-        warn!(
-            sockets = %shown.join(" "),
-            listen = %endpoint,
-            "LISTEN is not among the sockets passed by systemd; serving on the passed sockets \
-             (make the .socket unit's ListenStream= and LISTEN agree)"
-        );
+    let mut served: Vec<Served> = Vec::new();
+    let activated = !adopted.is_empty();
+    for listener in adopted {
+        let at = listener.local_endpoint().ok();
+        let route = at
+            .as_ref()
+            .and_then(|at| routes.iter().find(|r| &r.listen == at));
+        match route {
+            Some(route) if !served.iter().any(|s| s.route.listen == route.listen) => {
+                served.push(Served {
+                    listener,
+                    route: route.clone(),
+                    socket_file: None,
+                })
+            }
+            _ => {
+                let shown = at.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
+                let listens: Vec<String> = routes.iter().map(|r| r.listen.to_string()).collect();
+                return Err(Fatal::Config(format!(
+                    "systemd passed a socket listening on {shown} (socket activation), but no                      route listens there (the routes listen on {}); make the .socket unit's                      ListenStream= name a route's listen address, or add a route with that                      listen address (LISTEN on the command line, or `listen:` in `routes:`)",
+                    listens.join(", ")
+                )));
+            }
+        }
     }
-    Ok((listeners, None))
+    if activated {
+        let shown: Vec<String> = served.iter().map(|s| s.route.listen.to_string()).collect();
+        info!(sockets = %shown.join(" "), "using the sockets passed by systemd (socket activation)");
+    }
+    for route in routes {
+        if served.iter().any(|s| s.route.listen == route.listen) {
+            continue;
+        }
+        if activated {
+            info!(route = %route.listen, "no socket passed by systemd for this route; listening on it here");
+        }
+        let (listener, socket_file) = bind(&route.listen).await.map_err(Fatal::Runtime)?;
+        served.push(Served {
+            listener,
+            route: route.clone(),
+            socket_file,
+        });
+    }
+    Ok(served)
 }
 
-/// The STATUS= text: where, to where, and the live counters.
+/// The STATUS= text: the routes and the live totals.
 #[derive(Clone)]
 struct StatusLine {
-    prefix: String,
     shared: Arc<Shared>,
 }
 
+/// STATUS= names at most this many routes, then says how many more.
+const STATUS_ROUTES_SHOWN: usize = 4;
+
 impl StatusLine {
     fn render(&self) -> String {
+        let routes = self.shared.routes();
+        let mut shown: Vec<String> = routes
+            .iter()
+            .take(STATUS_ROUTES_SHOWN)
+            .map(|r| r.settings().to_string())
+            .collect();
+        if routes.len() > STATUS_ROUTES_SHOWN {
+            shown.push(format!("{} more", routes.len() - STATUS_ROUTES_SHOWN));
+        }
         let c = &self.shared.counters;
         format!(
-            "{}; {} open, {} accepted, {} denied, {} over the limit",
-            self.prefix,
+            "{} route{}: {}; {} open, {} accepted, {} denied, {} over the limit",
+            routes.len(),
+            if routes.len() == 1 { "" } else { "s" },
+            shown.join(", "),
             c.open.load(Ordering::Relaxed),
             c.accepted.load(Ordering::Relaxed),
             c.denied.load(Ordering::Relaxed),
@@ -320,101 +340,129 @@ async fn refresh_status(notifier: Arc<Notifier>, status: StatusLine) {
     }
 }
 
-/// Re-reads the allowlist on each SIGHUP. New connections use the new allowlist; connections
-/// already open keep the one they were checked against. A file that cannot be used (unreadable,
-/// invalid, or no longer allowing REMOTE_ADDR:REMOTE_PORT) leaves the current allowlist in
-/// place and is logged at ERROR with the file and line.
-async fn reload_on_sighup(
-    mut hup: Signal,
-    path: std::path::PathBuf,
+/// What a reload needs.
+struct Reloader {
+    options: Options,
+    metadata: Metadata,
     shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
     notifier: Arc<Notifier>,
     status: StatusLine,
-) {
+}
+
+/// Re-reads the configuration on each SIGHUP (see [`reload`]).
+async fn reload_on_sighup(mut hup: Signal, mut reloader: Reloader) {
     while hup.recv().await.is_some() {
-        notifier.reloading();
-        info!(config = %path.display(), "SIGHUP: reloading the allowlist");
-        let outcome = async {
-            let allowlist = config::load(&path).map_err(|e| e.to_string())?;
-            let policy = Policy::new(allowlist);
-            check_remote_is_allowlisted(
-                &policy,
-                &shared.dns,
-                &shared.remote,
-                shared.remote_port,
-                &path,
-            )
-            .await
-            .map_err(|e| e.message().to_owned())?;
-            Ok::<_, String>(policy)
-        }
-        .await;
-        match outcome {
-            Ok(policy) => {
-                let entries = policy.entries().len();
-                shared.replace_policy(policy);
-                info!(allowlist_entries = entries, config = %path.display(), "allowlist reloaded; new connections use it");
-                notifier.ready(&status.render());
+        reloader.notifier.reloading();
+        let path = reloader.options.config.display().to_string();
+        info!(config = %path, "SIGHUP: reloading the allowlist and the routes");
+        match reload(&mut reloader).await {
+            Ok(summary) => {
+                info!(config = %path, "allowlist reloaded; {summary}; new connections use them");
+                reloader.notifier.ready(&reloader.status.render());
             }
             Err(e) => {
-                error!("reload failed, keeping the previous allowlist: {e}");
-                notifier.ready(&format!(
-                    "reload failed, serving with the previous allowlist: {e}; {}",
-                    status.render()
+                error!("reload failed, keeping the previous allowlist and routes: {e}");
+                reloader.notifier.ready(&format!(
+                    "reload failed, serving with the previous configuration: {e}; {}",
+                    reloader.status.render()
                 ));
             }
         }
     }
 }
 
-/// As AWS's proxy does, refuse to start when REMOTE_ADDR:REMOTE_PORT is not allowlisted at all.
-/// A name allowlisted as such needs no DNS, so a DNS outage at boot does not stop the daemon. A
-/// DNS failure while checking a remote that only DNS can vouch for is a runtime error (exit 1, so
-/// systemd retries), not a configuration error.
-async fn check_remote_is_allowlisted(
-    policy: &Policy,
-    dns: &Dns,
-    remote: &Remote,
-    port: u16,
-    config_path: &std::path::Path,
-) -> Result<(), Fatal> {
-    if policy.allows_remote_statically(remote, port) {
-        return Ok(());
-    }
-    let via_dns = match remote {
-        // An IP literal is decided without DNS unless another entry's name vouches for it.
-        Remote::Ip(_) if policy.names_to_resolve(remote, port).is_empty() => Ok(false),
-        _ => allowed_addresses(policy, dns, remote, port)
-            .await
-            .map(|(allowed, _)| !allowed.is_empty()),
-    };
-    if let Ok(true) = via_dns {
-        info!(remote = %remote, "REMOTE_ADDR is allowed through the current DNS answers of allowlisted entries");
-        return Ok(());
-    }
-    let with_port: Vec<String> = policy
-        .entries_with_port(port)
+/// One reload. A file that cannot be used (unreadable, invalid, or with a route the allowlist
+/// does not allow) changes nothing: `Err`. Otherwise the new allowlist applies to new
+/// connections (open ones keep the one they were checked against), new routes start listening
+/// (one that cannot be bound is logged at ERROR and the rest applies), removed routes stop
+/// accepting and drain as on SIGTERM, changed routes apply to new connections.
+async fn reload(r: &mut Reloader) -> Result<String, String> {
+    let loaded = check::load(&r.options, &mut r.metadata)
+        .await
+        .map_err(|e| e.message().to_owned())?;
+    check::check_routes(
+        &loaded.policy,
+        &r.shared.dns,
+        &loaded.routes,
+        &r.options.config,
+    )
+    .await
+    .map_err(|e| e.message().to_owned())?;
+    let entries = loaded.policy.entries().len();
+    r.shared.replace_policy(loaded.policy);
+
+    let order: Vec<Endpoint> = loaded
+        .routes
         .iter()
-        .map(|e| e.to_string())
+        .map(|s| s.spec.listen.clone())
         .collect();
-    let entries = if with_port.is_empty() {
-        format!("no entry has port {port}")
-    } else {
-        format!("entries with port {port}: {}", with_port.join(", "))
-    };
-    match via_dns {
-        Err(e) => Err(Fatal::Runtime(format!(
-            "cannot tell whether {remote}:{port} is allowed by the allowlist in {}: {e}; \
-             {entries}. Check DNS, or add `- {{address: {remote}, port: {port}}}` so that no \
-             lookup is needed.",
-            config_path.display()
-        ))),
-        _ => Err(Fatal::Config(format!(
-            "{remote}:{port} is not allowed by the allowlist in {}; {entries}. \
-             Add `- {{address: {remote}, port: {port}}}` to allow it.",
-            config_path.display()
-        ))),
+    let current = r.shared.routes();
+    let current_settings: Vec<Arc<Settings>> = current.iter().map(|r| r.settings()).collect();
+    let plan = route::plan(&current_settings, loaded.routes);
+    let summary = plan.summary();
+    let mut serving: Vec<Arc<Route>> = current
+        .iter()
+        .filter(|r| !plan.removed.contains(&r.listen))
+        .cloned()
+        .collect();
+
+    for listen in &plan.removed {
+        let (done, closed) = oneshot::channel();
+        if r.commands
+            .send(Command::Remove(listen.clone(), done))
+            .is_ok()
+        {
+            let _ = closed.await;
+        }
+        if let Some(route) = current.iter().find(|r| &r.listen == listen) {
+            info!(route = %route.settings(), "route removed by reload: no longer accepting");
+            tokio::spawn(server::drain_removed_route(
+                route.clone(),
+                r.options.drain_timeout,
+            ));
+        }
     }
+    for settings in plan.changed {
+        if let Some(route) = current.iter().find(|r| r.listen == settings.spec.listen) {
+            info!(route = %route.listen, was = %route.settings().target, now = %settings.target, "route changed by reload: new connections use the new settings");
+            route.replace_settings(settings);
+        }
+    }
+    let mut unbound = Vec::new();
+    for settings in plan.added {
+        let listen = settings.spec.listen.clone();
+        match bind(&listen).await {
+            Ok((listener, socket_file)) => {
+                info!(route = %settings, from = %settings.spec.origin, "route added by reload");
+                let route = Arc::new(Route::new(settings));
+                let served = Served {
+                    listener,
+                    route: route.clone(),
+                    socket_file,
+                };
+                if r.commands.send(Command::Add(served)).is_ok() {
+                    serving.push(route);
+                }
+            }
+            Err(e) => {
+                error!(route = %settings, "new route not served: {e}; the rest of the reload applies");
+                unbound.push(listen.to_string());
+            }
+        }
+    }
+    serving.sort_by_key(|route| order.iter().position(|l| l == &route.listen));
+    r.shared.replace_routes(serving);
+    let unbound = if unbound.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " ({} could not be bound: {})",
+            unbound.len(),
+            unbound.join(", ")
+        )
+    };
+    Ok(format!("{entries} allowlist entries; {summary}{unbound}"))
 }
 
 /// Resolves on SIGTERM or SIGINT with the signal's name. Without handlers it never resolves (the

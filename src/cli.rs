@@ -1,8 +1,9 @@
 //! The command line, compatible with AWS's `vsock-proxy`.
 //!
 //! This module owns argument syntax and the checks that need nothing but the arguments. It turns
-//! `nitro-vsock-proxy [OPTIONS] <LISTEN> <REMOTE_ADDR> <REMOTE_PORT>` into [`Options`]; every
-//! mistake is a usage error (exit status 2) that says what to write instead.
+//! `nitro-vsock-proxy [OPTIONS] [<LISTEN> <REMOTE_ADDR> <REMOTE_PORT>]` into [`Options`]; every
+//! mistake is a usage error (exit status 2) that says what to write instead. The positional
+//! route is optional: without it, the routes come from the configuration file's `routes:`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -11,8 +12,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser, ValueEnum};
 
 use crate::endpoint::Endpoint;
-use crate::imds::RemoteTemplate;
-use crate::policy::Remote;
+use crate::remote::Remote;
 
 /// The default allowlist path, the same as AWS's.
 pub const DEFAULT_CONFIG: &str = "/etc/nitro_enclaves/vsock-proxy.yaml";
@@ -29,45 +29,36 @@ pub enum LogFormat {
     Journal,
 }
 
-/// REMOTE_ADDR: a fixed name or address, or a template filled from instance metadata.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RemoteAddr {
-    Fixed(Remote),
-    /// `kms.{region}.{domain}`: see [`crate::imds`].
-    Template(RemoteTemplate),
-}
-
-impl std::fmt::Display for RemoteAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RemoteAddr::Fixed(r) => r.fmt(f),
-            RemoteAddr::Template(t) => t.fmt(f),
-        }
-    }
-}
-
 /// Forwards each connection on a vsock port to one TCP endpoint, if and only if the allowlist
-/// allows the address it is about to connect to; checked on every connection.
-#[derive(Debug, Parser)]
+/// allows the address it is about to connect to; checked on every connection. One daemon serves
+/// the positional route and every route in the configuration file's `routes:`.
+#[derive(Clone, Debug, Parser)]
 #[command(name = "nitro-vsock-proxy", version, about, long_about = None)]
 pub struct Options {
     /// Where enclaves connect: a vsock port (8001 = any CID), vsock:CID:PORT, or the stand-ins
-    /// unix:PATH and tcp:IP:PORT.
-    #[arg(value_name = "LISTEN", value_parser = parse_listen)]
-    pub listen: Endpoint,
+    /// unix:PATH and tcp:IP:PORT. Leave out LISTEN REMOTE_ADDR REMOTE_PORT to serve only the
+    /// configuration file's routes.
+    #[arg(value_name = "LISTEN", value_parser = parse_listen, requires = "remote_addr")]
+    pub listen: Option<Endpoint>,
 
     /// The remote endpoint's host name or IP address (not the enclave's CID). {region} and
     /// {domain} are filled from the EC2 instance metadata service, as in kms.{region}.{domain}.
-    #[arg(value_name = "REMOTE_ADDR", value_parser = parse_remote)]
-    pub remote_addr: RemoteAddr,
+    #[arg(value_name = "REMOTE_ADDR", value_parser = parse_remote, requires = "remote_port")]
+    pub remote_addr: Option<String>,
 
     /// The remote endpoint's TCP port.
     #[arg(value_name = "REMOTE_PORT", value_parser = parse_port)]
-    pub remote_port: u16,
+    pub remote_port: Option<u16>,
 
-    /// The YAML allowlist.
+    /// The YAML configuration: the allowlist and, optionally, `routes:`.
     #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+
+    /// Load the configuration (and the positional route), print the routes and the allowlist
+    /// entries each relies on, check every route against the allowlist, and exit: 0 if all is
+    /// well, 2 if not. Binds no socket; asks DNS only for routes that only DNS can vouch for.
+    #[arg(long)]
+    pub check_config: bool,
 
     /// Runtime worker threads (default: one per CPU).
     #[arg(short = 'w', long = "num_workers", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
@@ -119,17 +110,27 @@ fn parse_listen(s: &str) -> Result<Endpoint, String> {
     s.parse()
 }
 
-fn parse_remote(s: &str) -> Result<RemoteAddr, String> {
+impl Options {
+    /// The route given as LISTEN REMOTE_ADDR REMOTE_PORT, if any.
+    pub fn positional_route(&self) -> Option<(Endpoint, Remote)> {
+        match (&self.listen, &self.remote_addr, self.remote_port) {
+            (Some(listen), Some(addr), Some(port)) => Remote::from_host(addr, port, "REMOTE_ADDR")
+                .ok()
+                .map(|remote| (listen.clone(), remote)),
+            _ => None,
+        }
+    }
+}
+
+fn parse_remote(s: &str) -> Result<String, String> {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!(
             "{s:?} looks like a number: REMOTE_ADDR is the remote endpoint's host name or IP \
              address (e.g. kms.us-east-1.amazonaws.com), not the enclave's CID"
         ));
     }
-    if RemoteTemplate::looks_like_template(s) {
-        return RemoteTemplate::parse(s).map(RemoteAddr::Template);
-    }
-    Remote::parse(s).map(RemoteAddr::Fixed)
+    // Any port will do to check the host; the real one is REMOTE_PORT.
+    Remote::from_host(s, 443, "REMOTE_ADDR").map(|_| s.to_owned())
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -179,12 +180,13 @@ mod tests {
             "-4",
         ])
         .unwrap();
-        assert_eq!(o.listen, "8001".parse().unwrap());
+        let (listen, remote) = o.positional_route().unwrap();
+        assert_eq!(listen, "8001".parse().unwrap());
         assert_eq!(
-            o.remote_addr,
-            RemoteAddr::Fixed(Remote::parse("ip-ranges.amazonaws.com").unwrap())
+            remote,
+            Remote::parse_host_port("ip-ranges.amazonaws.com:443").unwrap()
         );
-        assert_eq!(o.remote_port, 443);
+        assert!(!o.check_config);
         assert_eq!(o.config, PathBuf::from("your-vsock-proxy.yaml"));
         assert_eq!(o.num_workers, Some(2));
         assert!(o.ipv4 && !o.ipv6);
@@ -219,8 +221,9 @@ mod tests {
             "127.0.0.1:8080",
         ])
         .unwrap();
-        assert!(matches!(o.remote_addr, RemoteAddr::Template(_)));
-        assert_eq!(o.remote_addr.to_string(), "kms.{region}.{domain}");
+        let (_, remote) = o.positional_route().unwrap();
+        assert_eq!(remote.metadata_needed(), Some(true));
+        assert_eq!(remote.to_string(), "kms.{region}.{domain}:443");
         assert_eq!(o.log_format, Some(LogFormat::Journal));
         assert_eq!(o.imds_endpoint, "127.0.0.1:8080".parse().unwrap());
         let e = parse(&["8000", "kms.{zone}.amazonaws.com", "443"]).unwrap_err();
@@ -248,6 +251,22 @@ mod tests {
         }
         let e = parse(&["8001", "19", "443"]).unwrap_err();
         assert!(e.to_string().contains("not the enclave's CID"), "{e}");
+    }
+
+    #[test]
+    fn the_positional_route_is_all_or_nothing() {
+        let o = parse(&["--config", "routes.yaml", "--check-config"]).unwrap();
+        assert!(o.positional_route().is_none());
+        assert!(o.check_config);
+        for args in [&["8001"][..], &["8001", "host.example"]] {
+            let e = parse(args).expect_err(&format!("{args:?} must be rejected"));
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+            assert_eq!(
+                e.kind(),
+                ErrorKind::MissingRequiredArgument,
+                "{args:?}: {e}"
+            );
+        }
     }
 
     #[test]

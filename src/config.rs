@@ -1,17 +1,28 @@
-//! The allowlist file: AWS's `vsock-proxy.yaml` format, parsed strictly.
+//! The configuration file: AWS's `vsock-proxy.yaml` format plus optional `routes:`, parsed strictly.
 //!
-//! This module owns turning a YAML file into an [`Allowlist`] and turning every way the file can be
-//! wrong into a [`ConfigError`] that names the file, and where it applies the line, column and key,
-//! so that an operator can fix it without reading our source. It does no I/O besides reading the
-//! one file and knows nothing about DNS or connections; decisions live in [`crate::policy`].
+//! This module owns turning a YAML file into a [`Config`] (the [`Allowlist`] and the file's
+//! [`RouteConfig`]s) and turning every way the file can be wrong into a [`ConfigError`] that names
+//! the file, and where it applies the line, column and key, so that an operator can fix it without
+//! reading our source. A file without `routes:` is AWS's format and means what it means to AWS.
+//! It does no I/O besides reading the one file and knows nothing about DNS or connections;
+//! decisions live in [`crate::policy`], what a route is in [`crate::route`].
+//!
+//! serde_yaml reports where a value is only when deserializing it fails, so [`locate`] finds the
+//! line of an item that parsed fine (for `--check-config` and for errors found after parsing,
+//! such as two routes on one listen address) by deserializing the text again with a seed that
+//! fails on purpose at that item.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::de::{self, Deserializer, Visitor};
+use std::time::Duration;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use crate::endpoint::Endpoint;
 use crate::host::HostPattern;
+use crate::remote::Remote;
 
 /// One `{address, port}` item of the allowlist.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +44,29 @@ impl fmt::Display for Entry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Allowlist {
     pub entries: Vec<Entry>,
+}
+
+/// One item of `routes:`: a listen address and the remote its connections go to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub listen: Endpoint,
+    pub remote: Remote,
+    /// At most this many connections on this route at once (the global limit still caps all).
+    pub max_connections: Option<u32>,
+    /// This route's idle timeout instead of the command line's.
+    pub idle_timeout: Option<Duration>,
+    /// Where the item starts in the file.
+    pub line: Option<usize>,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub allowlist: Allowlist,
+    /// The line of each allowlist entry, in the same order.
+    pub allowlist_lines: Vec<Option<usize>>,
+    /// `routes:`, in file order; empty for AWS's format.
+    pub routes: Vec<RouteConfig>,
 }
 
 /// Why a configuration file could not be used. `Display` is the whole operator-facing message.
@@ -73,8 +107,8 @@ impl ConfigError {
     }
 }
 
-/// Reads and parses the allowlist file at `path`.
-pub fn load(path: &Path) -> Result<Allowlist, ConfigError> {
+/// Reads and parses the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -82,8 +116,8 @@ pub fn load(path: &Path) -> Result<Allowlist, ConfigError> {
     parse(&text, path)
 }
 
-/// Parses allowlist YAML; `path` is only used in error messages.
-pub fn parse(text: &str, path: &Path) -> Result<Allowlist, ConfigError> {
+/// Parses configuration YAML; `path` is only used in error messages.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     if text.trim().is_empty() {
         return Err(ConfigError::Empty {
             path: path.to_owned(),
@@ -103,7 +137,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Allowlist, ConfigError> {
             })
         }
     };
-    Ok(Allowlist {
+    let allowlist_lines = (0..entries.len())
+        .map(|i| locate(text, "allowlist", i, None).map(|(line, _)| line))
+        .collect();
+    let allowlist = Allowlist {
         entries: entries
             .into_iter()
             .map(|e| Entry {
@@ -111,6 +148,37 @@ pub fn parse(text: &str, path: &Path) -> Result<Allowlist, ConfigError> {
                 port: e.port.0,
             })
             .collect(),
+    };
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    for (i, r) in file.routes.unwrap_or_default().into_iter().enumerate() {
+        if let Some(first) = routes.iter().position(|seen| seen.listen == r.listen.0) {
+            let (line, column) = locate(text, "routes", i, Some("listen")).unzip();
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                message: format!(
+                    "routes[{i}].listen: {} is already the listen address of routes[{first}]{}; \
+                     each route needs a listen address of its own",
+                    r.listen.0,
+                    routes[first]
+                        .line
+                        .map_or_else(String::new, |l| format!(" (line {l})"))
+                ),
+            });
+        }
+        routes.push(RouteConfig {
+            listen: r.listen.0,
+            remote: r.remote.0,
+            max_connections: r.max_connections,
+            idle_timeout: r.idle_timeout.map(|d| d.0),
+            line: locate(text, "routes", i, None).map(|(line, _)| line),
+        });
+    }
+    Ok(Config {
+        allowlist,
+        allowlist_lines,
+        routes,
     })
 }
 
@@ -125,7 +193,11 @@ fn yaml_error(e: serde_yaml::Error, path: &Path) -> ConfigError {
         }
     }
     if message.contains("unknown field") {
-        message.push_str(" (check the spelling: the file has one key, `allowlist`, and each entry has `address` and `port`)");
+        message.push_str(
+            " (check the spelling: the file's keys are `allowlist` and `routes`; an allowlist \
+             entry has `address` and `port`; a route has `listen`, `remote`, `max_connections` \
+             and `idle_timeout`)",
+        );
     } else if message.starts_with("missing field `allowlist`") {
         message.push_str(" (the file must have a top-level `allowlist:` list)");
     }
@@ -142,6 +214,129 @@ fn yaml_error(e: serde_yaml::Error, path: &Path) -> ConfigError {
 struct FileFormat {
     // `Option` so that `allowlist:` with nothing after it gets our own "is empty" message.
     allowlist: Option<Vec<EntryFormat>>,
+    routes: Option<Vec<RouteFormat>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFormat {
+    listen: ListenField,
+    remote: RemoteField,
+    #[serde(default, deserialize_with = "max_connections")]
+    max_connections: Option<u32>,
+    #[serde(default)]
+    idle_timeout: Option<DurationField>,
+}
+
+fn max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    d.deserialize_any(MaxConnectionsVisitor).map(Some)
+}
+
+/// Checks inside the visitor, so that serde_yaml reports the value's own line and key.
+struct MaxConnectionsVisitor;
+
+impl Visitor<'_> for MaxConnectionsVisitor {
+    type Value = u32;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a number of connections, 1-1000000")
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<u32, E> {
+        match u32::try_from(n) {
+            Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+            _ => Err(E::custom(format!(
+                "max_connections must be 1-1000000, got {n}"
+            ))),
+        }
+    }
+
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<u32, E> {
+        Err(E::custom(format!(
+            "max_connections must be 1-1000000, got {n}"
+        )))
+    }
+}
+
+/// A listen address: the same syntax as LISTEN on the command line.
+struct ListenField(Endpoint);
+
+impl<'de> Deserialize<'de> for ListenField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ListenVisitor)
+    }
+}
+
+struct ListenVisitor;
+
+impl Visitor<'_> for ListenVisitor {
+    type Value = ListenField;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "a listen address: a vsock port (8000), vsock:CID:PORT, unix:PATH or tcp:IP:PORT",
+        )
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<ListenField, E> {
+        self.visit_str(&n.to_string())
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<ListenField, E> {
+        s.parse::<Endpoint>().map(ListenField).map_err(E::custom)
+    }
+}
+
+/// A route's `remote: HOST:PORT`.
+struct RemoteField(Remote);
+
+impl<'de> Deserialize<'de> for RemoteField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(RemoteVisitor)
+    }
+}
+
+struct RemoteVisitor;
+
+impl Visitor<'_> for RemoteVisitor {
+    type Value = RemoteField;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HOST:PORT, like kms.us-east-1.amazonaws.com:443")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<RemoteField, E> {
+        Remote::parse_host_port(s)
+            .map(RemoteField)
+            .map_err(E::custom)
+    }
+}
+
+/// A duration such as `10m` or `30s`, longer than zero.
+struct DurationField(Duration);
+
+impl<'de> Deserialize<'de> for DurationField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(DurationVisitor)
+    }
+}
+
+struct DurationVisitor;
+
+impl Visitor<'_> for DurationVisitor {
+    type Value = DurationField;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration such as 30s or 10m")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<DurationField, E> {
+        match humantime::parse_duration(s) {
+            Ok(d) if !d.is_zero() => Ok(DurationField(d)),
+            Ok(_) => Err(E::custom(format!("{s:?} must be longer than zero"))),
+            Err(e) => Err(E::custom(format!("{s:?}: {e} (write e.g. 30s, 10m, 1h)"))),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -237,12 +432,188 @@ impl Visitor<'_> for AddressVisitor {
     }
 }
 
+/// The error text [`locate`] makes serde_yaml stop at.
+const LOCATE_MARK: &str = "\u{1}nvp-locate";
+
+/// Where `section[index]` (or its `key`) is in `text`, as (line, column): `None` if it is not
+/// there. `text` must be the text that parsed.
+pub fn locate(
+    text: &str,
+    section: &str,
+    index: usize,
+    key: Option<&str>,
+) -> Option<(usize, usize)> {
+    let target = Locate {
+        section,
+        index,
+        key,
+    };
+    match target.deserialize(serde_yaml::Deserializer::from_str(text)) {
+        Err(e) if e.to_string().contains(LOCATE_MARK) => {
+            e.location().map(|l| (l.line(), l.column()))
+        }
+        _ => None,
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Locate<'a> {
+    section: &'a str,
+    index: usize,
+    key: Option<&'a str>,
+}
+
+impl<'de> DeserializeSeed<'de> for Locate<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(LocateTop(self))
+    }
+}
+
+struct LocateTop<'a>(Locate<'a>);
+
+impl<'de> Visitor<'de> for LocateTop<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            if key == self.0.section {
+                map.next_value_seed(LocateSeq(self.0))?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct LocateSeq<'a>(Locate<'a>);
+
+impl<'de> DeserializeSeed<'de> for LocateSeq<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for LocateSeq<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        loop {
+            let more = if i == self.0.index {
+                match self.0.key {
+                    None => seq.next_element_seed(StopHere)?,
+                    Some(key) => seq.next_element_seed(LocateKey(key))?,
+                }
+            } else {
+                seq.next_element::<IgnoredAny>()?.map(|_| ())
+            };
+            if more.is_none() {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+}
+
+struct LocateKey<'a>(&'a str);
+
+impl<'de> DeserializeSeed<'de> for LocateKey<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for LocateKey<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            if key == self.0 {
+                map.next_value_seed(StopHere)?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fails at whatever value it is given, so that serde_yaml reports that value's location.
+struct StopHere;
+
+impl<'de> DeserializeSeed<'de> for StopHere {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StopHere {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("anything")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Err(E::custom(LOCATE_MARK))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Err(E::custom(LOCATE_MARK))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Err(E::custom(LOCATE_MARK))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Err(E::custom(LOCATE_MARK))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Err(E::custom(LOCATE_MARK))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Err(E::custom(LOCATE_MARK))
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Err(E::custom(LOCATE_MARK))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(de::Error::custom(LOCATE_MARK))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(de::Error::custom(LOCATE_MARK))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::host::HostName;
 
     fn parse_str(text: &str) -> Result<Allowlist, ConfigError> {
+        parse_config(text).map(|c| c.allowlist)
+    }
+
+    fn parse_config(text: &str) -> Result<Config, ConfigError> {
         parse(text, Path::new("/etc/test/proxy.yaml"))
     }
 
@@ -381,5 +752,82 @@ mod tests {
         }
         let e = err("allowlist:\n- {address: 12, port: 443}\n");
         assert!(e.to_string().contains("number"), "{e}");
+    }
+
+    const ALLOW: &str = "allowlist:\n- {address: kms.example.com, port: 443}\n";
+
+    #[test]
+    fn routes_parse_with_their_lines() {
+        let c = parse_config(&format!(
+            "{ALLOW}routes:\n\
+             - listen: 8000\n  remote: kms.example.com:443\n\
+             - listen: vsock:16:8003\n  remote: '[2001:db8::1]:443'\n  max_connections: 256\n  idle_timeout: 10m\n\
+             - {{listen: 'tcp:127.0.0.1:9000', remote: 'kms.{{region}}.{{domain}}:443'}}\n\
+             - {{listen: unix:/run/p.sock, remote: 192.0.2.1:8443}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.allowlist_lines, vec![Some(2)]);
+        let listens: Vec<String> = c.routes.iter().map(|r| r.listen.to_string()).collect();
+        assert_eq!(
+            listens,
+            [
+                "vsock:8000",
+                "vsock:16:8003",
+                "tcp:127.0.0.1:9000",
+                "unix:/run/p.sock"
+            ]
+        );
+        let lines: Vec<Option<usize>> = c.routes.iter().map(|r| r.line).collect();
+        assert_eq!(lines, [Some(4), Some(6), Some(10), Some(11)]);
+        assert_eq!(c.routes[1].remote.to_string(), "[2001:db8::1]:443");
+        assert_eq!(c.routes[1].max_connections, Some(256));
+        assert_eq!(c.routes[1].idle_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(c.routes[0].max_connections, None);
+        assert_eq!(c.routes[0].idle_timeout, None);
+        assert_eq!(c.routes[2].remote.metadata_needed(), Some(true));
+    }
+
+    #[test]
+    fn a_file_without_routes_is_aws_format() {
+        let c = parse_config(ALLOW).unwrap();
+        assert!(c.routes.is_empty());
+        let c = parse_config(&format!("{ALLOW}routes: []\n")).unwrap();
+        assert!(c.routes.is_empty());
+    }
+
+    #[test]
+    fn bad_routes_name_line_column_and_key() {
+        for (routes, needle, line) in [
+            ("- {listen: 8000, remote: kms.example.com:443, mode: x}\n", "unknown field `mode`", 4),
+            ("- listen: nowhere\n  remote: kms.example.com:443\n", "routes[0].listen", 4),
+            ("- listen: 8000\n  remote: kms.example.com\n", "routes[0].remote", 5),
+            ("- listen: 8000\n  remote: kms.example.com:0\n", "not a TCP port", 5),
+            ("- listen: 8000\n", "missing field `remote`", 4),
+            ("- listen: 8000\n  remote: a.example:443\n  idle_timeout: soon\n", "routes[0].idle_timeout", 6),
+            ("- listen: 8000\n  remote: a.example:443\n  idle_timeout: 0s\n", "longer than zero", 6),
+            ("- listen: 8000\n  remote: a.example:443\n  max_connections: 0\n", "routes[0].max_connections", 6),
+            (
+                "- {listen: 8000, remote: a.example:443}\n- {listen: 'vsock:8000', remote: b.example:443}\n",
+                "routes[1].listen: vsock:8000 is already the listen address of routes[0] (line 4)",
+                5,
+            ),
+        ] {
+            let e = parse_config(&format!("{ALLOW}routes:\n{routes}")).expect_err(routes);
+            let msg = e.to_string();
+            assert!(msg.contains("/etc/test/proxy.yaml"), "{msg}");
+            assert!(msg.contains(needle), "{routes}: {msg}");
+            assert_eq!(e.line(), Some(line), "{routes}: {msg}");
+            assert!(msg.contains("column"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn locate_finds_items_and_keys_in_block_and_flow_style() {
+        let text = "allowlist:\n  - {address: a.example, port: 443}\n  - address: b.example\n    port: 443\nroutes: [{listen: 1, remote: 'a.example:443'}]\n";
+        assert_eq!(locate(text, "allowlist", 0, None), Some((2, 5)));
+        assert_eq!(locate(text, "allowlist", 1, Some("port")), Some((4, 11)));
+        assert_eq!(locate(text, "routes", 0, Some("remote")), Some((5, 30)));
+        assert_eq!(locate(text, "routes", 1, None), None);
+        assert_eq!(locate(text, "nothing", 0, None), None);
     }
 }

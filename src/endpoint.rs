@@ -86,9 +86,8 @@ impl FromStr for Endpoint {
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Endpoint::Vsock { cid, port } if *cid == VMADDR_CID_ANY => {
-                write!(f, "vsock:any:{port}")
-            }
+            // As written in LISTEN: a bare port means any CID.
+            Endpoint::Vsock { cid, port } if *cid == VMADDR_CID_ANY => write!(f, "vsock:{port}"),
             Endpoint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
             Endpoint::Tcp(addr) => write!(f, "tcp:{addr}"),
@@ -431,14 +430,10 @@ mod tests {
         ] {
             assert_eq!(s.parse::<Endpoint>().unwrap().to_string(), s);
         }
-        assert_eq!(
-            "8001".parse::<Endpoint>().unwrap().to_string(),
-            "vsock:any:8001"
-        );
-        assert_eq!(
-            "vsock:any:8001".parse::<Endpoint>().unwrap().to_string(),
-            "vsock:any:8001"
-        );
+        // Any CID is shown as LISTEN writes it, the form route labels use.
+        for any in ["8001", "vsock:8001", "vsock:any:8001", "vsock:-1:8001"] {
+            assert_eq!(any.parse::<Endpoint>().unwrap().to_string(), "vsock:8001");
+        }
     }
 
     #[tokio::test]

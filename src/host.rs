@@ -123,6 +123,35 @@ impl fmt::Display for HostPattern {
     }
 }
 
+/// A destination host as requested: one name or one IP address (never a pattern).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    Name(HostName),
+    Ip(IpAddr),
+}
+
+impl Host {
+    /// Parses a host name or IP literal (`[v6]` accepted); a CIDR block is not a destination.
+    pub fn parse(s: &str) -> Result<Host, String> {
+        match s.parse::<HostPattern>()? {
+            HostPattern::Name(n) => Ok(Host::Name(n)),
+            HostPattern::Ip(ip) => Ok(Host::Ip(ip)),
+            HostPattern::Cidr(_) => Err(format!(
+                "{s:?} is a CIDR block; a destination must be one host name or IP address"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Name(n) => n.fmt(f),
+            Host::Ip(ip) => ip.fmt(f),
+        }
+    }
+}
+
 /// Address ranges the proxy never connects to on the strength of a DNS answer alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpecialKind {

@@ -1,9 +1,9 @@
-//! REMOTE_ADDR templates filled from the EC2 instance metadata service (IMDSv2).
+//! The instance's region and domain from the EC2 instance metadata service (IMDSv2).
 //!
-//! This module owns `{region}` and `{domain}` in REMOTE_ADDR (`kms.{region}.{domain}` becomes
-//! `kms.us-east-1.amazonaws.com`, or `kms.cn-north-1.amazonaws.com.cn` in China), so a unit file
-//! can name "the KMS endpoint of this instance's region" without a shell pipeline. The values come
-//! from IMDSv2 at start-up, once:
+//! This module owns asking for the values of `{region}` and `{domain}` in a remote
+//! ([`crate::remote`]: `kms.{region}.{domain}` becomes `kms.us-east-1.amazonaws.com`, or
+//! `kms.cn-north-1.amazonaws.com.cn` in China), so a unit file can name "the KMS endpoint of this
+//! instance's region" without a shell pipeline. The values come from IMDSv2 at start-up, once:
 //!
 //! 1. `PUT /latest/api/token` with `X-aws-ec2-metadata-token-ttl-seconds` → a session token;
 //! 2. `GET /latest/meta-data/placement/region` and, if `{domain}` is used,
@@ -22,98 +22,15 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::policy::Remote;
-
 /// The metadata service's IPv4 address and port.
 pub const DEFAULT_ENDPOINT: &str = "169.254.169.254:80";
 
-const PLACEHOLDERS: [&str; 2] = ["region", "domain"];
 /// The token is used for two requests right away.
 const TOKEN_TTL_SECONDS: &str = "60";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const ATTEMPTS: u32 = 3;
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 const MAX_RESPONSE: usize = 16 * 1024;
-
-/// REMOTE_ADDR as given, when it has placeholders.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RemoteTemplate {
-    text: String,
-}
-
-impl std::fmt::Display for RemoteTemplate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-impl RemoteTemplate {
-    /// Whether `s` is meant as a template (it has a `{`).
-    pub fn looks_like_template(s: &str) -> bool {
-        s.contains('{') || s.contains('}')
-    }
-
-    /// Checks the placeholders and that the result is a host name for sample values.
-    pub fn parse(s: &str) -> Result<RemoteTemplate, String> {
-        let template = RemoteTemplate { text: s.to_owned() };
-        template.placeholders()?;
-        match template.fill("us-east-1", "amazonaws.com") {
-            Ok(Remote::Name(_)) => Ok(template),
-            Ok(Remote::Ip(_)) => Err(format!(
-                "REMOTE_ADDR {s:?} with placeholders must be a host name"
-            )),
-            Err(e) => Err(format!("REMOTE_ADDR {s:?} does not make a host name: {e}")),
-        }
-    }
-
-    /// The placeholder names used, in order; an error for unknown or unbalanced ones.
-    fn placeholders(&self) -> Result<Vec<&str>, String> {
-        let mut found = Vec::new();
-        let mut rest = self.text.as_str();
-        while let Some(open) = rest.find(['{', '}']) {
-            let after = &rest[open + 1..];
-            if rest[open..].starts_with('}') {
-                return Err(self.bad("a `}` without its `{`"));
-            }
-            let Some(close) = after.find('}') else {
-                return Err(self.bad("a `{` without its `}`"));
-            };
-            let name = &after[..close];
-            if !PLACEHOLDERS.contains(&name) {
-                return Err(self.bad(&format!("unknown placeholder {{{name}}}")));
-            }
-            found.push(name);
-            rest = &after[close + 1..];
-        }
-        if found.is_empty() {
-            return Err(self.bad("no placeholder"));
-        }
-        Ok(found)
-    }
-
-    fn bad(&self, what: &str) -> String {
-        format!(
-            "REMOTE_ADDR {:?}: {what}; the placeholders are {{region}} (the instance's region, \
-             e.g. us-east-1) and {{domain}} (amazonaws.com, or amazonaws.com.cn in China), read \
-             from the instance metadata service, as in kms.{{region}}.{{domain}}",
-            self.text
-        )
-    }
-
-    /// Whether `{domain}` is used (it costs one more metadata request).
-    pub fn uses_domain(&self) -> bool {
-        self.text.contains("{domain}")
-    }
-
-    /// Substitutes the values and parses the result as REMOTE_ADDR.
-    pub fn fill(&self, region: &str, domain: &str) -> Result<Remote, String> {
-        let filled = self
-            .text
-            .replace("{region}", region)
-            .replace("{domain}", domain);
-        Remote::parse(&filled)
-    }
-}
 
 /// What the metadata service said.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,15 +39,17 @@ pub struct InstanceInfo {
     pub domain: String,
 }
 
-/// Fills `template` from the metadata service at `endpoint`, retrying a few times.
-pub async fn fill_from_metadata(
-    template: &RemoteTemplate,
+/// Asks the metadata service at `endpoint` for the region (and the domain if `with_domain`),
+/// retrying a few times. `needed_by` names what needs it, for the error message.
+pub async fn instance_info_with_retries(
     endpoint: SocketAddr,
-) -> Result<(Remote, InstanceInfo), String> {
+    with_domain: bool,
+    needed_by: &str,
+) -> Result<InstanceInfo, String> {
     let mut attempt = 1;
-    let info = loop {
-        match instance_info(endpoint, template.uses_domain()).await {
-            Ok(info) => break info,
+    loop {
+        match instance_info(endpoint, with_domain).await {
+            Ok(info) => return Ok(info),
             Err(e) if attempt < ATTEMPTS => {
                 tracing::warn!(
                     attempt,
@@ -142,22 +61,14 @@ pub async fn fill_from_metadata(
             }
             Err(e) => {
                 return Err(format!(
-                    "cannot read the instance's region for REMOTE_ADDR {template} from the \
+                    "cannot read the instance's region for {needed_by} from the \
                      instance metadata service at {endpoint} ({ATTEMPTS} attempts): {e}. Is this \
                      an EC2 instance with the metadata service enabled (HttpEndpoint=enabled)? \
-                     Otherwise write the region into REMOTE_ADDR instead of the placeholders"
+                     Otherwise write the region into the remote instead of the placeholders"
                 ))
             }
         }
-    };
-    let remote = template.fill(&info.region, &info.domain).map_err(|e| {
-        format!(
-            "REMOTE_ADDR {template} with region {:?} and domain {:?} from the instance metadata \
-             service at {endpoint} is not a host name: {e}",
-            info.region, info.domain
-        )
-    })?;
-    Ok((remote, info))
+    }
 }
 
 async fn instance_info(endpoint: SocketAddr, with_domain: bool) -> Result<InstanceInfo, String> {
@@ -355,36 +266,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn templates() {
-        let t = RemoteTemplate::parse("kms.{region}.{domain}").unwrap();
-        assert!(t.uses_domain());
-        assert_eq!(
-            t.fill("cn-north-1", "amazonaws.com.cn")
-                .unwrap()
-                .to_string(),
-            "kms.cn-north-1.amazonaws.com.cn"
-        );
-        let t = RemoteTemplate::parse("kms-fips.{region}.amazonaws.com").unwrap();
-        assert!(!t.uses_domain());
-        for bad in [
-            "kms.{regoin}.amazonaws.com",
-            "kms.{region.amazonaws.com",
-            "kms.region}.amazonaws.com",
-            "kms.{}.amazonaws.com",
-            "{region}..com",
-            "kms.{region}.amazonaws.com/x",
-        ] {
-            let e = RemoteTemplate::parse(bad).expect_err(bad);
-            assert!(e.contains("REMOTE_ADDR"), "{e}");
-        }
-        assert!(RemoteTemplate::parse("kms.{regoin}.x")
-            .unwrap_err()
-            .contains("unknown placeholder {regoin}"));
-        assert!(RemoteTemplate::looks_like_template("kms.{region}.x"));
-        assert!(!RemoteTemplate::looks_like_template("kms.us-east-1.x"));
-    }
 
     #[test]
     fn values_are_checked() {

@@ -2,15 +2,18 @@
 //! its YAML allowlist on every connection.
 //!
 //! The binary (`src/main.rs`) is a thin shell over these modules:
-//! - [`cli`]: the command line; [`config`]: the allowlist file; [`host`]: names, patterns and
-//!   special addresses; [`policy`]: the pure allow/deny decision;
+//! - [`cli`]: the command line; [`config`]: the configuration file; [`host`]: names, patterns
+//!   and special addresses; [`policy`]: the pure allow/deny decision;
+//! - [`route`]: what a route is, built from the command line and `routes:`, and the reload diff;
+//!   [`remote`]: a route's `HOST:PORT`;
 //! - [`dns`]: the shared resolver; [`upstream`]: resolve, decide and connect for one connection;
 //! - [`endpoint`]: vsock and its `unix:`/`tcp:` stand-ins; [`relay`]: the data path;
 //! - [`server`]: the accept loop, limits and draining; [`app`]: start-up, reload and shutdown;
 //! - [`systemd`]: readiness, status, watchdog, socket activation and journal detection;
-//!   [`imds`]: `{region}` in REMOTE_ADDR from the EC2 instance metadata service.
+//!   [`imds`]: `{region}` in a remote from the EC2 instance metadata service.
 
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dns;
@@ -20,7 +23,9 @@ pub mod imds;
 pub mod logging;
 pub mod policy;
 pub mod relay;
+pub mod remote;
 pub mod rlimit;
+pub mod route;
 pub mod server;
 pub mod systemd;
 pub mod upstream;

@@ -1,4 +1,4 @@
-//! The allowlist decision: a pure function of (allowlist, remote, DNS answers, destination).
+//! The allowlist decision: a pure function of (allowlist, requested host, DNS answers, destination).
 //!
 //! This module owns *whether* the proxy may connect to one IP address. It does no I/O: callers
 //! resolve names and pass the answers in. Rules, in order:
@@ -6,7 +6,8 @@
 //! 2. A CIDR entry containing the address allows it, but allows a special address (loopback,
 //!    link-local, metadata, ...) only when the whole block is special space.
 //! 3. Any other special address is denied, whatever DNS said.
-//! 4. A hostname entry equal to REMOTE_ADDR allows every address REMOTE_ADDR resolves to.
+//! 4. A hostname entry equal to the requested host (a route's remote) allows every address it
+//!    resolves to.
 //! 5. A hostname entry whose own current resolution contains the address allows it.
 //! 6. Everything else is denied.
 
@@ -15,43 +16,14 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::config::{Allowlist, Entry};
-use crate::host::{cidr_is_wholly_special, special_kind, HostName, HostPattern, SpecialKind};
-
-/// REMOTE_ADDR: the one endpoint this proxy forwards to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Remote {
-    Name(HostName),
-    Ip(IpAddr),
-}
-
-impl Remote {
-    /// Parses REMOTE_ADDR; a CIDR block is not a destination.
-    pub fn parse(s: &str) -> Result<Remote, String> {
-        match s.parse::<HostPattern>()? {
-            HostPattern::Name(n) => Ok(Remote::Name(n)),
-            HostPattern::Ip(ip) => Ok(Remote::Ip(ip)),
-            HostPattern::Cidr(_) => Err(format!(
-                "{s:?} is a CIDR block; REMOTE_ADDR must be one host name or IP address"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Remote {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Remote::Name(n) => n.fmt(f),
-            Remote::Ip(ip) => ip.fmt(f),
-        }
-    }
-}
+use crate::host::{cidr_is_wholly_special, special_kind, Host, HostName, HostPattern, SpecialKind};
 
 /// Why an address may be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Allowance {
     /// An IP or CIDR entry contains the address.
     Address(HostPattern),
-    /// The hostname entry equal to REMOTE_ADDR.
+    /// The hostname entry equal to the requested host.
     RemoteName(HostName),
     /// A hostname entry whose current DNS answer contains the address.
     Resolution(HostName),
@@ -113,12 +85,19 @@ impl Policy {
             .filter(move |e| e.port == port)
     }
 
-    /// Whether REMOTE_ADDR:port is allowed without any DNS answer: by a hostname entry equal to
+    /// Whether the requested host:port is allowed without any DNS answer: by a hostname entry equal to
     /// it, or (for an IP literal) by rules 1–3.
-    pub fn allows_remote_statically(&self, remote: &Remote, port: u16) -> bool {
+    pub fn allows_remote_statically(&self, remote: &Host, port: u16) -> bool {
+        self.static_allowance(remote, port).is_some()
+    }
+
+    /// What allows the requested host:port without any DNS answer, if anything does.
+    pub fn static_allowance(&self, remote: &Host, port: u16) -> Option<Allowance> {
         match remote {
-            Remote::Name(name) => self.allows_name(name, port),
-            Remote::Ip(ip) => self.decide(remote, port, *ip, &Resolutions::new()).is_ok(),
+            Host::Name(name) => self
+                .allows_name(name, port)
+                .then(|| Allowance::RemoteName(name.clone())),
+            Host::Ip(ip) => self.decide(remote, port, *ip, &Resolutions::new()).ok(),
         }
     }
 
@@ -133,12 +112,12 @@ impl Policy {
     }
 
     /// Host names whose resolution rule 5 may need to decide about addresses of `remote`:
-    /// the hostname entries with `port`, other than REMOTE_ADDR itself.
-    pub fn names_to_resolve(&self, remote: &Remote, port: u16) -> Vec<HostName> {
+    /// the hostname entries with `port`, other than the requested host itself.
+    pub fn names_to_resolve(&self, remote: &Host, port: u16) -> Vec<HostName> {
         let mut names: Vec<HostName> = self
             .entries_for(port)
             .filter_map(|e| match &e.address {
-                HostPattern::Name(n) if !matches!(remote, Remote::Name(r) if r == n) => {
+                HostPattern::Name(n) if !matches!(remote, Host::Name(r) if r == n) => {
                     Some(n.clone())
                 }
                 _ => None,
@@ -149,10 +128,25 @@ impl Policy {
         names
     }
 
+    /// The index of the entry that gave `allowance` for `port` (to show an operator which
+    /// entries a route relies on).
+    pub fn entry_for(&self, allowance: &Allowance, port: u16) -> Option<usize> {
+        self.allowlist.entries.iter().position(|e| {
+            e.port == port
+                && match (allowance, &e.address) {
+                    (Allowance::Address(p), a) => p == a,
+                    (Allowance::RemoteName(n) | Allowance::Resolution(n), HostPattern::Name(a)) => {
+                        n == a
+                    }
+                    _ => false,
+                }
+        })
+    }
+
     /// Decides whether the proxy may connect to `addr`:`port` on behalf of `remote`.
     pub fn decide(
         &self,
-        remote: &Remote,
+        remote: &Host,
         port: u16,
         addr: IpAddr,
         resolutions: &Resolutions,
@@ -176,7 +170,7 @@ impl Policy {
         if let Some(kind) = special {
             return Err(Denial::Special(kind));
         }
-        if let Remote::Name(name) = remote {
+        if let Host::Name(name) = remote {
             if self.allows_name(name, port) {
                 return Ok(Allowance::RemoteName(name.clone()));
             }
@@ -201,15 +195,19 @@ mod tests {
     use std::path::Path;
 
     fn policy(yaml: &str) -> Policy {
-        Policy::new(crate::config::parse(yaml, Path::new("test.yaml")).unwrap())
+        Policy::new(
+            crate::config::parse(yaml, Path::new("test.yaml"))
+                .unwrap()
+                .allowlist,
+        )
     }
 
     fn name(s: &str) -> HostName {
         HostName::parse(s).unwrap()
     }
 
-    fn remote(s: &str) -> Remote {
-        Remote::parse(s).unwrap()
+    fn remote(s: &str) -> Host {
+        Host::parse(s).unwrap()
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -374,10 +372,10 @@ mod tests {
 
     #[test]
     fn remote_parse_rejects_cidr() {
-        assert!(Remote::parse("10.0.0.0/8").is_err());
+        assert!(Host::parse("10.0.0.0/8").is_err());
         assert_eq!(
-            Remote::parse("::ffff:10.0.0.1").unwrap(),
-            Remote::Ip(ip("10.0.0.1"))
+            Host::parse("::ffff:10.0.0.1").unwrap(),
+            Host::Ip(ip("10.0.0.1"))
         );
     }
 }

@@ -1,6 +1,6 @@
 //! Opening the upstream connection for one enclave connection, under the policy.
 //!
-//! This module owns the per-connection enforcement sequence: resolve REMOTE_ADDR (from the
+//! This module owns the per-connection enforcement sequence: resolve the route's remote (from the
 //! shared cache while its TTL lasts), ask [`Policy::decide`] about every address (resolving the
 //! other allowlisted names only if rule 5 is needed), then connect to the allowed addresses in
 //! order, each with the connect timeout, until one succeeds. Every way this can fail is an
@@ -14,14 +14,15 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::dns::{Dns, LookupError};
-use crate::policy::{Allowance, Denial, Policy, Remote, Resolutions};
+use crate::host::Host;
+use crate::policy::{Allowance, Denial, Policy, Resolutions};
 
 /// Why no upstream connection was made.
 #[derive(Debug)]
 pub enum UpstreamError {
-    /// REMOTE_ADDR could not be resolved.
+    /// The route's remote host could not be resolved.
     Dns(LookupError),
-    /// Every address REMOTE_ADDR resolved to was denied by the policy.
+    /// Every address the remote host resolved to was denied by the policy.
     Denied(Vec<(IpAddr, Denial)>),
     /// Every allowed address failed to connect.
     Unreachable(Vec<(SocketAddr, io::Error)>),
@@ -67,12 +68,12 @@ impl UpstreamError {
 pub async fn allowed_addresses(
     policy: &Policy,
     dns: &Dns,
-    remote: &Remote,
+    remote: &Host,
     port: u16,
 ) -> Result<(Vec<(IpAddr, Allowance)>, Vec<(IpAddr, Denial)>), LookupError> {
     let candidates = match remote {
-        Remote::Ip(ip) => vec![*ip],
-        Remote::Name(name) => dns.lookup(name).await?,
+        Host::Ip(ip) => vec![*ip],
+        Host::Name(name) => dns.lookup(name).await?,
     };
     let mut resolutions = Resolutions::new();
     let mut decisions: Vec<_> = candidates
@@ -113,7 +114,7 @@ pub async fn allowed_addresses(
 pub async fn connect(
     policy: &Policy,
     dns: &Dns,
-    remote: &Remote,
+    remote: &Host,
     port: u16,
     connect_timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr), UpstreamError> {

@@ -1,0 +1,332 @@
+//! From the configuration file and the command line to routes checked against the allowlist.
+//!
+//! This module owns loading ([`load`]: the file, the routes of the file and of the command line,
+//! `{region}` templates filled from the instance metadata service), the start-up check that every
+//! route's remote is allowed at all ([`check_routes`], done again on every reload), and
+//! `--check-config`'s report ([`check_config`]), which prints each route and the allowlist
+//! entries it relies on. As AWS's proxy does, a remote that is not allowlisted is a
+//! configuration error; unlike AWS's, every connection is checked again later.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tracing::info;
+
+use crate::cli::Options;
+use crate::config::{self, Config};
+use crate::dns::{Dns, DnsSettings, Family};
+use crate::host::Host;
+use crate::imds::InstanceInfo;
+use crate::policy::Policy;
+use crate::route::{self, Settings};
+use crate::upstream::allowed_addresses;
+
+/// A reason to stop before serving (or to refuse a reload).
+#[derive(Debug)]
+pub enum Fatal {
+    /// The configuration (file or arguments) is wrong: exit status 2.
+    Config(String),
+    /// Something outside the configuration failed: exit status 1.
+    Runtime(String),
+}
+
+impl Fatal {
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Fatal::Config(_) => 2,
+            Fatal::Runtime(_) => 1,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Fatal::Config(m) | Fatal::Runtime(m) => m,
+        }
+    }
+}
+
+/// The instance metadata service, asked at most once for what templates need.
+pub struct Metadata {
+    endpoint: SocketAddr,
+    info: Option<InstanceInfo>,
+}
+
+impl Metadata {
+    pub fn new(endpoint: SocketAddr) -> Metadata {
+        Metadata {
+            endpoint,
+            info: None,
+        }
+    }
+
+    async fn info(&mut self, with_domain: bool, needed_by: &str) -> Result<&InstanceInfo, String> {
+        let have = self
+            .info
+            .as_ref()
+            .is_some_and(|i| !with_domain || !i.domain.is_empty());
+        if !have {
+            let info =
+                crate::imds::instance_info_with_retries(self.endpoint, with_domain, needed_by)
+                    .await?;
+            info!(region = %info.region, "read the instance's region from the instance metadata service");
+            self.info = Some(info);
+        }
+        self.info
+            .as_ref()
+            .ok_or_else(|| "no instance metadata".to_owned())
+    }
+}
+
+/// The configuration, loaded.
+pub struct Loaded {
+    pub config: Config,
+    pub policy: Policy,
+    /// Every route to serve, its remote filled, in order: the positional one first.
+    pub routes: Vec<Settings>,
+}
+
+/// Reads the file and builds the routes. Errors in the file or the arguments are
+/// [`Fatal::Config`]; an unreachable metadata service is [`Fatal::Runtime`].
+pub async fn load(options: &Options, metadata: &mut Metadata) -> Result<Loaded, Fatal> {
+    let path = &options.config;
+    let config = config::load(path).map_err(|e| Fatal::Config(e.to_string()))?;
+    let specs = route::specs(options.positional_route(), &config, path).map_err(Fatal::Config)?;
+    let mut routes = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let info = match spec.remote.metadata_needed() {
+            None => None,
+            Some(with_domain) => {
+                let needed_by = format!("the remote {} of route {}", spec.remote, spec.listen);
+                Some(
+                    metadata
+                        .info(with_domain, &needed_by)
+                        .await
+                        .map_err(Fatal::Runtime)?
+                        .clone(),
+                )
+            }
+        };
+        let target = spec.remote.target(info.as_ref()).map_err(Fatal::Runtime)?;
+        if info.is_some() {
+            info!(route = %spec.listen, remote = %target, "{} filled from the instance metadata service", spec.remote);
+        }
+        routes.push(Settings::new(spec, target, options.idle_timeout));
+    }
+    let policy = Policy::new(config.allowlist.clone());
+    Ok(Loaded {
+        config,
+        policy,
+        routes,
+    })
+}
+
+/// The resolver settings the command line asks for.
+pub fn dns_settings(options: &Options) -> DnsSettings {
+    let family = match (options.ipv4, options.ipv6) {
+        (true, _) => Family::V4Only,
+        (_, true) => Family::V6Only,
+        _ => Family::Both,
+    };
+    DnsSettings {
+        nameservers: options.nameservers.clone(),
+        family,
+        timeout: options.dns_timeout,
+    }
+}
+
+/// How a route is allowed: the indexes of the allowlist entries it relies on, and whether it
+/// took DNS to tell.
+#[derive(Debug, Default)]
+pub struct Reliance {
+    pub entries: Vec<usize>,
+    pub via_dns: bool,
+}
+
+/// Checks that `route`'s remote is allowed at all. A name allowlisted as such needs no DNS, so a
+/// DNS outage at boot does not stop the daemon. A DNS failure while checking a remote that only
+/// DNS can vouch for is [`Fatal::Runtime`] (exit 1, so systemd retries), not a configuration
+/// error.
+pub async fn check_route(
+    policy: &Policy,
+    dns: &Dns,
+    route: &Settings,
+    config_path: &Path,
+) -> Result<Reliance, Fatal> {
+    let (host, port) = (&route.target.host, route.target.port);
+    let statically = policy.static_allowance(host, port);
+    if let Some(allowance) = statically {
+        return Ok(Reliance {
+            entries: policy.entry_for(&allowance, port).into_iter().collect(),
+            via_dns: false,
+        });
+    }
+    let via_dns = match host {
+        // An IP literal is decided without DNS unless another entry's name vouches for it.
+        Host::Ip(_) if policy.names_to_resolve(host, port).is_empty() => Ok(Vec::new()),
+        _ => allowed_addresses(policy, dns, host, port)
+            .await
+            .map(|(allowed, _)| allowed),
+    };
+    if let Ok(allowed) = &via_dns {
+        if !allowed.is_empty() {
+            let mut entries: Vec<usize> = allowed
+                .iter()
+                .filter_map(|(_, why)| policy.entry_for(why, port))
+                .collect();
+            entries.sort_unstable();
+            entries.dedup();
+            return Ok(Reliance {
+                entries,
+                via_dns: true,
+            });
+        }
+    }
+    let with_port: Vec<String> = policy
+        .entries_with_port(port)
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    let entries = if with_port.is_empty() {
+        format!("no entry has port {port}")
+    } else {
+        format!("entries with port {port}: {}", with_port.join(", "))
+    };
+    let which = format!("route {route} ({})", route.spec.origin);
+    let target = &route.target;
+    match via_dns {
+        Err(e) => Err(Fatal::Runtime(format!(
+            "{which}: cannot tell whether {target} is allowed by the allowlist in {}: {e}; \
+             {entries}. Check DNS, or add `- {{address: {host}, port: {port}}}` so that no \
+             lookup is needed.",
+            config_path.display()
+        ))),
+        _ => Err(Fatal::Config(format!(
+            "{which}: {target} is not allowed by the allowlist in {}; {entries}. \
+             Add `- {{address: {host}, port: {port}}}` to allow it.",
+            config_path.display()
+        ))),
+    }
+}
+
+/// Checks every route; all problems are reported at once. The result is a configuration error
+/// if any route is not allowed, a runtime error if only DNS kept us from telling.
+pub async fn check_routes(
+    policy: &Policy,
+    dns: &Dns,
+    routes: &[Settings],
+    config_path: &Path,
+) -> Result<Vec<Reliance>, Fatal> {
+    let mut reliances = Vec::new();
+    let mut config_errors = Vec::new();
+    let mut runtime_errors = Vec::new();
+    for route in routes {
+        match check_route(policy, dns, route, config_path).await {
+            Ok(r) => {
+                if r.via_dns {
+                    info!(route = %route.spec.listen, remote = %route.target, "the remote is allowed through the current DNS answers of allowlisted entries");
+                }
+                reliances.push(r);
+            }
+            Err(Fatal::Config(e)) => config_errors.push(e),
+            Err(Fatal::Runtime(e)) => runtime_errors.push(e),
+        }
+    }
+    if !config_errors.is_empty() {
+        config_errors.extend(runtime_errors);
+        return Err(Fatal::Config(config_errors.join("\n")));
+    }
+    if !runtime_errors.is_empty() {
+        return Err(Fatal::Runtime(runtime_errors.join("\n")));
+    }
+    Ok(reliances)
+}
+
+/// `--check-config`: prints the effective routes and the entries each relies on to standard
+/// output, problems to standard error; returns the exit status (0 or 2). Binds nothing.
+pub async fn check_config(options: &Options) -> u8 {
+    let path = &options.config;
+    let mut metadata = Metadata::new(options.imds_endpoint);
+    let loaded = match load(options, &mut metadata).await {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("{}", e.message());
+            eprintln!("{}: configuration NOT OK", path.display());
+            return 2;
+        }
+    };
+    let dns = match Dns::new(&dns_settings(options)) {
+        Ok(dns) => dns,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
+    let mut out = String::new();
+    let n = loaded.routes.len();
+    let _ = writeln!(
+        out,
+        "{}: {n} route{}, {} allowlist entr{}",
+        path.display(),
+        if n == 1 { "" } else { "s" },
+        loaded.policy.entries().len(),
+        if loaded.policy.entries().len() == 1 {
+            "y"
+        } else {
+            "ies"
+        }
+    );
+    let mut problems = 0;
+    for route in &loaded.routes {
+        let mut limits = Vec::new();
+        if let Some(max) = route.max_connections {
+            limits.push(format!("max_connections {max}"));
+        }
+        if let Some(idle) = route.idle_timeout {
+            limits.push(format!("idle_timeout {}", humantime::format_duration(idle)));
+        }
+        let limits = if limits.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", limits.join(", "))
+        };
+        let _ = writeln!(out, "route {route} ({}{limits})", route.spec.origin);
+        match check_route(&loaded.policy, &dns, route, path).await {
+            Ok(reliance) => {
+                let how = if reliance.via_dns {
+                    "allowed through the current DNS answers of"
+                } else {
+                    "allowed by"
+                };
+                for index in reliance.entries {
+                    let entry = &loaded.policy.entries()[index];
+                    let line = loaded
+                        .config
+                        .allowlist_lines
+                        .get(index)
+                        .copied()
+                        .flatten()
+                        .map_or_else(String::new, |l| format!(", line {l}"));
+                    let _ = writeln!(out, "  {how} {entry} (allowlist[{index}]{line})");
+                }
+            }
+            Err(e) => {
+                problems += 1;
+                let _ = writeln!(out, "  NOT ALLOWED");
+                eprintln!("{}", e.message());
+            }
+        }
+    }
+    print!("{out}");
+    if problems == 0 {
+        println!("{}: configuration OK", path.display());
+        0
+    } else {
+        println!(
+            "{}: configuration NOT OK: {problems} route{} not allowed",
+            path.display(),
+            if problems == 1 { "" } else { "s" }
+        );
+        2
+    }
+}

@@ -1,0 +1,410 @@
+//! Routes: the unit the daemon serves (listener → route → policy → upstream → relay).
+//!
+//! This module owns what a route is, how routes are built from the command line's positional
+//! route and the configuration file's `routes:` ([`specs`]), the per-route state that lives with
+//! a route while it is served ([`Route`]: its current [`Settings`], counters, connection limit,
+//! and the tasks of its open connections), and how a reload turns the routes being served into
+//! the routes of a new file ([`plan`], a pure diff by listen address). Accepting lives in
+//! [`crate::server`], the decision in [`crate::policy`].
+
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::endpoint::Endpoint;
+use crate::remote::{Remote, Target};
+
+/// Where a route was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// LISTEN REMOTE_ADDR REMOTE_PORT.
+    CommandLine,
+    /// `routes[index]` of the configuration file, at `line`.
+    File { index: usize, line: Option<usize> },
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::CommandLine => {
+                f.write_str("LISTEN REMOTE_ADDR REMOTE_PORT on the command line")
+            }
+            Origin::File {
+                index,
+                line: Some(line),
+            } => write!(f, "routes[{index}], line {line}"),
+            Origin::File { index, line: None } => write!(f, "routes[{index}]"),
+        }
+    }
+}
+
+/// A route as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub listen: Endpoint,
+    pub remote: Remote,
+    pub max_connections: Option<u32>,
+    /// `None`: the command line's `--idle-timeout`.
+    pub idle_timeout: Option<Duration>,
+    pub origin: Origin,
+}
+
+/// The routes to serve: the positional one (if given) beside the file's, in that order. Two
+/// routes on one listen address, or no route at all, is a configuration error.
+pub fn specs(
+    positional: Option<(Endpoint, Remote)>,
+    config: &Config,
+    config_path: &Path,
+) -> Result<Vec<RouteSpec>, String> {
+    let mut specs = Vec::new();
+    if let Some((listen, remote)) = positional {
+        specs.push(RouteSpec {
+            listen,
+            remote,
+            max_connections: None,
+            idle_timeout: None,
+            origin: Origin::CommandLine,
+        });
+    }
+    for (index, r) in config.routes.iter().enumerate() {
+        let origin = Origin::File {
+            index,
+            line: r.line,
+        };
+        if specs.iter().any(|s: &RouteSpec| s.listen == r.listen) {
+            return Err(format!(
+                "configuration file {}, {origin}: listen address {} is already LISTEN on the \
+                 command line; each route needs a listen address of its own (drop the \
+                 positional route or this one)",
+                config_path.display(),
+                r.listen
+            ));
+        }
+        specs.push(RouteSpec {
+            listen: r.listen.clone(),
+            remote: r.remote.clone(),
+            max_connections: r.max_connections,
+            idle_timeout: r.idle_timeout,
+            origin,
+        });
+    }
+    if specs.is_empty() {
+        return Err(format!(
+            "no route to serve: give one on the command line (nitro-vsock-proxy LISTEN \
+             REMOTE_ADDR REMOTE_PORT, e.g. nitro-vsock-proxy 8000 kms.us-east-1.amazonaws.com \
+             443 --config {0}) or add `routes:` to {0}, e.g.\n  routes:\n    - listen: 8000\n      \
+             remote: kms.us-east-1.amazonaws.com:443",
+            config_path.display()
+        ));
+    }
+    Ok(specs)
+}
+
+/// What new connections on a route use: the spec with its remote filled and its defaults
+/// applied. Replaced whole when a reload changes the route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub spec: RouteSpec,
+    pub target: Target,
+    pub max_connections: Option<u32>,
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Settings {
+    /// `default_idle` is the command line's `--idle-timeout`.
+    pub fn new(spec: RouteSpec, target: Target, default_idle: Option<Duration>) -> Settings {
+        Settings {
+            max_connections: spec.max_connections,
+            idle_timeout: spec.idle_timeout.or(default_idle),
+            target,
+            spec,
+        }
+    }
+
+    /// Whether connections would be served differently (where it was written does not count).
+    fn serves_like(&self, other: &Settings) -> bool {
+        self.target == other.target
+            && self.max_connections == other.max_connections
+            && self.idle_timeout == other.idle_timeout
+    }
+}
+
+impl fmt::Display for Settings {
+    /// `vsock:8003 -> secretsmanager.us-east-1.amazonaws.com:443`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.spec.listen, self.target)
+    }
+}
+
+/// Live counters, per route and (in [`crate::server::Shared`]) for the whole daemon.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub accepted: AtomicU64,
+    pub denied: AtomicU64,
+    pub rejected_over_limit: AtomicU64,
+    pub open: AtomicU64,
+}
+
+/// A route being served.
+#[derive(Debug)]
+pub struct Route {
+    pub listen: Endpoint,
+    settings: RwLock<Arc<Settings>>,
+    pub counters: Counters,
+    /// The route's open connections, to wait for when it is removed.
+    pub tasks: TaskTracker,
+    /// Cancelled when a removed route's drain time is up: its connections close.
+    pub closed: CancellationToken,
+}
+
+impl Route {
+    pub fn new(settings: Settings) -> Route {
+        Route {
+            listen: settings.spec.listen.clone(),
+            settings: RwLock::new(Arc::new(settings)),
+            counters: Counters::default(),
+            tasks: TaskTracker::new(),
+            closed: CancellationToken::new(),
+        }
+    }
+
+    /// The settings as of now.
+    pub fn settings(&self) -> Arc<Settings> {
+        // A poisoned lock still holds a whole Arc: a panic cannot leave it half-written.
+        match self.settings.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Makes `settings` the ones new connections use.
+    pub fn replace_settings(&self, settings: Settings) {
+        let new = Arc::new(settings);
+        match self.settings.write() {
+            Ok(mut guard) => *guard = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+
+    /// Takes one of the route's connection slots, or says the route's limit. The slot is given
+    /// back when the returned guard is dropped, however the connection ends.
+    pub fn try_reserve(self: &Arc<Route>) -> Result<RouteSlot, u32> {
+        let limit = self.settings().max_connections;
+        let taken = self
+            .counters
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| match limit {
+                Some(max) if open >= u64::from(max) => None,
+                _ => Some(open + 1),
+            });
+        match (taken, limit) {
+            (Ok(_), _) => Ok(RouteSlot {
+                route: self.clone(),
+            }),
+            (Err(_), Some(max)) => Err(max),
+            (Err(_), None) => Err(u32::MAX),
+        }
+    }
+}
+
+/// One open connection's place on its route (see [`Route::try_reserve`]).
+#[derive(Debug)]
+pub struct RouteSlot {
+    route: Arc<Route>,
+}
+
+impl Drop for RouteSlot {
+    fn drop(&mut self) {
+        self.route.counters.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a reload does to the routes being served.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadPlan {
+    /// New listen addresses: bind and serve.
+    pub added: Vec<Settings>,
+    /// Listen addresses no longer in the file: stop accepting, drain.
+    pub removed: Vec<Endpoint>,
+    /// Same listen address, served differently: new connections use the new settings.
+    pub changed: Vec<Settings>,
+    /// Same listen address, served the same.
+    pub unchanged: Vec<Endpoint>,
+}
+
+impl ReloadPlan {
+    /// `3 routes: 1 added, 1 removed, 1 changed, 1 unchanged`.
+    pub fn summary(&self) -> String {
+        let total = self.added.len() + self.changed.len() + self.unchanged.len();
+        format!(
+            "{total} route{}: {} added, {} removed, {} changed, {} unchanged",
+            if total == 1 { "" } else { "s" },
+            self.added.len(),
+            self.removed.len(),
+            self.changed.len(),
+            self.unchanged.len()
+        )
+    }
+}
+
+/// The diff between the routes being served and the routes wanted, by listen address.
+pub fn plan(current: &[Arc<Settings>], wanted: Vec<Settings>) -> ReloadPlan {
+    let mut plan = ReloadPlan::default();
+    for old in current {
+        if !wanted.iter().any(|w| w.spec.listen == old.spec.listen) {
+            plan.removed.push(old.spec.listen.clone());
+        }
+    }
+    for new in wanted {
+        match current.iter().find(|c| c.spec.listen == new.spec.listen) {
+            None => plan.added.push(new),
+            Some(old) if old.serves_like(&new) => plan.unchanged.push(new.spec.listen),
+            Some(_) => plan.changed.push(new),
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Host;
+
+    fn config(yaml: &str) -> Config {
+        crate::config::parse(yaml, Path::new("/etc/p.yaml")).unwrap()
+    }
+
+    fn settings(listen: &str, remote: &str, idle: Option<u64>) -> Settings {
+        let remote = Remote::parse_host_port(remote).unwrap();
+        let target = remote.target(None).unwrap();
+        let spec = RouteSpec {
+            listen: listen.parse().unwrap(),
+            remote,
+            max_connections: None,
+            idle_timeout: idle.map(Duration::from_secs),
+            origin: Origin::CommandLine,
+        };
+        Settings::new(spec, target, None)
+    }
+
+    const ALLOW: &str = "allowlist:\n- {address: a.example, port: 443}\n";
+
+    #[test]
+    fn the_positional_route_comes_first_beside_the_files() {
+        let c = config(&format!(
+            "{ALLOW}routes:\n- {{listen: 8000, remote: 'a.example:443'}}\n"
+        ));
+        let positional = Some((
+            "8001".parse().unwrap(),
+            Remote::parse_host_port("b.example:443").unwrap(),
+        ));
+        let s = specs(positional, &c, Path::new("/etc/p.yaml")).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].origin, Origin::CommandLine);
+        assert_eq!(
+            s[1].origin,
+            Origin::File {
+                index: 0,
+                line: Some(4)
+            }
+        );
+        assert_eq!(s[1].listen.to_string(), "vsock:8000");
+    }
+
+    #[test]
+    fn a_positional_route_on_a_files_listen_address_is_an_error() {
+        let c = config(&format!(
+            "{ALLOW}routes:\n- {{listen: 'vsock:8000', remote: 'a.example:443'}}\n"
+        ));
+        let positional = Some((
+            "8000".parse().unwrap(),
+            Remote::parse_host_port("b.example:443").unwrap(),
+        ));
+        let e = specs(positional, &c, Path::new("/etc/p.yaml")).unwrap_err();
+        assert!(e.contains("/etc/p.yaml, routes[0], line 4"), "{e}");
+        assert!(e.contains("vsock:8000 is already LISTEN"), "{e}");
+    }
+
+    #[test]
+    fn no_route_anywhere_says_how_to_give_one() {
+        let e = specs(None, &config(ALLOW), Path::new("/etc/p.yaml")).unwrap_err();
+        assert!(e.contains("LISTEN REMOTE_ADDR REMOTE_PORT"), "{e}");
+        assert!(e.contains("routes:"), "{e}");
+    }
+
+    #[test]
+    fn the_route_idle_timeout_overrides_the_command_lines() {
+        let spec = settings("8000", "a.example:443", Some(600)).spec;
+        let target = Target {
+            host: Host::parse("a.example").unwrap(),
+            port: 443,
+        };
+        let s = Settings::new(spec.clone(), target.clone(), Some(Duration::from_secs(5)));
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(600)));
+        let spec = RouteSpec {
+            idle_timeout: None,
+            ..spec
+        };
+        let s = Settings::new(spec, target, Some(Duration::from_secs(5)));
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(s.to_string(), "vsock:8000 -> a.example:443");
+    }
+
+    #[test]
+    fn plan_diffs_by_listen_address() {
+        let current: Vec<Arc<Settings>> = [
+            settings("8000", "a.example:443", None),
+            settings("8001", "b.example:443", None),
+            settings("8002", "c.example:443", None),
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        let mut moved = settings("8001", "b.example:443", None);
+        moved.spec.origin = Origin::File {
+            index: 3,
+            line: Some(9),
+        };
+        let wanted = vec![
+            settings("8000", "a.example:443", Some(60)),
+            moved,
+            settings("8003", "d.example:443", None),
+        ];
+        let p = plan(&current, wanted);
+        assert_eq!(p.removed, vec!["8002".parse().unwrap()]);
+        assert_eq!(p.unchanged, vec!["8001".parse().unwrap()]);
+        assert_eq!(p.changed.len(), 1);
+        assert_eq!(p.changed[0].spec.listen.to_string(), "vsock:8000");
+        assert_eq!(p.added.len(), 1);
+        assert_eq!(p.added[0].target.to_string(), "d.example:443");
+        assert_eq!(
+            p.summary(),
+            "3 routes: 1 added, 1 removed, 1 changed, 1 unchanged"
+        );
+    }
+
+    #[test]
+    fn route_slots_respect_the_limit_and_are_given_back() {
+        let mut s = settings("8000", "a.example:443", None);
+        s.max_connections = Some(2);
+        let route = Arc::new(Route::new(s));
+        let a = route.try_reserve().unwrap();
+        let _b = route.try_reserve().unwrap();
+        assert_eq!(route.try_reserve().unwrap_err(), 2);
+        drop(a);
+        let _c = route.try_reserve().unwrap();
+        assert_eq!(route.counters.open.load(Ordering::Relaxed), 2);
+        // A reload that raises the limit applies to the next connection.
+        let mut raised = (*route.settings()).clone();
+        raised.max_connections = Some(3);
+        route.replace_settings(raised);
+        let _d = route.try_reserve().unwrap();
+        assert_eq!(route.counters.open.load(Ordering::Relaxed), 3);
+    }
+}
