@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::{connect, is_listening, PROXY_BIN};
-use common::upstream::echo_server;
+use common::upstream::{echo_server, response_server};
 use systemd_support::{Daemon, NotifySocket};
 use tokio::io::AsyncReadExt;
 
@@ -50,15 +50,25 @@ async fn round_trip(listen: &str, msg: &[u8]) -> Vec<u8> {
 }
 
 #[test]
-fn passed_tcp_and_unix_listeners_both_carry_traffic() {
+fn two_passed_sockets_each_serve_the_route_with_their_listen_address() {
     run_in_netns(|| async {
         add_lo_addr(ip("192.0.2.10"));
-        let _up = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        add_lo_addr(ip("192.0.2.20"));
+        let _echo = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        let unix_upstream =
+            response_server("192.0.2.20:443".parse().unwrap(), b"unix route".to_vec()).await;
         let dir = tempfile::tempdir().unwrap();
-        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
         let sock = dir.path().join("proxy.sock");
         let tcp = "tcp:127.0.0.1:8001";
         let unix = format!("unix:{}", sock.display());
+        // The tcp route is the positional one, the unix route comes from the file.
+        let config = common::write_allowlist(
+            &dir,
+            &format!(
+                "allowlist:\n- {{address: 192.0.2.10, port: 443}}\n- {{address: 192.0.2.20, port: 443}}\n\
+                 routes:\n- {{listen: '{unix}', remote: '192.0.2.20:443'}}\n"
+            ),
+        );
         let notify = NotifySocket::bind(dir.path());
         let mut daemon = activate(
             &["127.0.0.1:8001", sock.to_str().unwrap()],
@@ -77,24 +87,25 @@ fn passed_tcp_and_unix_listeners_both_carry_traffic() {
             round_trip(tcp, b"first, over tcp").await,
             b"first, over tcp"
         );
-        assert_eq!(
-            round_trip(&unix, b"then over unix").await,
-            b"then over unix"
-        );
+        assert_eq!(round_trip(&unix, b"then over unix").await, b"unix route");
         assert_eq!(round_trip(tcp, b"and tcp again").await, b"and tcp again");
+        assert_eq!(unix_upstream.accepted(), 1);
         let logs = daemon.logs();
         assert!(
-            logs.contains("using the sockets passed by systemd"),
+            logs.contains(&format!("sockets={tcp} {unix}\n")),
+            "both passed sockets matched to routes: {logs}"
+        );
+        assert!(
+            !logs.contains("listening on it here"),
+            "bound a route that systemd passed: {logs}"
+        );
+        assert!(
+            logs.contains(&format!("route={unix} ")) && logs.contains("peer=unix:"),
             "{logs}"
         );
         assert!(
-            logs.contains(&format!("listen=tcp:127.0.0.1:8001 {unix}")),
-            "serves both passed sockets: {logs}"
-        );
-        assert!(logs.contains("peer=unix:"), "{logs}");
-        assert!(
             notify
-                .wait_for(WAIT, |m| m.contains("READY=1"))
+                .wait_for(WAIT, |m| m.contains("READY=1") && m.contains("2 routes"))
                 .await
                 .is_some(),
             "{:?}",
@@ -115,20 +126,30 @@ fn passed_tcp_and_unix_listeners_both_carry_traffic() {
 }
 
 #[test]
-fn passed_vsock_listener_is_adopted_and_a_mismatched_listen_is_reported() {
+fn passed_vsock_listener_is_adopted_for_its_route_and_other_routes_are_bound() {
     run_in_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
-        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
         // A vsock port unlikely to be used by anything else on this machine (vsock has no
         // network namespaces). Nothing ever connects to it.
         let vsock_port = 40000 + (std::process::id() % 20000);
-        let vsock = format!("vsock::{vsock_port}");
-        let mut daemon = activate(
-            &[&vsock, "127.0.0.1:8001"],
-            false,
-            &[],
-            &["tcp:127.0.0.1:9", "192.0.2.10", "443", "--config", &config],
+        let config = common::write_allowlist(
+            &dir,
+            &format!(
+                "{}routes:\n- {{listen: 'tcp:127.0.0.1:8001', remote: '192.0.2.10:443'}}\n\
+                 - {{listen: 'tcp:127.0.0.1:8002', remote: '192.0.2.10:443'}}\n",
+                common::UPSTREAM_ALLOWLIST
+            ),
         );
+        let vsock = format!("vsock::{vsock_port}");
+        let args = [
+            vsock_port.to_string(),
+            "192.0.2.10".into(),
+            "443".into(),
+            "--config".into(),
+            config.clone(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut daemon = activate(&[&vsock, "127.0.0.1:8001"], false, &[], &args);
         assert!(
             common::wait_until(WAIT, || is_listening("tcp:127.0.0.1:8001")).await,
             "{}",
@@ -140,21 +161,24 @@ fn passed_vsock_listener_is_adopted_and_a_mismatched_listen_is_reported() {
         let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut rest)).await;
         assert!(
             daemon
-                .wait_for_log(&format!("vsock:any:{vsock_port}"), WAIT)
+                .wait_for_log(
+                    &format!("sockets=vsock:{vsock_port} tcp:127.0.0.1:8001\n"),
+                    WAIT
+                )
                 .await,
-            "the vsock listener was not adopted: {}",
+            "the vsock and tcp listeners were not adopted for their routes: {}",
             daemon.logs()
         );
         assert!(
             daemon
-                .wait_for_log("LISTEN is not among the sockets passed by systemd", WAIT)
-                .await,
-            "{}",
+                .wait_for_log(
+                    "no socket passed by systemd for this route; listening on it here route=tcp:127.0.0.1:8002",
+                    WAIT
+                )
+                .await
+                && common::wait_until(WAIT, || is_listening("tcp:127.0.0.1:8002")).await,
+            "the route systemd did not pass is bound here: {}",
             daemon.logs()
-        );
-        assert!(
-            !is_listening("tcp:127.0.0.1:9"),
-            "bound LISTEN despite passed sockets"
         );
         daemon.signal(libc::SIGTERM);
         let status = daemon
@@ -162,6 +186,28 @@ fn passed_vsock_listener_is_adopted_and_a_mismatched_listen_is_reported() {
             .await
             .expect("did not exit after SIGTERM");
         assert_eq!(status.code(), Some(0), "{}", daemon.logs());
+
+        // A passed socket that matches no route: exit 2 naming it and the .socket setting.
+        let mut daemon = activate(&["127.0.0.1:8003"], false, &[], &args);
+        assert!(
+            common::wait_until(WAIT, || is_listening("tcp:127.0.0.1:8003")).await,
+            "{}",
+            daemon.logs()
+        );
+        let mut c = connect("tcp:127.0.0.1:8003").await;
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut rest)).await;
+        let status = daemon.wait_exit(WAIT).await.expect("did not exit");
+        assert_eq!(status.code(), Some(2), "{}", daemon.logs());
+        let logs = daemon.logs();
+        assert!(
+            logs.contains("systemd passed a socket listening on tcp:127.0.0.1:8003")
+                && logs.contains("ListenStream=")
+                && logs.contains(&format!(
+                    "vsock:{vsock_port}, tcp:127.0.0.1:8001, tcp:127.0.0.1:8002"
+                )),
+            "names the socket, the routes and the .socket setting: {logs}"
+        );
+        assert!(!is_listening("tcp:127.0.0.1:8002"), "bound despite exit 2");
     });
 }
 

@@ -65,7 +65,7 @@ fn ready_after_bind_then_status_reload_and_stopping() {
         );
         assert!(
             ready.contains(
-                "STATUS=tcp:127.0.0.1:8001 -> 192.0.2.10:443; 0 open, 0 accepted, 0 denied"
+                "STATUS=1 route: tcp:127.0.0.1:8001 -> 192.0.2.10:443; 0 open, 0 accepted, 0 denied"
             ),
             "{ready}"
         );
@@ -287,7 +287,10 @@ fn journal_stream_on_stderr_selects_priority_prefixed_lines() {
             .lines()
             .find(|l| l.contains("connection refused"))
             .unwrap();
-        assert!(refused.starts_with("<4>conn{id=1 "), "{refused}");
+        assert!(
+            refused.starts_with("<4>conn{route=tcp:127.0.0.1:8001 id=1 "),
+            "{refused}"
+        );
 
         // A usage error, reported before the logger exists, is an error in the journal too.
         let mut cmd = Command::new(PROXY_BIN);

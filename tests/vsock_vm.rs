@@ -10,7 +10,7 @@
 //!
 //! Each test proves it used vsock, so a fallback to a stand-in transport cannot pass it: the
 //! client socket's domain is `AF_VSOCK` and its peer is CID 1 at the daemon's port, the daemon
-//! logs `listen=vsock:any:PORT`, and the daemon's log line for the connection names the peer
+//! logs `listen=vsock:PORT`, and the daemon's log line for the connection names the peer
 //! `vsock:1:LOCAL_PORT` with the client socket's own local port.
 //!
 //! Everything else is as in the host integration tests (`tests/common`): each test gets its own
@@ -100,7 +100,7 @@ async fn start_daemon(
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let proxy = Proxy::spawn(&args);
-    let listening = format!("listen=vsock:any:{port}");
+    let listening = format!("listen=vsock:{port}");
     assert!(
         proxy.wait_for_log(&listening, LOG_TIMEOUT).await,
         "the daemon did not log `{listening}`:\n{}",

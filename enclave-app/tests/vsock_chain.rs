@@ -18,9 +18,9 @@
 //! fails if that line ever appears inside the VM.
 //!
 //! Each test proves it used vsock, so a fallback to a stand-in cannot pass it: the daemon logs
-//! `listen=vsock:any:PORT` and the connection it served with `peer=vsock:1:PORT`; the forwarder
+//! `listen=vsock:PORT` and the connection it served with `peer=vsock:1:PORT`; the forwarder
 //! logs `target=vsock:1:DAEMON_PORT` and the same byte counts as the daemon's connection; the
-//! server logs `listen=vsock:any:PORT` and answers (or fails) inside a span naming a `vsock:1:`
+//! server logs `listen=vsock:PORT` and answers (or fails) inside a span naming a `vsock:1:`
 //! peer; the client names `vsock:1:SERVER_PORT` when it fails. Each test has its own network
 //! namespace (loopback, DNS server, stand-in address) and, since vsock is not namespaced, its own
 //! vsock ports.
@@ -113,7 +113,7 @@ impl VsockChain {
         );
         wait_logged(
             &mut daemon,
-            &format!("listen=vsock:any:{}", setup.daemon_port),
+            &format!("listen=vsock:{}", setup.daemon_port),
         )
         .await;
 
@@ -157,7 +157,7 @@ impl VsockChain {
         );
         wait_logged(
             &mut server,
-            &format!("listen=vsock:any:{}", setup.server_port),
+            &format!("listen=vsock:{}", setup.server_port),
         )
         .await;
 
