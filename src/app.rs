@@ -131,7 +131,9 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
             route = %route.listen,
             remote = %settings.target,
             max_connections = settings.max_connections,
-            idle_timeout = settings.idle_timeout.map(|d| humantime::format_duration(d).to_string()),
+            idle_timeout = settings
+                .idle_timeout
+                .map(|d| tracing::field::display(humantime::format_duration(d))),
             from = %settings.spec.origin,
             "serving route"
         );

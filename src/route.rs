@@ -98,8 +98,8 @@ pub fn specs(
         return Err(format!(
             "no route to serve: give one on the command line (nitro-vsock-proxy LISTEN \
              REMOTE_ADDR REMOTE_PORT, e.g. nitro-vsock-proxy 8000 kms.us-east-1.amazonaws.com \
-             443 --config {0}) or add `routes:` to {0}, e.g.\n  routes:\n    - listen: 8000\n      \
-             remote: kms.us-east-1.amazonaws.com:443",
+             443 --config {0}) or add `routes:` to {0}, e.g. `routes: [{{listen: 8000, remote: \
+             kms.us-east-1.amazonaws.com:443}}]`",
             config_path.display()
         ));
     }

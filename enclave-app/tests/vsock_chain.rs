@@ -111,11 +111,7 @@ impl VsockChain {
             ],
             &[],
         );
-        wait_logged(
-            &mut daemon,
-            &format!("listen=vsock:{}", setup.daemon_port),
-        )
-        .await;
+        wait_logged(&mut daemon, &format!("listen=vsock:{}", setup.daemon_port)).await;
 
         // The enclave's forwarder: TCP 127.0.0.1:443 to vsock CID 1 at the daemon's port.
         let mut forwarder = Proc::spawn(
@@ -155,11 +151,7 @@ impl VsockChain {
             ],
             &[],
         );
-        wait_logged(
-            &mut server,
-            &format!("listen=vsock:{}", setup.server_port),
-        )
-        .await;
+        wait_logged(&mut server, &format!("listen=vsock:{}", setup.server_port)).await;
 
         VsockChain {
             setup,
