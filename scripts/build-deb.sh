@@ -18,11 +18,13 @@ bin=target/release/$NAME
 
 install -D -m 0755 "$bin" "$STAGE/usr/bin/$NAME"
 install -d -m 0755 "$STAGE/lib/systemd/system"
-install -m 0644 systemd/$NAME.service systemd/$NAME@.service systemd/$NAME.socket "$STAGE/lib/systemd/system/"
+install -m 0644 systemd/$NAME.service systemd/$NAME@.service systemd/$NAME.socket \
+  systemd/$NAME-routes.service "$STAGE/lib/systemd/system/"
 install -d -m 0755 "$STAGE/etc/$NAME"
 install -m 0644 config/vsock-proxy.yaml "$STAGE/etc/$NAME/vsock-proxy.yaml"
 install -m 0644 config/workshop.env "$STAGE/etc/$NAME/workshop.env"
 install -m 0644 config/your-vsock-proxy.yaml "$STAGE/etc/$NAME/workshop.yaml"
+install -m 0644 config/routes.example.yaml "$STAGE/etc/$NAME/routes.yaml"
 install -d -m 0755 "$STAGE/usr/share/doc/$NAME"
 gzip -9n -c README.md >"$STAGE/usr/share/doc/$NAME/README.md.gz"
 {

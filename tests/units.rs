@@ -13,10 +13,11 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nitro-vsock-proxy");
 const INSTALLED_BIN: &str = "/usr/bin/nitro-vsock-proxy";
-const UNITS: [&str; 3] = [
+const UNITS: [&str; 4] = [
     "nitro-vsock-proxy.service",
     "nitro-vsock-proxy@.service",
     "nitro-vsock-proxy.socket",
+    "nitro-vsock-proxy-routes.service",
 ];
 
 fn unit_dir() -> PathBuf {
@@ -114,7 +115,12 @@ fn units_carry_the_issue_s_contract() {
     let service = read_unit("nitro-vsock-proxy.service");
     let template = read_unit("nitro-vsock-proxy@.service");
     let socket = read_unit("nitro-vsock-proxy.socket");
-    for (name, text) in [("service", &service), ("template", &template)] {
+    let routes = read_unit("nitro-vsock-proxy-routes.service");
+    for (name, text) in [
+        ("service", &service),
+        ("template", &template),
+        ("routes", &routes),
+    ] {
         for line in [
             "Type=notify",
             "ExecReload=/bin/kill -HUP $MAINPID",
@@ -143,6 +149,20 @@ fn units_carry_the_issue_s_contract() {
     assert!(template.contains("EnvironmentFile=/etc/nitro-vsock-proxy/%i.env"));
     assert!(template.contains("--config /etc/nitro-vsock-proxy/%i.yaml"));
     assert!(socket.lines().any(|l| l == "ListenStream=vsock::8000"));
+    // The routes service: the file's routes only, and a reload that fails on an invalid file
+    // (the check runs before the signal).
+    let exec: Vec<&str> = routes
+        .lines()
+        .filter(|l| l.starts_with("ExecStart=") || l.starts_with("ExecReload="))
+        .collect();
+    assert_eq!(
+        exec,
+        [
+            format!("ExecStart={INSTALLED_BIN} --config /etc/nitro-vsock-proxy/routes.yaml"),
+            format!("ExecReload={INSTALLED_BIN} --config /etc/nitro-vsock-proxy/routes.yaml --check-config"),
+            "ExecReload=/bin/kill -HUP $MAINPID".to_owned(),
+        ]
+    );
 
     // The shipped files the units read (the allowlist is also loaded by the real binary in
     // tests/region.rs).
@@ -175,5 +195,29 @@ fn units_carry_the_issue_s_contract() {
             allowlist.contains(&format!("{{address: {entry}, port: 443}}")),
             "config/vsock-proxy.yaml lacks {entry}"
         );
+    }
+}
+
+#[test]
+fn the_shipped_routes_example_passes_check_config() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/routes.example.yaml");
+    let out = Command::new(BIN)
+        .args(["--check-config", "--config"])
+        .arg(&example)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for route in [
+        "route vsock:8000 -> kms.us-east-1.amazonaws.com:443",
+        "route vsock:8003 -> secretsmanager.us-east-1.amazonaws.com:443",
+        "route vsock:8004 -> s3.us-east-1.amazonaws.com:443",
+    ] {
+        assert!(stdout.contains(route), "{route}: {stdout}");
     }
 }

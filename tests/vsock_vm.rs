@@ -284,6 +284,76 @@ fn denied_connections_are_closed_and_logged_with_their_vsock_peer() {
 }
 
 #[test]
+fn two_routes_over_vsock_each_reach_their_own_upstream() {
+    if !in_vm("vsock_vm") {
+        return;
+    }
+    run_in_netns(|| async {
+        const KMS: u32 = 8010;
+        const SECRETS: u32 = 8013;
+        add_lo_addr(ip("192.0.2.10"));
+        add_lo_addr(ip("192.0.2.20"));
+        let kms = response_server("192.0.2.10:443".parse().unwrap(), b"kms".to_vec()).await;
+        let secrets = response_server("192.0.2.20:443".parse().unwrap(), b"secrets".to_vec()).await;
+        let dns = TestDns::start(DNS_ADDR.parse().unwrap()).await;
+        dns.set("kms.test", &[ip("192.0.2.10")], 60);
+        dns.set("secrets.test", &[ip("192.0.2.20")], 60);
+        let dir = tempfile::tempdir().unwrap();
+        // No positional route: both come from the file's `routes:`, one by port alone (AWS's
+        // form, any CID), one as vsock:CID:PORT with any CID spelled out.
+        let config = common::write_allowlist(
+            &dir,
+            &format!(
+                "allowlist:\n- {{address: kms.test, port: 443}}\n- {{address: secrets.test, port: 443}}\n\
+                 routes:\n- {{listen: {KMS}, remote: 'kms.test:443'}}\n\
+                 - {{listen: 'vsock:any:{SECRETS}', remote: 'secrets.test:443', max_connections: 8}}\n"
+            ),
+        );
+        let proxy = Proxy::spawn(&[
+            "--config",
+            &config,
+            "--nameserver",
+            DNS_ADDR,
+            "--dns-timeout",
+            "2s",
+        ]);
+        let listening = format!("listen=vsock:{KMS} vsock:{SECRETS}");
+        assert!(
+            proxy.wait_for_log(&listening, LOG_TIMEOUT).await,
+            "the daemon did not log `{listening}`:\n{}",
+            proxy.logs()
+        );
+        for _ in 0..2 {
+            let (reply, kms_port) = round_trip(KMS, b"encrypt").await;
+            assert_eq!(reply, b"kms");
+            assert_log_line(
+                &proxy,
+                kms_port,
+                &[
+                    &format!("route=vsock:{KMS} "),
+                    "upstream=192.0.2.10:443",
+                    "connection closed",
+                ],
+            )
+            .await;
+            let (reply, secrets_port) = round_trip(SECRETS, b"get secret").await;
+            assert_eq!(reply, b"secrets");
+            assert_log_line(
+                &proxy,
+                secrets_port,
+                &[
+                    &format!("route=vsock:{SECRETS} "),
+                    "upstream=192.0.2.20:443",
+                    "connection closed",
+                ],
+            )
+            .await;
+        }
+        assert_eq!((kms.accepted(), secrets.accepted()), (2, 2));
+    });
+}
+
+#[test]
 fn half_close_over_vsock_lets_the_response_through() {
     if !in_vm("vsock_vm") {
         return;

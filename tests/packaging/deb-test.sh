@@ -20,9 +20,11 @@ fi
 echo "checking $deb"
 
 expected=$(sort <<'LIST'
+/etc/nitro-vsock-proxy/routes.yaml
 /etc/nitro-vsock-proxy/vsock-proxy.yaml
 /etc/nitro-vsock-proxy/workshop.env
 /etc/nitro-vsock-proxy/workshop.yaml
+/lib/systemd/system/nitro-vsock-proxy-routes.service
 /lib/systemd/system/nitro-vsock-proxy.service
 /lib/systemd/system/nitro-vsock-proxy.socket
 /lib/systemd/system/nitro-vsock-proxy@.service

@@ -29,10 +29,12 @@ check "spec Version ($spec_version) equals Cargo.toml version ($version)" [ "$sp
 
 expected_files=$(sort <<'LIST'
 /etc/nitro-vsock-proxy
+/etc/nitro-vsock-proxy/routes.yaml
 /etc/nitro-vsock-proxy/vsock-proxy.yaml
 /etc/nitro-vsock-proxy/workshop.env
 /etc/nitro-vsock-proxy/workshop.yaml
 /usr/bin/nitro-vsock-proxy
+/usr/lib/systemd/system/nitro-vsock-proxy-routes.service
 /usr/lib/systemd/system/nitro-vsock-proxy.service
 /usr/lib/systemd/system/nitro-vsock-proxy.socket
 /usr/lib/systemd/system/nitro-vsock-proxy@.service
