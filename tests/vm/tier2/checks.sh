@@ -13,6 +13,9 @@
 #              ~@resources (second instance with a drop-in); the watchdog fed, no restart
 #   stop       systemctl stop while a connection is open: new ones refused, the open one
 #              finishes, the unit ends inactive with Result=success
+#   routes     nitro-vsock-proxy-routes.service with a routes.yaml of two routes: traffic on both
+#              over vsock, each to its own upstream; systemctl reload adds a third; a reload with
+#              a route the allowlist does not allow fails and changes nothing; stop
 #   socket     the shipped nitro-vsock-proxy.socket + .service, unchanged: the first connection
 #              starts the service (region from a stand-in IMDS at 169.254.169.254), is served
 #   upgrade    rpm -U to release 2 restarts the running instance and the default service;
@@ -152,7 +155,8 @@ dump_diagnostics() {
   systemctl --no-pager status 'nitro-vsock-proxy*' 'nvp-*' 2>&1 | head -n 120
   local u
   for u in "$INSTANCE" "$DEFAULT" "$SOCKET" nvp-enclave.service nvp-enclave-kms.service \
-    nvp-https.service nvp-loopback.service nvp-dns.service nvp-slow.service; do
+    nvp-https.service nvp-loopback.service nvp-dns.service nvp-slow.service \
+    nitro-vsock-proxy-routes.service; do
     echo "---- journalctl -u $u"
     jlog "$u" -o short-monotonic | tail -n 60
   done
@@ -377,6 +381,78 @@ check "the daemon logged the drain: SIGTERM, stopped accepting, stopped with non
   eval 'jlog "$INSTANCE" | grep -Eq "stopping signal=\"?SIGTERM" && jlog "$INSTANCE" | grep -q "stopped accepting" && jlog "$INSTANCE" | grep -Eq "stopped .*closed_at_stop=0"'
 systemctl stop nvp-slow.service
 set_dns ip-ranges.amazonaws.com=192.0.2.10 kms.us-east-1.amazonaws.com=192.0.2.10
+
+# ---------------------------------------------------------------------------------------------
+section "routes: nitro-vsock-proxy-routes.service serves every route of routes.yaml; reload adds one"
+ROUTES=nitro-vsock-proxy-routes.service
+ROUTES_CONF=/etc/nitro-vsock-proxy/routes.yaml
+check "the RPM installed $ROUTES and routes.yaml (the KMS + Secrets Manager + S3 example)" \
+  eval '[ -f "/usr/lib/systemd/system/$ROUTES" ] && grep -q "remote: secretsmanager.us-east-1.amazonaws.com:443" "$ROUTES_CONF"'
+cp "$ROUTES_CONF" "$W/routes.yaml.stock"
+# One upstream per route, each answering with its own name.
+for n in 41 42 43; do
+  ip addr add "192.0.2.$n/32" dev lo
+  systemd-run --quiet --collect --unit="nvp-upstream-$n" socat TCP-LISTEN:443,bind="192.0.2.$n",reuseaddr,fork \
+    SYSTEM:"echo upstream-$n"
+done
+check "the three route upstreams listen on 192.0.2.41-43:443" \
+  eval 'wait_for 10 tcp_listening 192.0.2.41:443 && wait_for 10 tcp_listening 192.0.2.42:443 && wait_for 10 tcp_listening 192.0.2.43:443'
+# via_route PORT: what the upstream behind vsock 1:PORT answers.
+via_route() { printf 'hello\n' | timeout 20 socat -t 5 - "VSOCK-CONNECT:1:$1" 2>/dev/null; }
+answers() { [[ $(via_route "$1") == "$2" ]]; }
+routes_yaml() { # LAST_REMOTE [THIRD_ROUTE_REMOTE]
+  echo "allowlist:"
+  for n in 41 42 43; do echo "  - {address: 192.0.2.$n, port: 443}"; done
+  echo "routes:"
+  echo "  - {listen: 8020, remote: '192.0.2.41:443'}"
+  echo "  - {listen: 8021, remote: '$1', max_connections: 16}"
+  if [ -n "${2:-}" ]; then echo "  - {listen: 8022, remote: '$2', idle_timeout: 1m}"; fi
+}
+routes_yaml 192.0.2.42:443 >"$ROUTES_CONF"
+rc=0
+systemctl start "$ROUTES" || rc=$?
+check "systemctl start $ROUTES succeeds: active, vsock 8020 and 8021 listen" \
+  eval '((rc == 0)) && state_is "$ROUTES" active && wait_for 10 vsock_listening 8020 && wait_for 10 vsock_listening 8021'
+check "route vsock:8020 reaches its upstream (192.0.2.41)" answers 8020 upstream-41
+check "route vsock:8021 reaches its own upstream (192.0.2.42)" answers 8021 upstream-42
+check "the journal names each connection's route" \
+  eval 'wait_log 10 "$ROUTES" "conn\{route=vsock:8020 id=[0-9]+ peer=vsock:1:[0-9]+ upstream=192\.0\.2\.41:443\}: connection closed" 1 &&
+    wait_log 10 "$ROUTES" "conn\{route=vsock:8021 id=[0-9]+ peer=vsock:1:[0-9]+ upstream=192\.0\.2\.42:443\}: connection closed" 1'
+status_starts() { [[ $(prop "$ROUTES" StatusText) == "$1"* ]]; }
+check "STATUS= shows 2 routes and the totals" \
+  wait_for 10 status_starts "2 routes: vsock:8020 -> 192.0.2.41:443, vsock:8021 -> 192.0.2.42:443; 0 open, 2 accepted"
+note "status: $(prop "$ROUTES" StatusText)"
+# shellcheck disable=SC2034 # used in the eval'd conditions below
+routes_pid=$(pid_of "$ROUTES")
+routes_yaml 192.0.2.42:443 192.0.2.43:443 >"$ROUTES_CONF"
+rc=0
+systemctl reload "$ROUTES" || rc=$?
+check "systemctl reload with a third route succeeds (same process)" \
+  eval '((rc == 0)) && [[ $(pid_of "$ROUTES") == "$routes_pid" ]]'
+check "the new route vsock:8022 listens and reaches 192.0.2.43" \
+  eval 'wait_for 10 vsock_listening 8022 && answers 8022 upstream-43'
+check "the first two routes still answer" eval 'answers 8020 upstream-41 && answers 8021 upstream-42'
+check "the reload was logged: 1 added, 2 unchanged" \
+  wait_log 10 "$ROUTES" 'allowlist reloaded; 3 allowlist entries; 3 routes: 1 added, 0 removed, 0 changed, 2 unchanged' 1
+check "STATUS= shows 3 routes" status_starts "3 routes: "
+# An edit the allowlist does not allow: systemctl reload fails (--check-config in ExecReload),
+# nothing changes.
+routes_yaml 192.0.2.99:443 192.0.2.43:443 >"$ROUTES_CONF"
+rc=0
+systemctl reload "$ROUTES" 2>"$W/routes-reload.err" || rc=$?
+check "systemctl reload of a route the allowlist does not allow fails" eval '((rc != 0))'
+check "the journal says which route and why" \
+  wait_log 10 "$ROUTES" 'route vsock:8021 -> 192\.0\.2\.99:443 \(routes\[1\], line 6\): 192\.0\.2\.99:443 is not allowed' 1
+check "the service still runs and serves every route as before" \
+  eval 'state_is "$ROUTES" active && [[ $(pid_of "$ROUTES") == "$routes_pid" ]] && answers 8021 upstream-42 && answers 8022 upstream-43'
+sandbox_facts "$ROUTES"
+rc=0
+systemctl stop "$ROUTES" || rc=$?
+check "systemctl stop $ROUTES: inactive with Result=success, no route listens" \
+  eval '((rc == 0)) && state_is "$ROUTES" inactive && [[ $(prop "$ROUTES" Result) == success ]] &&
+    ! vsock_listening 8020 && ! vsock_listening 8021 && ! vsock_listening 8022'
+cp "$W/routes.yaml.stock" "$ROUTES_CONF"
+for n in 41 42 43; do systemctl stop "nvp-upstream-$n.service"; done
 
 # ---------------------------------------------------------------------------------------------
 section "socket: the shipped nitro-vsock-proxy.socket starts the shipped service on the first connection"
