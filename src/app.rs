@@ -24,7 +24,7 @@ use crate::cli::Options;
 use crate::dns::Dns;
 use crate::endpoint::{Endpoint, Listener};
 use crate::route::{self, Route, Settings};
-use crate::server::{self, Command, Heartbeat, Served, ServerLimits, Shared};
+use crate::server::{self, Command, Heartbeat, ServedRoute, ServerLimits, Shared};
 use crate::systemd::Notifier;
 
 /// How often STATUS= is refreshed (only when it changed, only under a service manager).
@@ -118,8 +118,8 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
     let served = listen(&routes).await?;
     let listening: Vec<String> = served
         .iter()
-        .map(|s| {
-            s.listener
+        .map(|(listener, s)| {
+            listener
                 .local_endpoint()
                 .map(|e| e.to_string())
                 .unwrap_or_else(|_| s.route.listen.to_string())
@@ -239,14 +239,14 @@ async fn bind(endpoint: &Endpoint) -> Result<(Listener, Option<std::path::PathBu
 /// The listeners: each socket systemd passed (socket activation) serves the route with the same
 /// listen address; every other route's address is bound here. A passed socket that matches no
 /// route is a configuration error (the .socket unit and the routes disagree).
-async fn listen(routes: &[Arc<Route>]) -> Result<Vec<Served>, Fatal> {
+async fn listen(routes: &[Arc<Route>]) -> Result<Vec<server::Served>, Fatal> {
     let passed = crate::systemd::take_listen_fds().map_err(Fatal::Config)?;
     let adopted = passed
         .into_iter()
         .map(Listener::from_passed_fd)
         .collect::<Result<Vec<_>, _>>()
         .map_err(Fatal::Config)?;
-    let mut served: Vec<Served> = Vec::new();
+    let mut served: Vec<server::Served> = Vec::new();
     let activated = !adopted.is_empty();
     for listener in adopted {
         let at = listener.local_endpoint().ok();
@@ -254,13 +254,14 @@ async fn listen(routes: &[Arc<Route>]) -> Result<Vec<Served>, Fatal> {
             .as_ref()
             .and_then(|at| routes.iter().find(|r| &r.listen == at));
         match route {
-            Some(route) if !served.iter().any(|s| s.route.listen == route.listen) => {
-                served.push(Served {
+            Some(route) if !served.iter().any(|(_, s)| s.route.listen == route.listen) => served
+                .push((
                     listener,
-                    route: route.clone(),
-                    socket_file: None,
-                })
-            }
+                    ServedRoute {
+                        route: route.clone(),
+                        socket_file: None,
+                    },
+                )),
             _ => {
                 let shown = at.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
                 let listens: Vec<String> = routes.iter().map(|r| r.listen.to_string()).collect();
@@ -272,22 +273,27 @@ async fn listen(routes: &[Arc<Route>]) -> Result<Vec<Served>, Fatal> {
         }
     }
     if activated {
-        let shown: Vec<String> = served.iter().map(|s| s.route.listen.to_string()).collect();
+        let shown: Vec<String> = served
+            .iter()
+            .map(|(_, s)| s.route.listen.to_string())
+            .collect();
         info!(sockets = %shown.join(" "), "using the sockets passed by systemd (socket activation)");
     }
     for route in routes {
-        if served.iter().any(|s| s.route.listen == route.listen) {
+        if served.iter().any(|(_, s)| s.route.listen == route.listen) {
             continue;
         }
         if activated {
             info!(route = %route.listen, "no socket passed by systemd for this route; listening on it here");
         }
         let (listener, socket_file) = bind(&route.listen).await.map_err(Fatal::Runtime)?;
-        served.push(Served {
+        served.push((
             listener,
-            route: route.clone(),
-            socket_file,
-        });
+            ServedRoute {
+                route: route.clone(),
+                socket_file,
+            },
+        ));
     }
     Ok(served)
 }
@@ -438,11 +444,13 @@ async fn reload(r: &mut Reloader) -> Result<String, String> {
             Ok((listener, socket_file)) => {
                 info!(route = %settings, from = %settings.spec.origin, "route added by reload");
                 let route = Arc::new(Route::new(settings));
-                let served = Served {
+                let served = (
                     listener,
-                    route: route.clone(),
-                    socket_file,
-                };
+                    ServedRoute {
+                        route: route.clone(),
+                        socket_file,
+                    },
+                );
                 if r.commands.send(Command::Add(served)).is_ok() {
                     serving.push(route);
                 }

@@ -8,10 +8,12 @@
 //!   [`remote`]: a route's `HOST:PORT`;
 //! - [`dns`]: the shared resolver; [`upstream`]: resolve, decide and connect for one connection;
 //! - [`endpoint`]: vsock and its `unix:`/`tcp:` stand-ins; [`relay`]: the data path;
-//! - [`server`]: the accept loop, limits and draining; [`app`]: start-up, reload and shutdown;
+//! - [`accept`]: the one accept loop (the daemon's and enclave-app's); [`server`]: the
+//!   daemon's listeners, limits and draining; [`app`]: start-up, reload and shutdown;
 //! - [`systemd`]: readiness, status, watchdog, socket activation and journal detection;
 //!   [`imds`]: `{region}` in a remote from the EC2 instance metadata service.
 
+pub mod accept;
 pub mod app;
 pub mod check;
 pub mod cli;

@@ -1,27 +1,28 @@
-//! The accept loop, the connection limits and graceful shutdown.
+//! The daemon's listeners, the connection limits and graceful shutdown.
 //!
-//! This module owns the life of the listening sockets and of every connection task: one loop
-//! accepts from the listener of every route (backing off on errors such as EMFILE instead of
-//! spinning or exiting), takes listeners in and out as a reload adds and removes routes
-//! ([`Command`]), enforces `--max-connections` and each route's `max_connections` by closing
+//! This module owns the life of the listening sockets and of every connection task: the accept
+//! loop ([`crate::accept::run`]) accepts from the listener of every route, takes listeners in and
+//! out as a reload adds and removes routes ([`Command`]), and this module enforces `--max-connections` and each route's `max_connections` by closing
 //! excess connections at once, runs one [`handle`] task per connection inside its own
 //! `conn{route id peer}` span, and on shutdown stops accepting, lets open connections finish for
 //! the drain timeout, then returns. A removed route drains the same way on its own
 //! ([`drain_removed_route`]).
 //!
 //! The loop also beats a [`Heartbeat`] (systemd's watchdog) between accepts, so the pings stop
-//! when the loop itself is stuck — not merely when some other task still runs.
+//! when the loop itself is stuck — not merely when some other task still runs; and keeps beating
+//! while the daemon drains.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
+pub use crate::accept::Heartbeat;
+use crate::accept::{OverLimitLog, Pulse};
 use crate::dns::Dns;
 use crate::endpoint::{Endpoint, Listener, Stream};
 use crate::policy::Policy;
@@ -88,15 +89,17 @@ impl Shared {
 }
 
 /// A route's listener, as the accept loop holds it.
-pub struct Served {
-    pub listener: Listener,
+pub type Served = (Listener, ServedRoute);
+
+/// The route a listener serves.
+pub struct ServedRoute {
     pub route: Arc<Route>,
     /// A unix socket file this process created, removed when the listener is dropped (one that
     /// systemd passed belongs to the .socket unit and stays).
     pub socket_file: Option<PathBuf>,
 }
 
-impl Drop for Served {
+impl Drop for ServedRoute {
     fn drop(&mut self) {
         if let Some(path) = &self.socket_file {
             let _ = std::fs::remove_file(path);
@@ -119,27 +122,6 @@ pub struct ServerLimits {
     pub drain_timeout: Duration,
 }
 
-/// Something to call regularly from the accept loop while it is alive (the watchdog ping).
-pub struct Heartbeat {
-    pub every: Duration,
-    pub beat: Box<dyn Fn() + Send + Sync>,
-}
-
-/// Waits for the next heartbeat tick and beats; never resolves without a heartbeat.
-async fn next_beat(heartbeat: &mut Option<(tokio::time::Interval, Heartbeat)>) {
-    match heartbeat {
-        Some((interval, heartbeat)) => {
-            interval.tick().await;
-            (heartbeat.beat)();
-        }
-        None => std::future::pending().await,
-    }
-}
-
-const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-const OVER_LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
-
 /// Serves `served` (and whatever `commands` adds) until `shutdown` resolves, then drains.
 /// Returns how many connections were still open when the drain timeout ran out (they are
 /// closed when the runtime stops).
@@ -147,29 +129,31 @@ pub async fn serve(
     served: Vec<Served>,
     shared: Arc<Shared>,
     limits: ServerLimits,
-    commands: mpsc::UnboundedReceiver<Command>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
     shutdown: impl std::future::Future<Output = ()>,
     heartbeat: Option<Heartbeat>,
 ) -> usize {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let mut heartbeat = heartbeat.map(|h| {
-        let mut interval = tokio::time::interval(h.every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        (interval, h)
-    });
-    let mut accept = AcceptLoop {
-        served,
+    let mut pulse = Pulse::new(heartbeat);
+    let mut listeners = served;
+    let mut admission = Admission {
         shared: shared.clone(),
         permits: permits.clone(),
         max_connections: limits.max_connections,
-        commands,
         over_limit: OverLimitLog::default(),
+        next_id: 0,
     };
     tokio::select! {
-        _ = accept.run(&mut heartbeat) => {}
+        _ = crate::accept::run(
+            &mut listeners,
+            &mut commands,
+            &mut pulse,
+            apply,
+            |served: &ServedRoute, stream, peer| admission.accepted(&served.route, stream, peer),
+        ) => {}
         _ = shutdown => {}
     }
-    drop(accept);
+    drop(listeners);
     let open = limits.max_connections - permits.available_permits();
     if open > 0 {
         info!(open, drain_timeout = %humantime::format_duration(limits.drain_timeout), "stopped accepting; waiting for open connections");
@@ -180,7 +164,7 @@ pub async fn serve(
         loop {
             tokio::select! {
                 _ = permits.acquire_many(all) => return,
-                _ = next_beat(&mut heartbeat) => {}
+                _ = pulse.beat() => {}
             }
         }
     };
@@ -225,106 +209,64 @@ pub async fn drain_removed_route(route: Arc<Route>, timeout: Duration) {
     );
 }
 
-/// The accept loop's state.
-struct AcceptLoop {
-    served: Vec<Served>,
+/// Applies a reload's change to the listeners.
+fn apply(listeners: &mut Vec<Served>, command: Command) {
+    match command {
+        Command::Add(served) => {
+            info!(route = %served.1.route.listen, "accepting on a new route");
+            listeners.push(served);
+        }
+        Command::Remove(listen, done) => {
+            // Dropping the listener closes it: new connects are refused from here on.
+            listeners.retain(|(_, s)| s.route.listen != listen);
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Who gets in: the global limit, then the route's.
+struct Admission {
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
     max_connections: usize,
-    commands: mpsc::UnboundedReceiver<Command>,
     over_limit: OverLimitLog,
+    next_id: u64,
 }
 
-/// What woke the accept loop.
-enum Wake {
-    Command(Option<Command>),
-    Accepted(usize, std::io::Result<(Stream, String)>),
-}
-
-impl AcceptLoop {
-    async fn run(&mut self, heartbeat: &mut Option<(tokio::time::Interval, Heartbeat)>) {
-        let mut backoff = ACCEPT_BACKOFF_START;
-        let mut resume_at: Option<Instant> = None;
-        let mut next_listener = 0;
-        let mut next_id: u64 = 0;
-        let mut commands_open = true;
-        loop {
-            // Accepting is cancel-safe, so a heartbeat tick or a command may interrupt the wait
-            // at any point.
-            let wake = tokio::select! {
-                biased;
-                _ = next_beat(heartbeat) => continue,
-                command = self.commands.recv(), if commands_open => Wake::Command(command),
-                (index, accepted) = accept_any(&self.served, &mut next_listener, resume_at) => {
-                    Wake::Accepted(index, accepted)
-                }
-            };
-            let (index, accepted) = match wake {
-                Wake::Command(Some(command)) => {
-                    self.apply(command);
-                    continue;
-                }
-                Wake::Command(None) => {
-                    commands_open = false;
-                    continue;
-                }
-                Wake::Accepted(index, accepted) => (index, accepted),
-            };
-            let (stream, peer) = match accepted {
-                Ok(accepted) => {
-                    backoff = ACCEPT_BACKOFF_START;
-                    resume_at = None;
-                    accepted
-                }
-                Err(e) => {
-                    // EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: wait a little and keep serving.
-                    warn!(error = %e, retry_in = ?backoff, "accept failed");
-                    resume_at = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                    continue;
-                }
-            };
-            next_id += 1;
-            let route = self.served[index].route.clone();
-            if let Some((permit, slot)) = self.admit(&route, &peer) {
-                spawn_connection(stream, peer, next_id, route, permit, slot, &self.shared);
-            }
-        }
-    }
-
-    fn apply(&mut self, command: Command) {
-        match command {
-            Command::Add(served) => {
-                info!(route = %served.route.listen, "accepting on a new route");
-                self.served.push(served);
-            }
-            Command::Remove(listen, done) => {
-                // Dropping the listener closes it: new connects are refused from here on.
-                self.served.retain(|s| s.route.listen != listen);
-                let _ = done.send(());
-            }
-        }
-    }
-
-    /// A global permit and a route slot for a new connection, or `None` after closing it.
-    fn admit(
-        &mut self,
-        route: &Arc<Route>,
-        peer: &str,
-    ) -> Option<(OwnedSemaphorePermit, RouteSlot)> {
+impl Admission {
+    fn accepted(&mut self, route: &Arc<Route>, stream: Stream, peer: String) {
+        self.next_id += 1;
         let limit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => match route.try_reserve() {
-                Ok(slot) => return Some((permit, slot)),
+                Ok(slot) => {
+                    let id = self.next_id;
+                    return spawn_connection(
+                        stream,
+                        peer,
+                        id,
+                        route.clone(),
+                        permit,
+                        slot,
+                        &self.shared,
+                    );
+                }
                 Err(route_max) => format!("the route's max_connections ({route_max})"),
             },
             Err(_) => format!("--max-connections ({})", self.max_connections),
         };
         // Closing at once tells the enclave now, instead of leaving it hanging in a queue.
+        drop(stream);
         for counters in [&self.shared.counters, &route.counters] {
             counters.rejected_over_limit.fetch_add(1, Ordering::Relaxed);
         }
-        self.over_limit.note(&route.listen, peer, &limit);
-        None
+        if let Some(rejected) = self.over_limit.note() {
+            warn!(
+                route = %route.listen,
+                rejected,
+                peer = %peer,
+                "connection limit reached ({limit}); closing new connections"
+            );
+        }
     }
 }
 
@@ -358,64 +300,6 @@ fn spawn_connection(
         }
         .instrument(span),
     );
-}
-
-/// Polls every listener once, starting after the one that accepted last (so a busy listener
-/// cannot starve the others). Returns which listener accepted.
-fn poll_accept_any(
-    served: &[Served],
-    next: &mut usize,
-    cx: &mut Context<'_>,
-) -> Poll<(usize, std::io::Result<(Stream, String)>)> {
-    let n = served.len();
-    for i in 0..n {
-        let index = (*next + i) % n;
-        if let Poll::Ready(result) = served[index].listener.poll_accept(cx) {
-            *next = (index + 1) % n;
-            return Poll::Ready((index, result));
-        }
-    }
-    Poll::Pending
-}
-
-/// Waits out a back-off (if any), then accepts from any listener.
-async fn accept_any(
-    served: &[Served],
-    next: &mut usize,
-    resume_at: Option<Instant>,
-) -> (usize, std::io::Result<(Stream, String)>) {
-    if let Some(at) = resume_at {
-        tokio::time::sleep_until(at).await;
-    }
-    std::future::poll_fn(|cx| poll_accept_any(served, next, cx)).await
-}
-
-/// Logs connections closed over a limit, at most once per interval.
-#[derive(Default)]
-struct OverLimitLog {
-    last: Option<Instant>,
-    since_last: u64,
-}
-
-impl OverLimitLog {
-    fn note(&mut self, route: &Endpoint, peer: &str, limit: &str) {
-        self.since_last += 1;
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < OVER_LIMIT_LOG_INTERVAL)
-        {
-            return;
-        }
-        warn!(
-            route = %route,
-            rejected = self.since_last,
-            peer = %peer,
-            "connection limit reached ({limit}); closing new connections"
-        );
-        self.last = Some(now);
-        self.since_last = 0;
-    }
 }
 
 /// One enclave connection: enforce the policy, connect, relay, log how it ended.
