@@ -312,7 +312,12 @@ pub async fn check_config(options: &Options) -> u8 {
             }
             Err(e) => {
                 problems += 1;
-                let _ = writeln!(out, "  NOT ALLOWED");
+                let verdict = match e {
+                    Fatal::Config(_) => "NOT ALLOWED",
+                    // DNS could not answer for a remote only DNS can vouch for.
+                    Fatal::Runtime(_) => "NOT CHECKED (DNS did not answer; see the error)",
+                };
+                let _ = writeln!(out, "  {verdict}");
                 eprintln!("{}", e.message());
             }
         }
@@ -323,7 +328,7 @@ pub async fn check_config(options: &Options) -> u8 {
         0
     } else {
         println!(
-            "{}: configuration NOT OK: {problems} route{} not allowed",
+            "{}: configuration NOT OK: {problems} route{} not allowed or not checked",
             path.display(),
             if problems == 1 { "" } else { "s" }
         );
