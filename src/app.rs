@@ -370,7 +370,7 @@ async fn reload_on_sighup(mut hup: Signal, mut reloader: Reloader) {
                 reloader.notifier.ready(&reloader.status.render());
             }
             Err(e) => {
-                error!("reload failed, keeping the previous allowlist and routes: {e}");
+                error!("reload failed, keeping the previous allowlist: {e}; the routes stay as they are");
                 reloader.notifier.ready(&format!(
                     "reload failed, serving with the previous configuration: {e}; {}",
                     reloader.status.render()

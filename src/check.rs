@@ -108,8 +108,8 @@ pub async fn load(options: &Options, metadata: &mut Metadata) -> Result<Loaded, 
             }
         };
         let target = spec.remote.target(info.as_ref()).map_err(Fatal::Runtime)?;
-        if info.is_some() {
-            info!(route = %spec.listen, remote = %target, "{} filled from the instance metadata service", spec.remote);
+        if let Some(info) = &info {
+            info!(region = %info.region, remote = %target.host, route = %spec.listen, "{} filled from the instance metadata service", spec.remote);
         }
         routes.push(Settings::new(spec, target, options.idle_timeout));
     }

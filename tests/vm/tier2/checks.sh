@@ -442,7 +442,7 @@ rc=0
 systemctl reload "$ROUTES" 2>"$W/routes-reload.err" || rc=$?
 check "systemctl reload of a route the allowlist does not allow fails" eval '((rc != 0))'
 check "the journal says which route and why" \
-  wait_log 10 "$ROUTES" 'route vsock:8021 -> 192\.0\.2\.99:443 \(routes\[1\], line 6\): 192\.0\.2\.99:443 is not allowed' 1
+  wait_log 10 "$ROUTES" 'route vsock:8021 -> 192\.0\.2\.99:443 \(routes\[1\], line 7\): 192\.0\.2\.99:443 is not allowed' 1
 check "the service still runs and serves every route as before" \
   eval 'state_is "$ROUTES" active && [[ $(pid_of "$ROUTES") == "$routes_pid" ]] && answers 8021 upstream-42 && answers 8022 upstream-43'
 sandbox_facts "$ROUTES"
