@@ -140,7 +140,7 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
     }
     let allowlist_entries = loaded.policy.entries().len();
     let shared = Arc::new(Shared::new(loaded.policy, dns, options.connect_timeout));
-    shared.replace_routes(routes);
+    shared.routes.set(routes);
     info!(
         listen = %listening.join(" "),
         routes = listening.len(),
@@ -309,7 +309,7 @@ const STATUS_ROUTES_SHOWN: usize = 4;
 
 impl StatusLine {
     fn render(&self) -> String {
-        let routes = self.shared.routes();
+        let routes = self.shared.routes.get();
         let mut shown: Vec<String> = routes
             .iter()
             .take(STATUS_ROUTES_SHOWN)
@@ -398,14 +398,14 @@ async fn reload(r: &mut Reloader) -> Result<String, String> {
     .await
     .map_err(|e| e.message().to_owned())?;
     let entries = loaded.policy.entries().len();
-    r.shared.replace_policy(loaded.policy);
+    r.shared.policy.set(loaded.policy);
 
     let order: Vec<Endpoint> = loaded
         .routes
         .iter()
         .map(|s| s.spec.listen.clone())
         .collect();
-    let current = r.shared.routes();
+    let current = r.shared.routes.get();
     let current_settings: Vec<Arc<Settings>> = current.iter().map(|r| r.settings()).collect();
     let plan = route::plan(&current_settings, loaded.routes);
     let summary = plan.summary();
@@ -462,7 +462,7 @@ async fn reload(r: &mut Reloader) -> Result<String, String> {
         }
     }
     serving.sort_by_key(|route| order.iter().position(|l| l == &route.listen));
-    r.shared.replace_routes(serving);
+    r.shared.routes.set(serving);
     let unbound = if unbound.is_empty() {
         String::new()
     } else {

@@ -18,6 +18,7 @@ pub mod app;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod current;
 pub mod dns;
 pub mod endpoint;
 pub mod host;

@@ -10,13 +10,14 @@
 use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::current::Current;
 use crate::endpoint::Endpoint;
 use crate::remote::{Remote, Target};
 
@@ -155,7 +156,7 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct Route {
     pub listen: Endpoint,
-    settings: RwLock<Arc<Settings>>,
+    settings: Current<Settings>,
     pub counters: Counters,
     /// The route's open connections, to wait for when it is removed.
     pub tasks: TaskTracker,
@@ -167,7 +168,7 @@ impl Route {
     pub fn new(settings: Settings) -> Route {
         Route {
             listen: settings.spec.listen.clone(),
-            settings: RwLock::new(Arc::new(settings)),
+            settings: Current::new(settings),
             counters: Counters::default(),
             tasks: TaskTracker::new(),
             closed: CancellationToken::new(),
@@ -176,20 +177,12 @@ impl Route {
 
     /// The settings as of now.
     pub fn settings(&self) -> Arc<Settings> {
-        // A poisoned lock still holds a whole Arc: a panic cannot leave it half-written.
-        match self.settings.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.settings.get()
     }
 
     /// Makes `settings` the ones new connections use.
     pub fn replace_settings(&self, settings: Settings) {
-        let new = Arc::new(settings);
-        match self.settings.write() {
-            Ok(mut guard) => *guard = new,
-            Err(poisoned) => *poisoned.into_inner() = new,
-        }
+        self.settings.set(settings);
     }
 
     /// Takes one of the route's connection slots, or says the route's limit. The slot is given

@@ -14,7 +14,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -23,6 +23,7 @@ use tracing::{info, warn, Instrument};
 
 pub use crate::accept::Heartbeat;
 use crate::accept::{OverLimitLog, Pulse};
+use crate::current::Current;
 use crate::dns::Dns;
 use crate::endpoint::{Endpoint, Listener, Stream};
 use crate::policy::Policy;
@@ -33,57 +34,23 @@ use crate::upstream;
 /// Everything a connection needs, shared by all of them.
 pub struct Shared {
     /// The current policy; replaced whole on reload, so a connection sees one consistent version.
-    pub policy: RwLock<Arc<Policy>>,
+    pub policy: Current<Policy>,
     pub dns: Dns,
     pub connect_timeout: Duration,
     /// Totals over every route, including removed ones.
     pub counters: Counters,
     /// The routes being served, in configuration order (for reload and STATUS=).
-    pub routes: RwLock<Vec<Arc<Route>>>,
+    pub routes: Current<Vec<Arc<Route>>>,
 }
 
 impl Shared {
     pub fn new(policy: Policy, dns: Dns, connect_timeout: Duration) -> Shared {
         Shared {
-            policy: RwLock::new(Arc::new(policy)),
+            policy: Current::new(policy),
             dns,
             connect_timeout,
             counters: Counters::default(),
-            routes: RwLock::new(Vec::new()),
-        }
-    }
-
-    /// The policy as of now.
-    pub fn policy(&self) -> Arc<Policy> {
-        // A poisoned lock still holds a whole Arc: a panic cannot leave it half-written.
-        match self.policy.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// Makes `policy` the one new connections use.
-    pub fn replace_policy(&self, policy: Policy) {
-        let new = Arc::new(policy);
-        match self.policy.write() {
-            Ok(mut guard) => *guard = new,
-            Err(poisoned) => *poisoned.into_inner() = new,
-        }
-    }
-
-    /// The routes being served, as of now.
-    pub fn routes(&self) -> Vec<Arc<Route>> {
-        match self.routes.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// Makes `routes` the routes being served.
-    pub fn replace_routes(&self, routes: Vec<Arc<Route>>) {
-        match self.routes.write() {
-            Ok(mut guard) => *guard = routes,
-            Err(poisoned) => *poisoned.into_inner() = routes,
+            routes: Current::new(Vec::new()),
         }
     }
 }
@@ -307,7 +274,7 @@ async fn handle(client: Stream, route: &Route, shared: &Shared) {
     let started = Instant::now();
     let settings = route.settings();
     let target = &settings.target;
-    let policy = shared.policy();
+    let policy = shared.policy.get();
     let connected = upstream::connect(
         &policy,
         &shared.dns,

@@ -4,7 +4,6 @@
 //! allowlist stays in force. Runs in its own network namespace with its own DNS server.
 
 mod common;
-mod systemd_support;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -13,7 +12,6 @@ use common::dns::TestDns;
 use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::{connect, Proxy};
 use common::upstream::response_server;
-use systemd_support::wait_for_count;
 
 const LISTEN: &str = "tcp:127.0.0.1:8001";
 const WAIT: Duration = Duration::from_secs(10);
@@ -33,13 +31,7 @@ async fn who_answers() -> String {
 }
 
 async fn reload(proxy: &Proxy, config: &std::path::Path, yaml: &str, outcome: &str, nth: usize) {
-    std::fs::write(config, yaml).unwrap();
-    proxy.signal(libc::SIGHUP);
-    assert!(
-        wait_for_count(|| proxy.logs(), outcome, nth, WAIT).await,
-        "expected {outcome:?} #{nth} after SIGHUP with {yaml:?}:\n{}",
-        proxy.logs()
-    );
+    proxy.reload_with(config, yaml, outcome, nth).await;
 }
 
 #[test]

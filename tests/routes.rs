@@ -227,6 +227,19 @@ fn start_up_refuses_bad_routes_naming_the_file_line_and_route() {
     });
 }
 
+/// `nitro-vsock-proxy [positional] --config CONFIG --check-config --nameserver 127.0.0.1:53`.
+fn check_config(config: &str, positional: &[&str]) -> common::proxy::Exit {
+    let mut args = positional.to_vec();
+    args.extend([
+        "--config",
+        config,
+        "--check-config",
+        "--nameserver",
+        "127.0.0.1:53",
+    ]);
+    run_to_exit(&args, WAIT)
+}
+
 #[test]
 fn check_config_prints_routes_and_the_entries_they_rely_on() {
     run_in_netns(|| async {
@@ -239,19 +252,7 @@ fn check_config_prints_routes_and_the_entries_they_rely_on() {
         let config = common::write_allowlist(&dir, &good);
         // No DNS server runs: name-allowed and IP-allowed routes need none. vsock:8000 and
         // tcp:127.0.0.1:8001 are not bound (the check binds nothing).
-        let out = run_to_exit(
-            &[
-                C,
-                "192.0.2.30",
-                "443",
-                "--config",
-                &config,
-                "--check-config",
-                "--nameserver",
-                "127.0.0.1:53",
-            ],
-            WAIT,
-        );
+        let out = check_config(&config, &[C, "192.0.2.30", "443"]);
         assert_eq!(out.status.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
         let expected = format!(
             "{config}: 3 routes, 4 allowlist entries\n\
@@ -265,10 +266,13 @@ fn check_config_prints_routes_and_the_entries_they_rely_on() {
         );
         assert_eq!(out.stdout, expected, "stderr: {}", out.stderr);
 
+        // From here on a DNS server answers: a.test's address could vouch for an IP remote.
+        let dns = TestDns::start("127.0.0.1:53".parse().unwrap()).await;
+        dns.set("a.test", &[ip("192.0.2.10")], 60);
         // A bad file: exit 2, the route that is not allowed named.
         let bad = good.replace("remote: '192.0.2.20:443'", "remote: '192.0.2.99:443'");
         let config = common::write_allowlist(&dir, &bad);
-        let out = run_to_exit(&["--config", &config, "--check-config"], WAIT);
+        let out = check_config(&config, &[]);
         assert_eq!(out.status.code(), Some(2), "{}", out.stdout);
         assert!(
             out.stdout.contains(
@@ -287,7 +291,7 @@ fn check_config_prints_routes_and_the_entries_they_rely_on() {
         // A file that does not parse: exit 2 with the line.
         let config =
             common::write_allowlist(&dir, &format!("{ALLOW_ABC}routes:\n- {{listen: 8000}}\n"));
-        let out = run_to_exit(&["--config", &config, "--check-config"], WAIT);
+        let out = check_config(&config, &[]);
         assert_eq!(out.status.code(), Some(2));
         assert!(
             out.stderr.contains("missing field `remote`") && out.stderr.contains("line 6"),
@@ -296,22 +300,12 @@ fn check_config_prints_routes_and_the_entries_they_rely_on() {
         );
 
         // A route only DNS can vouch for (an IP allowed as a name's current address).
-        let dns = TestDns::start("127.0.0.1:53".parse().unwrap()).await;
         dns.set("api.test", &[ip("192.0.2.40")], 60);
         let config = common::write_allowlist(
             &dir,
             "allowlist:\n- {address: api.test, port: 8443}\nroutes:\n- {listen: 8000, remote: '192.0.2.40:8443'}\n",
         );
-        let out = run_to_exit(
-            &[
-                "--config",
-                &config,
-                "--check-config",
-                "--nameserver",
-                "127.0.0.1:53",
-            ],
-            WAIT,
-        );
+        let out = check_config(&config, &[]);
         assert_eq!(out.status.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
         assert!(
             out.stdout.contains("  allowed through the current DNS answers of api.test:8443 (allowlist[0], line 2)\n"),
@@ -381,13 +375,9 @@ fn a_route_limit_closes_its_excess_connections_and_leaves_other_routes_alone() {
 }
 
 async fn reload(proxy: &Proxy, config: &str, yaml: &str, outcome: &str, nth: usize) {
-    std::fs::write(config, yaml).unwrap();
-    proxy.signal(libc::SIGHUP);
-    assert!(
-        wait_for_count(|| proxy.logs(), outcome, nth, WAIT).await,
-        "expected {outcome:?} #{nth} after SIGHUP with {yaml:?}:\n{}",
-        proxy.logs()
-    );
+    proxy
+        .reload_with(std::path::Path::new(config), yaml, outcome, nth)
+        .await;
 }
 
 #[test]

@@ -282,6 +282,25 @@ impl Proxy {
         }
     }
 
+    /// Writes `yaml` to `config`, sends SIGHUP, and waits until the logs hold `outcome` (e.g.
+    /// "allowlist reloaded" or "reload failed") `nth` times.
+    ///
+    /// # Panics
+    /// With the captured logs, if that does not happen within 10 s.
+    pub async fn reload_with(&self, config: &Path, yaml: &str, outcome: &str, nth: usize) {
+        std::fs::write(config, yaml).expect("cannot write the configuration file");
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&self.output).combined.matches(outcome).count() < nth {
+            assert!(
+                Instant::now() < deadline,
+                "expected {outcome:?} #{nth} after SIGHUP with {yaml:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// Waits (up to [`READY_TIMEOUT`]) until something listens on `listen`
     /// (`tcp:IP:PORT` or `unix:PATH`), without connecting to it (see module docs).
     ///
