@@ -214,6 +214,16 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
         heartbeat,
     )
     .await;
+    for route in shared.routes.get().iter() {
+        let c = &route.counters;
+        info!(
+            route = %route.listen,
+            accepted = c.accepted.load(Ordering::Relaxed),
+            denied = c.denied.load(Ordering::Relaxed),
+            over_limit = c.rejected_over_limit.load(Ordering::Relaxed),
+            "route totals"
+        );
+    }
     info!(
         accepted = shared.counters.accepted.load(Ordering::Relaxed),
         denied = shared.counters.denied.load(Ordering::Relaxed),
