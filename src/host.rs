@@ -69,6 +69,14 @@ impl HostName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether this name is matched by the wildcard `*.suffix`: one or more labels before
+    /// `suffix`, never `suffix` itself.
+    pub fn matches_wildcard(&self, suffix: &HostName) -> bool {
+        self.0
+            .strip_suffix(suffix.as_str())
+            .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+    }
 }
 
 impl fmt::Display for HostName {
@@ -81,6 +89,8 @@ impl fmt::Display for HostName {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostPattern {
     Name(HostName),
+    /// `*.example.com`, held as its suffix `example.com`: allows names, never addresses.
+    Wildcard(HostName),
     Ip(IpAddr),
     Cidr(IpNet),
 }
@@ -90,6 +100,21 @@ impl FromStr for HostPattern {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
+        if let Some(suffix) = s.strip_prefix("*.") {
+            if suffix.contains('*') {
+                return Err(format!(
+                    "{s:?}: `*` may only be the whole first label, as in *.example.com"
+                ));
+            }
+            return HostName::parse(suffix)
+                .map(HostPattern::Wildcard)
+                .map_err(|e| format!("{s:?}: after `*.`: {e}"));
+        }
+        if s.contains('*') {
+            return Err(format!(
+                "{s:?}: `*` may only be the whole first label, as in *.example.com"
+            ));
+        }
         if s.contains('/') {
             let net: IpNet = s
                 .parse()
@@ -117,6 +142,7 @@ impl fmt::Display for HostPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HostPattern::Name(n) => n.fmt(f),
+            HostPattern::Wildcard(suffix) => write!(f, "*.{suffix}"),
             HostPattern::Ip(ip) => ip.fmt(f),
             HostPattern::Cidr(net) => net.fmt(f),
         }
@@ -138,6 +164,9 @@ impl Host {
             HostPattern::Ip(ip) => Ok(Host::Ip(ip)),
             HostPattern::Cidr(_) => Err(format!(
                 "{s:?} is a CIDR block; a destination must be one host name or IP address"
+            )),
+            HostPattern::Wildcard(_) => Err(format!(
+                "{s:?} is a wildcard; a destination must be one host name or IP address"
             )),
         }
     }
@@ -368,5 +397,31 @@ mod tests {
         assert!(!k("128.0.0.0/1"));
         assert!(!k("0.0.0.0/1"));
         assert!(!k("192.0.2.0/24"));
+    }
+
+    #[test]
+    fn wildcards_match_names_below_their_suffix_only() {
+        let p: HostPattern = "*.Example.COM.".parse().unwrap();
+        let HostPattern::Wildcard(suffix) = &p else {
+            panic!("{p:?}")
+        };
+        assert_eq!(p.to_string(), "*.example.com");
+        let n = |s: &str| HostName::parse(s).unwrap();
+        assert!(n("a.example.com").matches_wildcard(suffix));
+        assert!(n("A.B.example.com.").matches_wildcard(suffix));
+        assert!(!n("example.com").matches_wildcard(suffix));
+        assert!(!n("badexample.com").matches_wildcard(suffix));
+        assert!(!n("example.com.evil").matches_wildcard(suffix));
+        for bad in [
+            "*",
+            "*.",
+            "a*.example.com",
+            "*.*.example.com",
+            "a.*.example.com",
+            "**.example.com",
+        ] {
+            assert!(bad.parse::<HostPattern>().is_err(), "{bad}");
+        }
+        assert!(Host::parse("*.example.com").is_err());
     }
 }

@@ -6,9 +6,11 @@
 //! 2. A CIDR entry containing the address allows it, but allows a special address (loopback,
 //!    link-local, metadata, ...) only when the whole block is special space.
 //! 3. Any other special address is denied, whatever DNS said.
-//! 4. A hostname entry equal to the requested host (a route's remote) allows every address it
+//! 4. A hostname entry equal to the requested host (a route's remote, a CONNECT target, a TLS
+//!    server name), or a wildcard entry (`*.example.com`) matching it, allows every address it
 //!    resolves to.
-//! 5. A hostname entry whose own current resolution contains the address allows it.
+//! 5. A hostname entry whose own current resolution contains the address allows it (a wildcard
+//!    entry has no one name to resolve, so it never vouches for an address).
 //! 6. Everything else is denied.
 
 use std::collections::HashMap;
@@ -25,6 +27,8 @@ pub enum Allowance {
     Address(HostPattern),
     /// The hostname entry equal to the requested host.
     RemoteName(HostName),
+    /// A wildcard entry matching the requested host (held as its suffix).
+    Wildcard(HostName),
     /// A hostname entry whose current DNS answer contains the address.
     Resolution(HostName),
 }
@@ -34,6 +38,7 @@ impl fmt::Display for Allowance {
         match self {
             Allowance::Address(p) => write!(f, "allowlisted address {p}"),
             Allowance::RemoteName(n) => write!(f, "allowlisted name {n}"),
+            Allowance::Wildcard(suffix) => write!(f, "allowlisted wildcard *.{suffix}"),
             Allowance::Resolution(n) => write!(f, "current address of allowlisted name {n}"),
         }
     }
@@ -94,16 +99,43 @@ impl Policy {
     /// What allows the requested host:port without any DNS answer, if anything does.
     pub fn static_allowance(&self, remote: &Host, port: u16) -> Option<Allowance> {
         match remote {
-            Host::Name(name) => self
-                .allows_name(name, port)
-                .then(|| Allowance::RemoteName(name.clone())),
+            Host::Name(name) => self.name_allowance(name, port),
             Host::Ip(ip) => self.decide(remote, port, *ip, &Resolutions::new()).ok(),
         }
     }
 
     fn allows_name(&self, name: &HostName, port: u16) -> bool {
-        self.entries_for(port)
-            .any(|e| matches!(&e.address, HostPattern::Name(n) if n == name))
+        self.name_allowance(name, port).is_some()
+    }
+
+    /// The hostname entry equal to `name`, or else the first wildcard entry matching it, for
+    /// `port`.
+    fn name_allowance(&self, name: &HostName, port: u16) -> Option<Allowance> {
+        let exact = self
+            .entries_for(port)
+            .any(|e| matches!(&e.address, HostPattern::Name(n) if n == name));
+        if exact {
+            return Some(Allowance::RemoteName(name.clone()));
+        }
+        self.entries_for(port).find_map(|e| match &e.address {
+            HostPattern::Wildcard(suffix) if name.matches_wildcard(suffix) => {
+                Some(Allowance::Wildcard(suffix.clone()))
+            }
+            _ => None,
+        })
+    }
+
+    /// Whether a destination asked for per connection (an HTTP CONNECT target, a TLS server
+    /// name) may be tried at all: a name needs a hostname or wildcard entry for `port`; an IP
+    /// literal needs an IP or CIDR entry (rules 1–3; another name's DNS answer cannot vouch for
+    /// an address the enclave chose). Every address is then decided by [`Policy::decide`].
+    pub fn admits_request(&self, requested: &Host, port: u16) -> Result<Allowance, Denial> {
+        match requested {
+            Host::Name(name) => self
+                .name_allowance(name, port)
+                .ok_or(Denial::NotAllowlisted),
+            Host::Ip(ip) => self.decide(requested, port, *ip, &Resolutions::new()),
+        }
     }
 
     /// The entries with `port`, for telling an operator what the allowlist does allow.
@@ -138,6 +170,7 @@ impl Policy {
                     (Allowance::RemoteName(n) | Allowance::Resolution(n), HostPattern::Name(a)) => {
                         n == a
                     }
+                    (Allowance::Wildcard(s), HostPattern::Wildcard(a)) => s == a,
                     _ => false,
                 }
         })
@@ -171,8 +204,8 @@ impl Policy {
             return Err(Denial::Special(kind));
         }
         if let Host::Name(name) = remote {
-            if self.allows_name(name, port) {
-                return Ok(Allowance::RemoteName(name.clone()));
+            if let Some(allowance) = self.name_allowance(name, port) {
+                return Ok(allowance);
             }
         }
         for entry in self.entries_for(port) {
@@ -376,6 +409,42 @@ mod tests {
         assert_eq!(
             Host::parse("::ffff:10.0.0.1").unwrap(),
             Host::Ip(ip("10.0.0.1"))
+        );
+    }
+
+    #[test]
+    fn wildcards_allow_names_never_addresses_and_never_their_suffix() {
+        let p = policy("allowlist:\n- {address: '*.s3.example.com', port: 443}\n- {address: 192.0.2.0/24, port: 443}\n");
+        let bucket = remote("my-bucket.s3.example.com");
+        assert_eq!(
+            p.admits_request(&bucket, 443),
+            Ok(Allowance::Wildcard(name("s3.example.com")))
+        );
+        assert_eq!(
+            p.entry_for(&Allowance::Wildcard(name("s3.example.com")), 443),
+            Some(0)
+        );
+        assert_eq!(
+            p.decide(&bucket, 443, ip("198.51.100.7"), &none()),
+            Ok(Allowance::Wildcard(name("s3.example.com")))
+        );
+        // ...but never a special address, never another port, never the suffix itself.
+        assert_eq!(
+            p.decide(&bucket, 443, ip("169.254.169.254"), &none()),
+            Err(Denial::Special(SpecialKind::InstanceMetadata))
+        );
+        assert_eq!(p.admits_request(&bucket, 80), Err(Denial::NotAllowlisted));
+        assert_eq!(
+            p.admits_request(&remote("s3.example.com"), 443),
+            Err(Denial::NotAllowlisted)
+        );
+        assert!(p.names_to_resolve(&remote("other.example"), 443).is_empty());
+        // An IP literal asked for per connection needs an IP or CIDR entry.
+        assert!(p.admits_request(&remote("192.0.2.9"), 443).is_ok());
+        let named = policy("allowlist:\n- {address: api.example, port: 443}\n");
+        assert_eq!(
+            named.admits_request(&remote("192.0.2.9"), 443),
+            Err(Denial::NotAllowlisted)
         );
     }
 }
