@@ -129,7 +129,7 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
         let settings = route.settings();
         info!(
             route = %route.listen,
-            remote = %settings.target,
+            remote = %settings.destination,
             max_connections = settings.max_connections,
             idle_timeout = settings
                 .idle_timeout
@@ -443,7 +443,7 @@ async fn reload(r: &mut Reloader) -> Result<String, String> {
     }
     for settings in plan.changed {
         if let Some(route) = current.iter().find(|r| r.listen == settings.spec.listen) {
-            info!(route = %route.listen, was = %route.settings().target, now = %settings.target, "route changed by reload: new connections use the new settings");
+            info!(route = %route.listen, was = %route.settings().destination, now = %settings.destination, "route changed by reload: new connections use the new settings");
             route.replace_settings(settings);
         }
     }

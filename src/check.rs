@@ -14,12 +14,13 @@ use std::path::Path;
 use tracing::info;
 
 use crate::cli::Options;
+use crate::config::RouteKind;
 use crate::config::{self, Config};
 use crate::dns::{Dns, DnsSettings, Family};
 use crate::host::Host;
 use crate::imds::InstanceInfo;
 use crate::policy::Policy;
-use crate::route::{self, Settings};
+use crate::route::{self, Destination, Settings};
 use crate::upstream::allowed_addresses;
 
 /// A reason to stop before serving (or to refuse a reload).
@@ -94,10 +95,33 @@ pub async fn load(options: &Options, metadata: &mut Metadata) -> Result<Loaded, 
     let specs = route::specs(options.positional_route(), &config, path).map_err(Fatal::Config)?;
     let mut routes = Vec::with_capacity(specs.len());
     for spec in specs {
-        let info = match spec.remote.metadata_needed() {
+        let (remote, require_sni) = match &spec.kind {
+            RouteKind::Connect => {
+                routes.push(Settings::new(
+                    spec,
+                    Destination::Connect,
+                    options.idle_timeout,
+                ));
+                continue;
+            }
+            RouteKind::Sni { port } => {
+                let port = *port;
+                routes.push(Settings::new(
+                    spec,
+                    Destination::Sni { port },
+                    options.idle_timeout,
+                ));
+                continue;
+            }
+            RouteKind::Fixed {
+                remote,
+                require_sni,
+            } => (remote.clone(), *require_sni),
+        };
+        let info = match remote.metadata_needed() {
             None => None,
             Some(with_domain) => {
-                let needed_by = format!("the remote {} of route {}", spec.remote, spec.listen);
+                let needed_by = format!("the remote {remote} of route {}", spec.listen);
                 Some(
                     metadata
                         .info(with_domain, &needed_by)
@@ -107,11 +131,15 @@ pub async fn load(options: &Options, metadata: &mut Metadata) -> Result<Loaded, 
                 )
             }
         };
-        let target = spec.remote.target(info.as_ref()).map_err(Fatal::Runtime)?;
+        let target = remote.target(info.as_ref()).map_err(Fatal::Runtime)?;
         if let Some(info) = &info {
-            info!(region = %info.region, remote = %target.host, route = %spec.listen, "{} filled from the instance metadata service", spec.remote);
+            info!(region = %info.region, remote = %target.host, route = %spec.listen, "{remote} filled from the instance metadata service");
         }
-        routes.push(Settings::new(spec, target, options.idle_timeout));
+        let destination = Destination::Fixed {
+            target,
+            require_sni,
+        };
+        routes.push(Settings::new(spec, destination, options.idle_timeout));
     }
     let policy = Policy::new(config.allowlist.clone());
     Ok(Loaded {
@@ -153,7 +181,38 @@ pub async fn check_route(
     route: &Settings,
     config_path: &Path,
 ) -> Result<Reliance, Fatal> {
-    let (host, port) = (&route.target.host, route.target.port);
+    let target = match &route.destination {
+        Destination::Fixed { target, .. } => target,
+        // Decided per connection; what may be asked for is what the entries name.
+        Destination::Connect => {
+            return Ok(Reliance {
+                entries: (0..policy.entries().len()).collect(),
+                via_dns: false,
+            })
+        }
+        Destination::Sni { port } => {
+            let entries: Vec<usize> = policy
+                .entries()
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.port == *port)
+                .map(|(i, _)| i)
+                .collect();
+            if entries.is_empty() {
+                return Err(Fatal::Config(format!(
+                    "route {route} ({}): no allowlist entry in {} has port {port}, so nothing \
+                     could ever be reached through it",
+                    route.spec.origin,
+                    config_path.display()
+                )));
+            }
+            return Ok(Reliance {
+                entries,
+                via_dns: false,
+            });
+        }
+    };
+    let (host, port) = (&target.host, target.port);
     let statically = policy.static_allowance(host, port);
     if let Some(allowance) = statically {
         return Ok(Reliance {
@@ -193,7 +252,6 @@ pub async fn check_route(
         format!("entries with port {port}: {}", with_port.join(", "))
     };
     let which = format!("route {route} ({})", route.spec.origin);
-    let target = &route.target;
     match via_dns {
         Err(e) => Err(Fatal::Runtime(format!(
             "{which}: cannot tell whether {target} is allowed by the allowlist in {}: {e}; \
@@ -224,7 +282,7 @@ pub async fn check_routes(
         match check_route(policy, dns, route, config_path).await {
             Ok(r) => {
                 if r.via_dns {
-                    info!(route = %route.spec.listen, remote = %route.target, "the remote is allowed through the current DNS answers of allowlisted entries");
+                    info!(route = %route.spec.listen, remote = %route.destination, "the remote is allowed through the current DNS answers of allowlisted entries");
                 }
                 reliances.push(r);
             }
@@ -295,8 +353,10 @@ pub async fn check_config(options: &Options) -> u8 {
             Ok(reliance) => {
                 let how = if reliance.via_dns {
                     "allowed through the current DNS answers of"
-                } else {
+                } else if matches!(route.destination, Destination::Fixed { .. }) {
                     "allowed by"
+                } else {
+                    "may reach, per connection,"
                 };
                 for index in reliance.entries {
                     let entry = &loaded.policy.entries()[index];

@@ -46,11 +46,23 @@ pub struct Allowlist {
     pub entries: Vec<Entry>,
 }
 
-/// One item of `routes:`: a listen address and the remote its connections go to.
+/// Where a route's connections go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteKind {
+    /// `remote: HOST:PORT`, optionally with `sni: require` (the ClientHello's server name must be
+    /// the remote's name).
+    Fixed { remote: Remote, require_sni: bool },
+    /// `mode: connect`: an HTTP CONNECT proxy; each request names its destination.
+    Connect,
+    /// `mode: sni` with `port:`: the destination is the TLS ClientHello's server name.
+    Sni { port: u16 },
+}
+
+/// One item of `routes:`: a listen address and where its connections go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteConfig {
     pub listen: Endpoint,
-    pub remote: Remote,
+    pub kind: RouteKind,
     /// At most this many connections on this route at once (the global limit still caps all).
     pub max_connections: Option<u32>,
     /// This route's idle timeout instead of the command line's.
@@ -167,9 +179,21 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 ),
             });
         }
+        let kind = route_kind(&r).map_err(|(key, message)| {
+            let (line, column) = locate(text, "routes", i, key).unzip();
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                message: format!(
+                    "routes[{i}]{}: {message}",
+                    key.map_or_else(String::new, |k| format!(".{k}"))
+                ),
+            }
+        })?;
         routes.push(RouteConfig {
             listen: r.listen.0,
-            remote: r.remote.0,
+            kind,
             max_connections: r.max_connections,
             idle_timeout: r.idle_timeout.map(|d| d.0),
             line: locate(text, "routes", i, None).map(|(line, _)| line),
@@ -180,6 +204,57 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         allowlist_lines,
         routes,
     })
+}
+
+/// The route's kind from its keys; an error names the key that is wrong (or none: the item).
+fn route_kind(r: &RouteFormat) -> Result<RouteKind, (Option<&'static str>, String)> {
+    let fixed_only = |key: &'static str, mode: &str| {
+        (
+            Some(key),
+            format!(
+                "a `mode: {mode}` route takes its destination from each connection; drop `{key}`"
+            ),
+        )
+    };
+    match (&r.mode, &r.remote) {
+        (None, None) => Err((
+            None,
+            "a route needs `remote: HOST:PORT`, or `mode: connect` (HTTP CONNECT) or `mode: sni` \
+             with `port:` (TLS server name)"
+                .into(),
+        )),
+        (None, Some(remote)) => {
+            if r.port.is_some() {
+                return Err((
+                    Some("port"),
+                    "`port` belongs to `mode: sni`; a fixed route's port is in `remote: HOST:PORT`"
+                        .into(),
+                ));
+            }
+            Ok(RouteKind::Fixed {
+                remote: remote.0.clone(),
+                require_sni: r.sni.is_some(),
+            })
+        }
+        (Some(mode), Some(_)) => Err(fixed_only("remote", mode.name())),
+        (Some(mode), None) if r.sni.is_some() => Err(fixed_only("sni", mode.name())),
+        (Some(ModeField::Connect), None) => match r.port {
+            Some(_) => Err((
+                Some("port"),
+                "a `mode: connect` route takes the port from each CONNECT request; drop `port`"
+                    .into(),
+            )),
+            None => Ok(RouteKind::Connect),
+        },
+        (Some(ModeField::Sni), None) => match &r.port {
+            Some(port) => Ok(RouteKind::Sni { port: port.0 }),
+            None => Err((
+                None,
+                "a `mode: sni` route needs `port:`, the TCP port to connect to (usually 443)"
+                    .into(),
+            )),
+        },
+    }
 }
 
 fn yaml_error(e: serde_yaml::Error, path: &Path) -> ConfigError {
@@ -195,8 +270,8 @@ fn yaml_error(e: serde_yaml::Error, path: &Path) -> ConfigError {
     if message.contains("unknown field") {
         message.push_str(
             " (check the spelling: the file's keys are `allowlist` and `routes`; an allowlist \
-             entry has `address` and `port`; a route has `listen`, `remote`, `max_connections` \
-             and `idle_timeout`)",
+             entry has `address` and `port`; a route has `listen`, `remote` or `mode` (`connect`, \
+             `sni` with `port`), `sni: require`, `max_connections` and `idle_timeout`)",
         );
     } else if message.starts_with("missing field `allowlist`") {
         message.push_str(" (the file must have a top-level `allowlist:` list)");
@@ -221,11 +296,41 @@ struct FileFormat {
 #[serde(deny_unknown_fields)]
 struct RouteFormat {
     listen: ListenField,
-    remote: RemoteField,
+    #[serde(default)]
+    remote: Option<RemoteField>,
+    #[serde(default)]
+    mode: Option<ModeField>,
+    #[serde(default)]
+    port: Option<PortField>,
+    #[serde(default)]
+    sni: Option<SniField>,
     #[serde(default, deserialize_with = "max_connections")]
     max_connections: Option<u32>,
     #[serde(default)]
     idle_timeout: Option<DurationField>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ModeField {
+    Connect,
+    Sni,
+}
+
+impl ModeField {
+    fn name(&self) -> &'static str {
+        match self {
+            ModeField::Connect => "connect",
+            ModeField::Sni => "sni",
+        }
+    }
+}
+
+/// `sni: require`, the only value.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SniField {
+    Require,
 }
 
 fn max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
@@ -779,12 +884,16 @@ mod tests {
         );
         let lines: Vec<Option<usize>> = c.routes.iter().map(|r| r.line).collect();
         assert_eq!(lines, [Some(4), Some(6), Some(10), Some(11)]);
-        assert_eq!(c.routes[1].remote.to_string(), "[2001:db8::1]:443");
+        let remote = |i: usize| match &c.routes[i].kind {
+            RouteKind::Fixed { remote, .. } => remote.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(remote(1).to_string(), "[2001:db8::1]:443");
         assert_eq!(c.routes[1].max_connections, Some(256));
         assert_eq!(c.routes[1].idle_timeout, Some(Duration::from_secs(600)));
         assert_eq!(c.routes[0].max_connections, None);
         assert_eq!(c.routes[0].idle_timeout, None);
-        assert_eq!(c.routes[2].remote.metadata_needed(), Some(true));
+        assert_eq!(remote(2).metadata_needed(), Some(true));
     }
 
     #[test]
@@ -798,11 +907,18 @@ mod tests {
     #[test]
     fn bad_routes_name_line_column_and_key() {
         for (routes, needle, line) in [
-            ("- {listen: 8000, remote: kms.example.com:443, mode: x}\n", "unknown field `mode`", 4),
+            ("- {listen: 8000, remote: kms.example.com:443, foo: x}\n", "unknown field `foo`", 4),
             ("- listen: nowhere\n  remote: kms.example.com:443\n", "routes[0].listen", 4),
             ("- listen: 8000\n  remote: kms.example.com\n", "routes[0].remote", 5),
             ("- listen: 8000\n  remote: kms.example.com:0\n", "not a TCP port", 5),
-            ("- listen: 8000\n", "missing field `remote`", 4),
+            ("- listen: 8000\n", "a route needs `remote: HOST:PORT`", 4),
+            ("- {listen: 8000, mode: connect, remote: 'a.example:443'}\n", "routes[0].remote: a `mode: connect` route", 4),
+            ("- {listen: 8000, mode: sni}\n", "needs `port:`", 4),
+            ("- {listen: 8000, mode: sni, port: 443, sni: require}\n", "routes[0].sni", 4),
+            ("- {listen: 8000, mode: connect, port: 443}\n", "routes[0].port", 4),
+            ("- {listen: 8000, remote: 'a.example:443', port: 443}\n", "`port` belongs to `mode: sni`", 4),
+            ("- {listen: 8000, mode: socks}\n", "unknown variant `socks`", 4),
+            ("- {listen: 8000, remote: 'a.example:443', sni: maybe}\n", "unknown variant `maybe`", 4),
             ("- listen: 8000\n  remote: a.example:443\n  idle_timeout: soon\n", "routes[0].idle_timeout", 6),
             ("- listen: 8000\n  remote: a.example:443\n  idle_timeout: 0s\n", "longer than zero", 6),
             ("- listen: 8000\n  remote: a.example:443\n  max_connections: 0\n", "routes[0].max_connections", 6),
@@ -829,5 +945,24 @@ mod tests {
         assert_eq!(locate(text, "routes", 0, Some("remote")), Some((5, 30)));
         assert_eq!(locate(text, "routes", 1, None), None);
         assert_eq!(locate(text, "nothing", 0, None), None);
+    }
+
+    #[test]
+    fn route_kinds() {
+        let c = parse_config(&format!(
+            "{ALLOW}routes:\n- {{listen: 8010, mode: connect}}\n- {{listen: 8011, mode: sni, port: 443}}\n\
+             - {{listen: 8000, remote: 'kms.example.com:443', sni: require}}\n"
+        ))
+        .unwrap();
+        let kinds: Vec<&RouteKind> = c.routes.iter().map(|r| &r.kind).collect();
+        assert_eq!(kinds[0], &RouteKind::Connect);
+        assert_eq!(kinds[1], &RouteKind::Sni { port: 443 });
+        assert!(matches!(
+            kinds[2],
+            RouteKind::Fixed {
+                require_sni: true,
+                ..
+            }
+        ));
     }
 }

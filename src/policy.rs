@@ -104,10 +104,6 @@ impl Policy {
         }
     }
 
-    fn allows_name(&self, name: &HostName, port: u16) -> bool {
-        self.name_allowance(name, port).is_some()
-    }
-
     /// The hostname entry equal to `name`, or else the first wildcard entry matching it, for
     /// `port`.
     fn name_allowance(&self, name: &HostName, port: u16) -> Option<Allowance> {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, RouteKind};
 use crate::current::Current;
 use crate::endpoint::Endpoint;
 use crate::remote::{Remote, Target};
@@ -49,7 +49,7 @@ impl fmt::Display for Origin {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteSpec {
     pub listen: Endpoint,
-    pub remote: Remote,
+    pub kind: RouteKind,
     pub max_connections: Option<u32>,
     /// `None`: the command line's `--idle-timeout`.
     pub idle_timeout: Option<Duration>,
@@ -67,7 +67,10 @@ pub fn specs(
     if let Some((listen, remote)) = positional {
         specs.push(RouteSpec {
             listen,
-            remote,
+            kind: RouteKind::Fixed {
+                remote,
+                require_sni: false,
+            },
             max_connections: None,
             idle_timeout: None,
             origin: Origin::CommandLine,
@@ -89,7 +92,7 @@ pub fn specs(
         }
         specs.push(RouteSpec {
             listen: r.listen.clone(),
-            remote: r.remote.clone(),
+            kind: r.kind.clone(),
             max_connections: r.max_connections,
             idle_timeout: r.idle_timeout,
             origin,
@@ -107,30 +110,62 @@ pub fn specs(
     Ok(specs)
 }
 
+/// Where a route's connections go, its remote filled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// One target; with `require_sni`, the ClientHello's server name must be the target's name.
+    Fixed { target: Target, require_sni: bool },
+    /// Each connection's HTTP CONNECT request names it.
+    Connect,
+    /// Each connection's TLS server name, at `port`.
+    Sni { port: u16 },
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Destination::Fixed {
+                target,
+                require_sni: false,
+            } => target.fmt(f),
+            Destination::Fixed {
+                target,
+                require_sni: true,
+            } => write!(f, "{target} (sni: require)"),
+            Destination::Connect => f.write_str("HTTP CONNECT"),
+            Destination::Sni { port } => write!(f, "TLS server name:{port}"),
+        }
+    }
+}
+
 /// What new connections on a route use: the spec with its remote filled and its defaults
 /// applied. Replaced whole when a reload changes the route.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub spec: RouteSpec,
-    pub target: Target,
+    pub destination: Destination,
     pub max_connections: Option<u32>,
     pub idle_timeout: Option<Duration>,
 }
 
 impl Settings {
     /// `default_idle` is the command line's `--idle-timeout`.
-    pub fn new(spec: RouteSpec, target: Target, default_idle: Option<Duration>) -> Settings {
+    pub fn new(
+        spec: RouteSpec,
+        destination: Destination,
+        default_idle: Option<Duration>,
+    ) -> Settings {
         Settings {
             max_connections: spec.max_connections,
             idle_timeout: spec.idle_timeout.or(default_idle),
-            target,
+            destination,
             spec,
         }
     }
 
     /// Whether connections would be served differently (where it was written does not count).
     fn serves_like(&self, other: &Settings) -> bool {
-        self.target == other.target
+        self.destination == other.destination
             && self.max_connections == other.max_connections
             && self.idle_timeout == other.idle_timeout
     }
@@ -139,7 +174,7 @@ impl Settings {
 impl fmt::Display for Settings {
     /// `vsock:8003 -> secretsmanager.us-east-1.amazonaws.com:443`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} -> {}", self.spec.listen, self.target)
+        write!(f, "{} -> {}", self.spec.listen, self.destination)
     }
 }
 
@@ -278,12 +313,22 @@ mod tests {
         let target = remote.target(None).unwrap();
         let spec = RouteSpec {
             listen: listen.parse().unwrap(),
-            remote,
+            kind: RouteKind::Fixed {
+                remote,
+                require_sni: false,
+            },
             max_connections: None,
             idle_timeout: idle.map(Duration::from_secs),
             origin: Origin::CommandLine,
         };
-        Settings::new(spec, target, None)
+        Settings::new(
+            spec,
+            Destination::Fixed {
+                target,
+                require_sni: false,
+            },
+            None,
+        )
     }
 
     const ALLOW: &str = "allowlist:\n- {address: a.example, port: 443}\n";
@@ -334,9 +379,12 @@ mod tests {
     #[test]
     fn the_route_idle_timeout_overrides_the_command_lines() {
         let spec = settings("8000", "a.example:443", Some(600)).spec;
-        let target = Target {
-            host: Host::parse("a.example").unwrap(),
-            port: 443,
+        let target = Destination::Fixed {
+            target: Target {
+                host: Host::parse("a.example").unwrap(),
+                port: 443,
+            },
+            require_sni: false,
         };
         let s = Settings::new(spec.clone(), target.clone(), Some(Duration::from_secs(5)));
         assert_eq!(s.idle_timeout, Some(Duration::from_secs(600)));
@@ -375,7 +423,7 @@ mod tests {
         assert_eq!(p.changed.len(), 1);
         assert_eq!(p.changed[0].spec.listen.to_string(), "vsock:8000");
         assert_eq!(p.added.len(), 1);
-        assert_eq!(p.added[0].target.to_string(), "d.example:443");
+        assert_eq!(p.added[0].destination.to_string(), "d.example:443");
         assert_eq!(
             p.summary(),
             "3 routes: 1 added, 1 removed, 1 changed, 1 unchanged"

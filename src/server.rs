@@ -17,19 +17,24 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
 pub use crate::accept::Heartbeat;
 use crate::accept::{OverLimitLog, Pulse};
+use crate::connect;
 use crate::current::Current;
 use crate::dns::Dns;
 use crate::endpoint::{Endpoint, Listener, Stream};
+use crate::host::Host;
 use crate::policy::Policy;
 use crate::relay::relay;
-use crate::route::{Counters, Route, RouteSlot};
-use crate::upstream;
+use crate::remote::Target;
+use crate::route::{Counters, Destination, Route, RouteSlot};
+use crate::sni;
+use crate::upstream::{self, UpstreamError};
 
 /// Everything a connection needs, shared by all of them.
 pub struct Shared {
@@ -269,41 +274,165 @@ fn spawn_connection(
     );
 }
 
-/// One enclave connection: enforce the policy, connect, relay, log how it ended.
-async fn handle(client: Stream, route: &Route, shared: &Shared) {
+/// Where one connection asked to go, and what it already sent.
+struct Request {
+    host: Host,
+    port: u16,
+    /// Bytes read to decide (a ClientHello, what followed a CONNECT head), sent on first.
+    early: Vec<u8>,
+    /// An HTTP CONNECT client, which is answered with a status line.
+    connect: bool,
+}
+
+/// Reads what the route needs to know where the connection goes. `Err` is the refusal, already
+/// answered (CONNECT) and to be logged: (reason, message).
+async fn read_request(
+    client: &mut Stream,
+    destination: &Destination,
+) -> Result<Request, (&'static str, String)> {
+    match destination {
+        Destination::Fixed {
+            target,
+            require_sni: false,
+        } => Ok(Request {
+            host: target.host.clone(),
+            port: target.port,
+            early: Vec::new(),
+            connect: false,
+        }),
+        Destination::Fixed {
+            target,
+            require_sni: true,
+        } => {
+            let hello = sni::read_client_hello(client)
+                .await
+                .map_err(|e| (e.kind(), e.to_string()))?;
+            if Host::Name(hello.server_name.clone()) != target.host {
+                return Err((
+                    "sni_mismatch",
+                    format!(
+                        "the TLS server name {} is not the route's remote {} (sni: require)",
+                        hello.server_name, target.host
+                    ),
+                ));
+            }
+            Ok(Request {
+                host: target.host.clone(),
+                port: target.port,
+                early: hello.bytes,
+                connect: false,
+            })
+        }
+        Destination::Sni { port } => {
+            let hello = sni::read_client_hello(client)
+                .await
+                .map_err(|e| (e.kind(), e.to_string()))?;
+            Ok(Request {
+                host: Host::Name(hello.server_name),
+                port: *port,
+                early: hello.bytes,
+                connect: false,
+            })
+        }
+        Destination::Connect => match connect::read_request(client).await {
+            Ok(request) => Ok(Request {
+                host: request.host,
+                port: request.port,
+                early: request.after_head,
+                connect: true,
+            }),
+            Err(bad) => {
+                if bad != connect::BadRequest::Closed {
+                    connect::refuse(client, bad.status(), &bad.to_string()).await;
+                }
+                Err((bad.kind(), bad.to_string()))
+            }
+        },
+    }
+}
+
+/// The CONNECT status for a failed upstream: 403 denied, 504 every address timed out, 502
+/// otherwise (DNS failure, every address failed).
+fn connect_status(e: &UpstreamError) -> u16 {
+    match e {
+        UpstreamError::Denied(_) => 403,
+        UpstreamError::Unreachable(failures)
+            if !failures.is_empty()
+                && failures
+                    .iter()
+                    .all(|(_, e)| e.kind() == std::io::ErrorKind::TimedOut) =>
+        {
+            504
+        }
+        _ => 502,
+    }
+}
+
+/// One enclave connection: learn where it goes (the route, a CONNECT head or a ClientHello),
+/// enforce the policy, connect, relay, log how it ended.
+async fn handle(mut client: Stream, route: &Route, shared: &Shared) {
     let started = Instant::now();
     let settings = route.settings();
-    let target = &settings.target;
+    let refused = |reason: &str, message: &str, host: Option<&Host>, port: Option<u16>| {
+        for counters in [&shared.counters, &route.counters] {
+            counters.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        warn!(
+            remote = host.map(tracing::field::display),
+            port, reason, "connection refused: {message}"
+        );
+    };
+    let request = match read_request(&mut client, &settings.destination).await {
+        Ok(request) => request,
+        Err((reason, message)) => return refused(reason, &message, None, None),
+    };
+    let (host, port) = (&request.host, request.port);
     let policy = shared.policy.get();
-    let connected = upstream::connect(
-        &policy,
-        &shared.dns,
-        &target.host,
-        target.port,
-        shared.connect_timeout,
-    )
-    .await;
+    let dynamic = !matches!(settings.destination, Destination::Fixed { .. });
+    if dynamic {
+        if let Err(denial) = policy.admits_request(host, port) {
+            let message = format!(
+                "{} is not allowed: {denial}",
+                Target {
+                    host: host.clone(),
+                    port
+                }
+            );
+            if request.connect {
+                connect::refuse(&mut client, 403, &message).await;
+            }
+            return refused("denied", &message, Some(host), Some(port));
+        }
+    }
+    let connected =
+        upstream::connect(&policy, &shared.dns, host, port, shared.connect_timeout).await;
     drop(policy);
-    let (upstream, addr) = match connected {
+    let (mut upstream, addr) = match connected {
         Ok(ok) => ok,
         Err(e) => {
-            for counters in [&shared.counters, &route.counters] {
-                counters.denied.fetch_add(1, Ordering::Relaxed);
+            if request.connect {
+                connect::refuse(&mut client, connect_status(&e), &e.to_string()).await;
             }
-            warn!(
-                remote = %target.host,
-                port = target.port,
-                reason = e.kind(),
-                "connection refused: {e}"
-            );
-            return;
+            return refused(e.kind(), &e.to_string(), Some(host), Some(port));
         }
     };
     tracing::Span::current().record("upstream", tracing::field::display(addr));
-    tracing::debug!("relaying");
+    if request.connect {
+        if let Err(e) = connect::established(&mut client).await {
+            tracing::debug!(error = %e, "the CONNECT client left before 200");
+            return;
+        }
+    }
+    if !request.early.is_empty() {
+        if let Err(e) = upstream.write_all(&request.early).await {
+            warn!(error = %e, "connection closed: cannot send the first bytes upstream");
+            return;
+        }
+    }
+    tracing::debug!(requested = %host, "relaying");
     let report = relay(client, upstream, settings.idle_timeout).await;
     info!(
-        bytes_to_upstream = report.to_upstream,
+        bytes_to_upstream = report.to_upstream + request.early.len() as u64,
         bytes_to_client = report.to_client,
         duration_ms = started.elapsed().as_millis() as u64,
         end = %report.end,

@@ -208,8 +208,8 @@ fn start_up_refuses_bad_routes_naming_the_file_line_and_route() {
                 "line 6, column 26",
             ),
             (
-                "- {listen: 8000, remote: 'a.test:443', mode: sni}",
-                "unknown field `mode`",
+                "- {listen: 8000, remote: 'a.test:443', moed: sni}",
+                "unknown field `moed`",
                 "line 6",
             ),
         ] {
@@ -294,7 +294,8 @@ fn check_config_prints_routes_and_the_entries_they_rely_on() {
         let out = check_config(&config, &[]);
         assert_eq!(out.status.code(), Some(2));
         assert!(
-            out.stderr.contains("missing field `remote`") && out.stderr.contains("line 6"),
+            out.stderr.contains("a route needs `remote: HOST:PORT`")
+                && out.stderr.contains("line 6"),
             "{}",
             out.stderr
         );
