@@ -15,6 +15,7 @@
 pub mod dns;
 pub mod netns;
 pub mod proxy;
+pub mod tls;
 pub mod upstream;
 pub mod vm;
 
