@@ -172,43 +172,49 @@ pub fn server_name(bytes: &[u8]) -> Result<Option<HostName>, HelloError> {
         .map_err(HelloError::BadServerName)
 }
 
+/// A minimal ClientHello (one TLS record, one cipher suite, SNI `name`), built field by field:
+/// for tests of this parser and of SNI routes where no TLS client can run (the test VM).
+#[doc(hidden)]
+pub fn example_client_hello(name: &str) -> Vec<u8> {
+    let sni_entry = [
+        &[0u8][..],
+        &(name.len() as u16).to_be_bytes(),
+        name.as_bytes(),
+    ]
+    .concat();
+    let sni_list = [&(sni_entry.len() as u16).to_be_bytes()[..], &sni_entry].concat();
+    let ext = [
+        &[0u8, 0][..],
+        &(sni_list.len() as u16).to_be_bytes(),
+        &sni_list,
+    ]
+    .concat();
+    let body = [
+        &[3u8, 3][..],
+        &[7u8; 32],
+        &[0],
+        &[0, 2, 0x13, 0x01],
+        &[1, 0],
+        &(ext.len() as u16).to_be_bytes(),
+        &ext,
+    ]
+    .concat();
+    let len = body.len() as u32;
+    let handshake = [&[1u8][..], &len.to_be_bytes()[1..], &body].concat();
+    [
+        &[22u8, 3, 1][..],
+        &(handshake.len() as u16).to_be_bytes(),
+        &handshake,
+    ]
+    .concat()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A ClientHello (TLS 1.2 record, one cipher suite, SNI `name`) built from its fields.
-    pub fn client_hello(name: &str) -> Vec<u8> {
-        let sni_entry = [
-            &[0u8][..],
-            &(name.len() as u16).to_be_bytes(),
-            name.as_bytes(),
-        ]
-        .concat();
-        let sni_list = [&(sni_entry.len() as u16).to_be_bytes()[..], &sni_entry].concat();
-        let ext = [
-            &[0u8, 0][..],
-            &(sni_list.len() as u16).to_be_bytes(),
-            &sni_list,
-        ]
-        .concat();
-        let body = [
-            &[3u8, 3][..],
-            &[7u8; 32],
-            &[0],
-            &[0, 2, 0x13, 0x01],
-            &[1, 0],
-            &(ext.len() as u16).to_be_bytes(),
-            &ext,
-        ]
-        .concat();
-        let len = body.len() as u32;
-        let handshake = [&[1u8][..], &len.to_be_bytes()[1..], &body].concat();
-        [
-            &[22u8, 3, 1][..],
-            &(handshake.len() as u16).to_be_bytes(),
-            &handshake,
-        ]
-        .concat()
+    fn client_hello(name: &str) -> Vec<u8> {
+        example_client_hello(name)
     }
 
     #[test]

@@ -354,6 +354,109 @@ fn two_routes_over_vsock_each_reach_their_own_upstream() {
 }
 
 #[test]
+fn connect_and_sni_routes_over_vsock() {
+    if !in_vm("vsock_vm") {
+        return;
+    }
+    run_in_netns(|| async {
+        const CONNECT: u32 = 8030;
+        const SNI: u32 = 8031;
+        add_lo_addr(ip("192.0.2.10"));
+        let up = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        let dns = TestDns::start(DNS_ADDR.parse().unwrap()).await;
+        dns.set("api.test", &[ip("192.0.2.10")], 60);
+        dns.set("bucket.s3.test", &[ip("192.0.2.10")], 60);
+        dns.set("evil.test", &[ip("192.0.2.10")], 60);
+        let dir = tempfile::tempdir().unwrap();
+        let config = common::write_allowlist(
+            &dir,
+            &format!(
+                "allowlist:\n- {{address: api.test, port: 443}}\n- {{address: '*.s3.test', port: 443}}\n\
+                 routes:\n- {{listen: {CONNECT}, mode: connect}}\n- {{listen: {SNI}, mode: sni, port: 443}}\n"
+            ),
+        );
+        let proxy = Proxy::spawn(&[
+            "--config",
+            &config,
+            "--nameserver",
+            DNS_ADDR,
+            "--dns-timeout",
+            "2s",
+        ]);
+        let listening = format!("listen=vsock:{CONNECT} vsock:{SNI}");
+        assert!(
+            proxy.wait_for_log(&listening, LOG_TIMEOUT).await,
+            "the daemon did not log `{listening}`:\n{}",
+            proxy.logs()
+        );
+        // CONNECT: 200, then the tunnel (the echo upstream sends the bytes back).
+        let (mut conn, connect_port) = vsock_connect(CONNECT).await;
+        conn.write_all(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\ntunnelled")
+            .await
+            .unwrap();
+        conn.shutdown(Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(IO_TIMEOUT, conn.read_to_end(&mut reply))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            "HTTP/1.1 200 Connection Established\r\n\r\ntunnelled"
+        );
+        assert_log_line(
+            &proxy,
+            connect_port,
+            &[
+                &format!("route=vsock:{CONNECT} "),
+                "upstream=192.0.2.10:443",
+                "connection closed",
+            ],
+        )
+        .await;
+        let (mut conn, _) = vsock_connect(CONNECT).await;
+        conn.write_all(b"CONNECT evil.test:443 HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(IO_TIMEOUT, conn.read_to_end(&mut reply))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 403 "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        // SNI: the ClientHello is read, checked and sent on unchanged.
+        let hello = nitro_vsock_proxy::sni::example_client_hello("bucket.s3.test");
+        let (reply, sni_port) = round_trip(SNI, &hello).await;
+        assert!(reply == hello, "the ClientHello did not arrive unchanged");
+        assert_log_line(
+            &proxy,
+            sni_port,
+            &[
+                &format!("route=vsock:{SNI} "),
+                "upstream=192.0.2.10:443",
+                "connection closed",
+            ],
+        )
+        .await;
+        let (reply, _) = round_trip(
+            SNI,
+            &nitro_vsock_proxy::sni::example_client_hello("evil.test"),
+        )
+        .await;
+        assert_eq!(reply, b"");
+        assert_eq!(
+            up.accepted(),
+            2,
+            "only the two allowed connections reached the upstream"
+        );
+    });
+}
+
+#[test]
 fn half_close_over_vsock_lets_the_response_through() {
     if !in_vm("vsock_vm") {
         return;
