@@ -81,6 +81,10 @@ pub struct ServerArgs {
     /// takes precedence over this one.
     #[arg(long, value_name = "IP:PORT")]
     pub connect_to: Option<SocketAddr>,
+    /// Download through this HTTP CONNECT proxy, e.g. http://127.0.0.1:3128 (a forwarder to the
+    /// parent's `mode: connect` route); the URL's host is resolved by the parent.
+    #[arg(long, value_name = "URL", value_parser = parse_proxy_url, conflicts_with = "connect_to")]
+    pub proxy: Option<Url>,
     /// Answer IPv6 prefixes too (after the IPv4 ones).
     #[arg(long)]
     pub ipv6: bool,
@@ -181,6 +185,7 @@ impl ServerArgs {
             url: self.url.clone(),
             ca_file: self.ca_file.clone(),
             connect_to: self.connect_to,
+            proxy: self.proxy.clone(),
             connect_timeout: self.connect_timeout,
             read_timeout: self.read_timeout,
             total_timeout: self.fetch_timeout,
@@ -239,6 +244,16 @@ fn parse_https_url(s: &str) -> Result<Url, String> {
     if url.scheme() != "https" || url.host_str().is_none() {
         return Err(format!(
             "{s:?}: the document must come over HTTPS, e.g. {DEFAULT_URL}"
+        ));
+    }
+    Ok(url)
+}
+
+fn parse_proxy_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if url.scheme() != "http" || url.host_str().is_none() || url.port_or_known_default().is_none() {
+        return Err(format!(
+            "{s:?}: the proxy is an HTTP CONNECT proxy, e.g. http://127.0.0.1:3128"
         ));
     }
     Ok(url)

@@ -24,6 +24,9 @@ pub struct FetchSettings {
     pub ca_file: Option<PathBuf>,
     /// Connect here instead of resolving the URL's host.
     pub connect_to: Option<SocketAddr>,
+    /// Tunnel through this HTTP CONNECT proxy (the parent's `mode: connect` route, through a
+    /// forwarder): `http://127.0.0.1:PORT`.
+    pub proxy: Option<Url>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     /// The whole download: connect, TLS, request and body.
@@ -57,6 +60,11 @@ impl Fetcher {
             .user_agent(concat!("enclave-app/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = &settings.ca_file {
             builder = builder.tls_certs_only(read_ca_file(path)?);
+        }
+        if let Some(proxy) = &settings.proxy {
+            let proxy = reqwest::Proxy::https(proxy.as_str())
+                .map_err(|e| format!("--proxy {proxy}: {}", chain(&e)))?;
+            builder = builder.proxy(proxy);
         }
         if let (Some(addr), Some(host)) = (settings.connect_to, settings.url.host_str()) {
             builder = builder.resolve(host, addr);

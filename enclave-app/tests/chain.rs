@@ -59,6 +59,36 @@ fn the_chain_answers_s3_prefixes_from_one_download() {
 }
 
 #[test]
+fn the_chain_answers_through_a_connect_route() {
+    run_in_netns(|| async {
+        let chain = Chain::start(Setup {
+            via_connect: true,
+            ..Setup::default()
+        })
+        .await;
+        let out = chain.client("us-east-1").await;
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        assert_eq!(out.stdout, format!("{US_EAST_1}\n"));
+        let proxy = chain.proxy.as_ref().unwrap();
+        assert!(
+            proxy
+                .wait_lines(
+                    &[
+                        "route=unix:",
+                        "upstream=192.0.2.10:443",
+                        "connection closed"
+                    ],
+                    1
+                )
+                .await
+                >= 1,
+            "{}",
+            proxy.logs()
+        );
+    });
+}
+
+#[test]
 fn a_raw_query_is_trimmed_and_answered_without_a_half_close() {
     run_in_netns(|| async {
         let chain = Chain::start(Setup::default()).await;

@@ -52,6 +52,9 @@ pub struct Setup {
     pub start_proxy: bool,
     /// Extra server arguments.
     pub server_args: Vec<String>,
+    /// The proxy serves a `mode: connect` route and the server downloads through it
+    /// (`--proxy http://FORWARDER`) instead of a fixed route (`--connect-to FORWARDER`).
+    pub via_connect: bool,
 }
 
 impl Default for Setup {
@@ -63,6 +66,7 @@ impl Default for Setup {
             dns_ttl: 300,
             start_proxy: true,
             server_args: Vec::new(),
+            via_connect: false,
         }
     }
 }
@@ -76,6 +80,7 @@ pub struct Chain {
     pub forwarder: Proc,
     pub server: Proc,
     allowlist: PathBuf,
+    via_connect: bool,
 }
 
 impl Chain {
@@ -123,7 +128,11 @@ impl Chain {
             .wait_ready(|| netns::tcp_listening(forwarder_addr))
             .await;
 
-        let server = spawn_server(dir.path(), "server", "server.sock", &setup.server_args).await;
+        let mut server_args = setup.server_args.clone();
+        if setup.via_connect {
+            server_args.extend(["--proxy".to_owned(), format!("http://{FORWARDER}")]);
+        }
+        let server = spawn_server(dir.path(), "server", "server.sock", &server_args).await;
         let mut chain = Chain {
             dir,
             dns,
@@ -132,6 +141,7 @@ impl Chain {
             forwarder,
             server,
             allowlist,
+            via_connect: setup.via_connect,
         };
         if setup.start_proxy {
             chain.start_proxy().await;
@@ -152,20 +162,26 @@ impl Chain {
     /// Starts nitro-vsock-proxy on the forwarder's target and waits until it listens.
     pub async fn start_proxy(&mut self) {
         let sock = self.path("proxy.sock");
-        let mut proxy = Proc::spawn(
-            "nitro-vsock-proxy",
-            proxy_bin(),
-            &[
-                format!("unix:{}", sock.display()),
-                NAME.to_owned(),
-                "443".to_owned(),
-                "--config".to_owned(),
-                self.allowlist.display().to_string(),
-                "--nameserver".to_owned(),
-                "127.0.0.1".to_owned(),
-            ],
-            &[],
-        );
+        let listen = format!("unix:{}", sock.display());
+        let mut args = vec![
+            "--config".to_owned(),
+            self.allowlist.display().to_string(),
+            "--nameserver".to_owned(),
+            "127.0.0.1".to_owned(),
+        ];
+        if self.via_connect {
+            // The same allowlist, with one CONNECT route instead of the positional one.
+            let mut config = std::fs::read_to_string(&self.allowlist).unwrap();
+            config.push_str(&format!(
+                "routes:\n  - {{listen: '{listen}', mode: connect}}\n"
+            ));
+            let path = self.path("connect-route.yaml");
+            std::fs::write(&path, config).unwrap();
+            args[1] = path.display().to_string();
+        } else {
+            args.splice(0..0, [listen, NAME.to_owned(), "443".to_owned()]);
+        }
+        let mut proxy = Proc::spawn("nitro-vsock-proxy", proxy_bin(), &args, &[]);
         proxy.wait_ready(|| netns::unix_listening(&sock)).await;
         self.proxy = Some(proxy);
     }
@@ -201,9 +217,11 @@ async fn spawn_server(dir: &std::path::Path, name: &str, sock: &str, extra: &[St
         "5005".to_owned(),
         "--stand-in".to_owned(),
         format!("unix:{}", sock.display()),
-        "--connect-to".to_owned(),
-        FORWARDER.to_owned(),
     ];
+    if !extra.iter().any(|a| a == "--proxy") {
+        args.push("--connect-to".to_owned());
+        args.push(FORWARDER.to_owned());
+    }
     if !extra.iter().any(|a| a == "--ca-file") {
         args.push("--ca-file".to_owned());
         args.push(dir.join("ca.pem").display().to_string());
