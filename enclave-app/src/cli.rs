@@ -31,7 +31,7 @@ pub enum Command {
     /// parent's nitro-vsock-proxy), both ways, half-closes included.
     Forwarder(ForwarderArgs),
     /// Answer queries on vsock port PORT with the S3 prefixes of the region asked for.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Ask the server in enclave CID on PORT for QUERY's S3 prefixes and print the reply.
     Client(ClientArgs),
     /// Demo and tests only: an HTTPS stand-in for ip-ranges.amazonaws.com.
