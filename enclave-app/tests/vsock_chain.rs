@@ -58,6 +58,9 @@ struct Setup {
     /// What TestDns answers for ip-ranges.amazonaws.com when the daemon starts, and the TTL.
     dns_answer: IpAddr,
     dns_ttl: u32,
+    /// A `mode: connect` route instead of the positional one, and the server downloading
+    /// through it (`--proxy`) instead of pinned to the forwarder (`--connect-to`).
+    via_connect: bool,
 }
 
 /// The chain over vsock, inside the calling test's network namespace. Everything stops when it
@@ -95,22 +98,24 @@ impl VsockChain {
 
         // The parent's proxy, as in the workshop but with the test's DNS server.
         let listen = format!("vsock:{}", setup.daemon_port);
-        let mut daemon = Proc::spawn(
-            "nitro-vsock-proxy",
-            proxy_bin(),
-            &[
-                listen.clone(),
-                NAME.to_owned(),
-                "443".to_owned(),
-                "--config".to_owned(),
-                allowlist.display().to_string(),
-                "--nameserver".to_owned(),
-                "127.0.0.1".to_owned(),
-                "--dns-timeout".to_owned(),
-                "2s".to_owned(),
-            ],
-            &[],
-        );
+        let mut daemon_args = vec![
+            "--config".to_owned(),
+            allowlist.display().to_string(),
+            "--nameserver".to_owned(),
+            "127.0.0.1".to_owned(),
+            "--dns-timeout".to_owned(),
+            "2s".to_owned(),
+        ];
+        if setup.via_connect {
+            let mut config = std::fs::read_to_string(&allowlist).unwrap();
+            config.push_str(&format!(
+                "routes:\n  - {{listen: '{listen}', mode: connect}}\n"
+            ));
+            std::fs::write(&allowlist, config).unwrap();
+        } else {
+            daemon_args.splice(0..0, [listen.clone(), NAME.to_owned(), "443".to_owned()]);
+        }
+        let mut daemon = Proc::spawn("nitro-vsock-proxy", proxy_bin(), &daemon_args, &[]);
         wait_logged(&mut daemon, &format!("listen=vsock:{}", setup.daemon_port)).await;
 
         // The enclave's forwarder: TCP 127.0.0.1:443 to vsock CID 1 at the daemon's port.
@@ -138,14 +143,19 @@ impl VsockChain {
 
         // The enclave's server on vsock, trusting only the stand-in's CA and pinned to the
         // forwarder (as the enclave's /etc/hosts does).
+        let (how, to) = if setup.via_connect {
+            ("--proxy", format!("http://{FORWARDER}"))
+        } else {
+            ("--connect-to", FORWARDER.to_owned())
+        };
         let mut server = Proc::spawn(
             "server",
             APP,
             &[
                 "server".to_owned(),
                 setup.server_port.to_string(),
-                "--connect-to".to_owned(),
-                FORWARDER.to_owned(),
+                how.to_owned(),
+                to,
                 "--ca-file".to_owned(),
                 ca.display().to_string(),
             ],
@@ -289,6 +299,7 @@ fn the_chain_over_vsock_answers_s3_prefixes_through_the_allowlist() {
             allowlist: None,
             dns_answer: "192.0.2.10".parse().unwrap(),
             dns_ttl: 300,
+            via_connect: false,
         })
         .await;
 
@@ -361,6 +372,38 @@ fn the_chain_over_vsock_answers_s3_prefixes_through_the_allowlist() {
 }
 
 #[test]
+fn the_chain_over_vsock_answers_through_a_connect_route() {
+    if !in_vm("vsock_chain") {
+        return;
+    }
+    run_in_netns(|| async {
+        let chain = VsockChain::start(Setup {
+            daemon_port: 8005,
+            server_port: 5007,
+            allowlist: None,
+            dns_answer: "192.0.2.10".parse().unwrap(),
+            dns_ttl: 300,
+            via_connect: true,
+        })
+        .await;
+        let out = chain.client("us-east-1").await;
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        assert_eq!(out.stdout, format!("{US_EAST_1}\n"), "{out:?}");
+        let relayed = vsock_lines(
+            &chain.daemon,
+            &[
+                "route=vsock:8005 ",
+                "upstream=192.0.2.10:443",
+                "connection closed",
+            ],
+            1,
+        )
+        .await;
+        assert_eq!(relayed.len(), 1, "{}", chain.daemon.logs());
+    });
+}
+
+#[test]
 fn an_endpoint_outside_the_allowlist_gives_an_error_reply_over_vsock() {
     if !in_vm("vsock_chain") {
         return;
@@ -374,6 +417,7 @@ fn an_endpoint_outside_the_allowlist_gives_an_error_reply_over_vsock() {
             allowlist: Some("allowlist:\n  - {address: 198.51.100.0/24, port: 443}\n"),
             dns_answer: "198.51.100.10".parse().unwrap(),
             dns_ttl: 0,
+            via_connect: false,
         })
         .await;
         chain.dns.set(NAME, &["192.0.2.10".parse().unwrap()], 0);
