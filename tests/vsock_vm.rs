@@ -109,6 +109,28 @@ async fn start_daemon(
     proxy
 }
 
+/// Starts the daemon with `yaml` (allowlist and `routes:`, no positional route), asking the
+/// test's DNS server, and waits until it logs that it listens on each of `ports`.
+async fn start_routes_daemon(dir: &tempfile::TempDir, yaml: &str, ports: &[u32]) -> Proxy {
+    let config = common::write_allowlist(dir, yaml);
+    let proxy = Proxy::spawn(&[
+        "--config",
+        &config,
+        "--nameserver",
+        DNS_ADDR,
+        "--dns-timeout",
+        "2s",
+    ]);
+    let shown: Vec<String> = ports.iter().map(|p| format!("vsock:{p}")).collect();
+    let listening = format!("listen={}", shown.join(" "));
+    assert!(
+        proxy.wait_for_log(&listening, LOG_TIMEOUT).await,
+        "the daemon did not log `{listening}`:\n{}",
+        proxy.logs()
+    );
+    proxy
+}
+
 /// The vsock ports of the CID-1 peers a daemon log line names (`peer=vsock:1:PORT`).
 fn vsock_peer_ports(line: &str) -> impl Iterator<Item = u32> + '_ {
     line.split("peer=vsock:1:").skip(1).filter_map(|rest| {
@@ -301,28 +323,12 @@ fn two_routes_over_vsock_each_reach_their_own_upstream() {
         let dir = tempfile::tempdir().unwrap();
         // No positional route: both come from the file's `routes:`, one by port alone (AWS's
         // form, any CID), one as vsock:CID:PORT with any CID spelled out.
-        let config = common::write_allowlist(
-            &dir,
-            &format!(
+        let yaml = &format!(
                 "allowlist:\n- {{address: kms.test, port: 443}}\n- {{address: secrets.test, port: 443}}\n\
                  routes:\n- {{listen: {KMS}, remote: 'kms.test:443'}}\n\
                  - {{listen: 'vsock:any:{SECRETS}', remote: 'secrets.test:443', max_connections: 8}}\n"
-            ),
-        );
-        let proxy = Proxy::spawn(&[
-            "--config",
-            &config,
-            "--nameserver",
-            DNS_ADDR,
-            "--dns-timeout",
-            "2s",
-        ]);
-        let listening = format!("listen=vsock:{KMS} vsock:{SECRETS}");
-        assert!(
-            proxy.wait_for_log(&listening, LOG_TIMEOUT).await,
-            "the daemon did not log `{listening}`:\n{}",
-            proxy.logs()
-        );
+            );
+        let proxy = start_routes_daemon(&dir, yaml, &[KMS, SECRETS]).await;
         for _ in 0..2 {
             let (reply, kms_port) = round_trip(KMS, b"encrypt").await;
             assert_eq!(reply, b"kms");
@@ -368,27 +374,11 @@ fn connect_and_sni_routes_over_vsock() {
         dns.set("bucket.s3.test", &[ip("192.0.2.10")], 60);
         dns.set("evil.test", &[ip("192.0.2.10")], 60);
         let dir = tempfile::tempdir().unwrap();
-        let config = common::write_allowlist(
-            &dir,
-            &format!(
+        let yaml = &format!(
                 "allowlist:\n- {{address: api.test, port: 443}}\n- {{address: '*.s3.test', port: 443}}\n\
                  routes:\n- {{listen: {CONNECT}, mode: connect}}\n- {{listen: {SNI}, mode: sni, port: 443}}\n"
-            ),
-        );
-        let proxy = Proxy::spawn(&[
-            "--config",
-            &config,
-            "--nameserver",
-            DNS_ADDR,
-            "--dns-timeout",
-            "2s",
-        ]);
-        let listening = format!("listen=vsock:{CONNECT} vsock:{SNI}");
-        assert!(
-            proxy.wait_for_log(&listening, LOG_TIMEOUT).await,
-            "the daemon did not log `{listening}`:\n{}",
-            proxy.logs()
-        );
+            );
+        let proxy = start_routes_daemon(&dir, yaml, &[CONNECT, SNI]).await;
         // CONNECT: 200, then the tunnel (the echo upstream sends the bytes back).
         let (mut conn, connect_port) = vsock_connect(CONNECT).await;
         conn.write_all(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\ntunnelled")
