@@ -9,9 +9,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::host::Host;
+use crate::prefix::{read_prefix, PrefixError};
 use crate::remote::Remote;
 
 /// The largest request head read.
@@ -88,26 +89,13 @@ impl fmt::Display for BadRequest {
 pub async fn read_request<S: AsyncRead + Unpin>(
     client: &mut S,
 ) -> Result<ConnectRequest, BadRequest> {
-    let read = async {
-        let mut bytes = Vec::new();
-        let mut chunk = [0u8; 1024];
-        loop {
-            if let Some(request) = parse_head(&bytes)? {
-                return Ok(request);
-            }
-            if bytes.len() >= MAX_HEAD {
-                return Err(BadRequest::TooLarge);
-            }
-            let room = (MAX_HEAD - bytes.len()).min(chunk.len());
-            match client.read(&mut chunk[..room]).await {
-                Ok(0) | Err(_) => return Err(BadRequest::Closed),
-                Ok(n) => bytes.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(HEAD_TIMEOUT, read)
-        .await
-        .unwrap_or(Err(BadRequest::Timeout))
+    match read_prefix(client, MAX_HEAD, HEAD_TIMEOUT, parse_head).await {
+        Ok((request, _)) => Ok(request),
+        Err(PrefixError::Parse(bad)) => Err(bad),
+        Err(PrefixError::TooLarge) => Err(BadRequest::TooLarge),
+        Err(PrefixError::Timeout) => Err(BadRequest::Timeout),
+        Err(PrefixError::Closed) => Err(BadRequest::Closed),
+    }
 }
 
 /// What the bytes so far say: `Ok(None)` while the head is not whole. Pure.

@@ -26,6 +26,7 @@ pub mod host;
 pub mod imds;
 pub mod logging;
 pub mod policy;
+pub mod prefix;
 pub mod relay;
 pub mod remote;
 pub mod rlimit;

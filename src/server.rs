@@ -284,12 +284,12 @@ struct Request {
     connect: bool,
 }
 
-/// Reads what the route needs to know where the connection goes. `Err` is the refusal, already
-/// answered (CONNECT) and to be logged: (reason, message).
-async fn read_request(
-    client: &mut Stream,
-    destination: &Destination,
-) -> Result<Request, (&'static str, String)> {
+/// A refusal before any connect: the reason for logs, the message, and the HTTP status to
+/// answer a CONNECT client with (none for other routes, or a client already gone).
+type Refusal = (&'static str, String, Option<u16>);
+
+/// Reads what the route needs to know where the connection goes.
+async fn read_request(client: &mut Stream, destination: &Destination) -> Result<Request, Refusal> {
     match destination {
         Destination::Fixed {
             target,
@@ -306,7 +306,7 @@ async fn read_request(
         } => {
             let hello = sni::read_client_hello(client)
                 .await
-                .map_err(|e| (e.kind(), e.to_string()))?;
+                .map_err(|e| (e.kind(), e.to_string(), None))?;
             if Host::Name(hello.server_name.clone()) != target.host {
                 return Err((
                     "sni_mismatch",
@@ -314,6 +314,7 @@ async fn read_request(
                         "the TLS server name {} is not the route's remote {} (sni: require)",
                         hello.server_name, target.host
                     ),
+                    None,
                 ));
             }
             Ok(Request {
@@ -326,7 +327,7 @@ async fn read_request(
         Destination::Sni { port } => {
             let hello = sni::read_client_hello(client)
                 .await
-                .map_err(|e| (e.kind(), e.to_string()))?;
+                .map_err(|e| (e.kind(), e.to_string(), None))?;
             Ok(Request {
                 host: Host::Name(hello.server_name),
                 port: *port,
@@ -342,10 +343,8 @@ async fn read_request(
                 connect: true,
             }),
             Err(bad) => {
-                if bad != connect::BadRequest::Closed {
-                    connect::refuse(client, bad.status(), &bad.to_string()).await;
-                }
-                Err((bad.kind(), bad.to_string()))
+                let status = (bad != connect::BadRequest::Closed).then(|| bad.status());
+                Err((bad.kind(), bad.to_string(), status))
             }
         },
     }
@@ -373,6 +372,7 @@ fn connect_status(e: &UpstreamError) -> u16 {
 async fn handle(mut client: Stream, route: &Route, shared: &Shared) {
     let started = Instant::now();
     let settings = route.settings();
+    // Logged before the client is answered, so the log never trails what the enclave saw.
     let refused = |reason: &str, message: &str, host: Option<&Host>, port: Option<u16>| {
         for counters in [&shared.counters, &route.counters] {
             counters.denied.fetch_add(1, Ordering::Relaxed);
@@ -384,7 +384,13 @@ async fn handle(mut client: Stream, route: &Route, shared: &Shared) {
     };
     let request = match read_request(&mut client, &settings.destination).await {
         Ok(request) => request,
-        Err((reason, message)) => return refused(reason, &message, None, None),
+        Err((reason, message, status)) => {
+            refused(reason, &message, None, None);
+            if let Some(status) = status {
+                connect::refuse(&mut client, status, &message).await;
+            }
+            return;
+        }
     };
     let (host, port) = (&request.host, request.port);
     let policy = shared.policy.get();
@@ -398,10 +404,11 @@ async fn handle(mut client: Stream, route: &Route, shared: &Shared) {
                     port
                 }
             );
+            refused("denied", &message, Some(host), Some(port));
             if request.connect {
                 connect::refuse(&mut client, 403, &message).await;
             }
-            return refused("denied", &message, Some(host), Some(port));
+            return;
         }
     }
     let connected =
@@ -410,10 +417,11 @@ async fn handle(mut client: Stream, route: &Route, shared: &Shared) {
     let (mut upstream, addr) = match connected {
         Ok(ok) => ok,
         Err(e) => {
+            refused(e.kind(), &e.to_string(), Some(host), Some(port));
             if request.connect {
                 connect::refuse(&mut client, connect_status(&e), &e.to_string()).await;
             }
-            return refused(e.kind(), &e.to_string(), Some(host), Some(port));
+            return;
         }
     };
     tracing::Span::current().record("upstream", tracing::field::display(addr));

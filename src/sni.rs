@@ -16,9 +16,10 @@ use tls_parser::{
     parse_tls_record_header, Err as NomErr, SNIType, TlsExtension, TlsMessage, TlsMessageHandshake,
     TlsRecordType,
 };
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 
 use crate::host::HostName;
+use crate::prefix::{read_prefix, PrefixError};
 
 /// The most bytes read while waiting for a whole ClientHello.
 pub const MAX_HELLO: usize = 16 * 1024;
@@ -91,26 +92,13 @@ impl fmt::Display for HelloError {
 pub async fn read_client_hello<S: AsyncRead + Unpin>(
     client: &mut S,
 ) -> Result<ClientHello, HelloError> {
-    let read = async {
-        let mut bytes = Vec::new();
-        let mut chunk = [0u8; 2048];
-        loop {
-            if let Some(server_name) = server_name(&bytes)? {
-                return Ok(ClientHello { server_name, bytes });
-            }
-            if bytes.len() >= MAX_HELLO {
-                return Err(HelloError::TooLarge);
-            }
-            let room = (MAX_HELLO - bytes.len()).min(chunk.len());
-            match client.read(&mut chunk[..room]).await {
-                Ok(0) | Err(_) => return Err(HelloError::Truncated),
-                Ok(n) => bytes.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(HELLO_TIMEOUT, read)
-        .await
-        .unwrap_or(Err(HelloError::Timeout))
+    match read_prefix(client, MAX_HELLO, HELLO_TIMEOUT, server_name).await {
+        Ok((server_name, bytes)) => Ok(ClientHello { server_name, bytes }),
+        Err(PrefixError::Parse(e)) => Err(e),
+        Err(PrefixError::TooLarge) => Err(HelloError::TooLarge),
+        Err(PrefixError::Timeout) => Err(HelloError::Timeout),
+        Err(PrefixError::Closed) => Err(HelloError::Truncated),
+    }
 }
 
 /// What the bytes so far say: `Ok(None)` while the ClientHello is not whole yet. Pure.

@@ -177,13 +177,17 @@ fn connect_route_tunnels_to_allowlisted_names_and_refuses_the_rest() {
             "{seen:?}"
         );
         assert_eq!(s.trap.accepted(), 0, "the metadata trap was reached");
-        let logs = s.proxy.logs();
-        assert!(logs.contains("route=tcp:127.0.0.1:8010"), "{logs}");
-        assert!(
-            logs.contains("connection refused: evil.test:443 is not allowed"),
-            "{logs}"
-        );
-        assert!(logs.contains("169.254.169.254 denied"), "{logs}");
+        for needle in [
+            "route=tcp:127.0.0.1:8010",
+            "connection refused: evil.test:443 is not allowed",
+            "169.254.169.254 denied",
+        ] {
+            assert!(
+                s.proxy.wait_for_log(needle, WAIT).await,
+                "{needle}: {}",
+                s.proxy.logs()
+            );
+        }
     });
 }
 
@@ -272,13 +276,17 @@ fn sni_route_connects_to_the_allowlisted_server_name_only() {
         let seen = s.tls.names_seen();
         assert_eq!(seen, ["api.test", "bucket.s3.test"], "{}", s.proxy.logs());
         assert_eq!(s.trap.accepted(), 0);
-        let logs = s.proxy.logs();
+        // The daemon's log lines reach the test through a pipe: wait for them.
         for reason in [
             "reason=\"denied\"",
             "reason=\"no_sni\"",
             "reason=\"not_tls\"",
         ] {
-            assert!(logs.contains(reason), "{reason}: {logs}");
+            assert!(
+                s.proxy.wait_for_log(reason, WAIT).await,
+                "{reason}: {}",
+                s.proxy.logs()
+            );
         }
     });
 }
@@ -372,8 +380,11 @@ fn sni_require_checks_the_server_name_against_the_fixed_remote() {
         assert_eq!(s.tls.names_seen(), ["api.test"]);
         assert!(
             s.proxy
-                .logs()
-                .contains("the TLS server name bucket.s3.test is not the route's remote api.test"),
+                .wait_for_log(
+                    "the TLS server name bucket.s3.test is not the route's remote api.test",
+                    WAIT
+                )
+                .await,
             "{}",
             s.proxy.logs()
         );
