@@ -15,10 +15,12 @@
 #   debootstrap: the VM tests' tier 2 (systemd as PID 1) builds its Debian 12 root filesystem
 #                with it, once, into target/vm-cache/ (tests/vm/rootfs.sh)
 #   binutils: objdump, to check the glibc symbol versions the binary needs
+#   python3-prometheus-client: tests/operate.rs parses /metrics with Prometheus' own
+#                              OpenMetrics parser (/usr/bin/python3)
 #   curl, openssl: tests/dynamic_routes.rs drives the CONNECT route with `curl -x` and the SNI
 #                  routes with `openssl s_client`, real clients of each protocol
 set -euo pipefail
-needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl)
+needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl python3-prometheus-client)
 missing=()
 for pkg in "${needed[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

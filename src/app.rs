@@ -20,11 +20,12 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::check::{self, Fatal, Metadata};
-use crate::cli::Options;
+use crate::cli::{AuditLevel, Options};
 use crate::dns::Dns;
 use crate::endpoint::{Endpoint, Listener};
+use crate::peers::PeerLimits;
 use crate::route::{self, Route, Settings};
-use crate::server::{self, Command, Heartbeat, ServedRoute, ServerLimits, Shared};
+use crate::server::{self, Command, Heartbeat, Lifetimes, ServedRoute, ServerLimits, Shared};
 use crate::systemd::Notifier;
 
 /// How often STATUS= is refreshed (only when it changed, only under a service manager).
@@ -139,8 +140,32 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
         );
     }
     let allowlist_entries = loaded.policy.entries().len();
-    let shared = Arc::new(Shared::new(loaded.policy, dns, options.connect_timeout));
+    let metrics_listen_in_file = loaded.config.metrics_listen.clone();
+    let metrics_listener = match options
+        .metrics_listen
+        .as_ref()
+        .or(loaded.config.metrics_listen.as_ref())
+    {
+        Some(endpoint) => Some(
+            crate::metrics_server::bind(endpoint)
+                .await
+                .map_err(Fatal::Runtime)?,
+        ),
+        None => None,
+    };
+    let mut shared = Shared::new(loaded.policy, dns, options.connect_timeout);
+    shared.lifetimes = Lifetimes {
+        setup_timeout: options.setup_timeout,
+        max_lifetime: options.max_lifetime,
+    };
+    shared.peers = PeerLimits::new(options.max_connections_per_peer);
+    let shared = Arc::new(shared);
     shared.routes.set(routes);
+    crate::audit::set_record_allowed(options.audit == AuditLevel::Allowed);
+    crate::audit::spawn_flusher();
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(crate::metrics_server::serve(listener));
+    }
     info!(
         listen = %listening.join(" "),
         routes = listening.len(),
@@ -170,6 +195,10 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
                 commands,
                 notifier: notifier.clone(),
                 status: status.clone(),
+                metrics_listen: options
+                    .metrics_listen
+                    .clone()
+                    .or(metrics_listen_in_file.clone()),
             },
         ))
     });
@@ -366,6 +395,8 @@ struct Reloader {
     commands: mpsc::UnboundedSender<Command>,
     notifier: Arc<Notifier>,
     status: StatusLine,
+    /// Where metrics are served (fixed at start-up).
+    metrics_listen: Option<Endpoint>,
 }
 
 /// Re-reads the configuration on each SIGHUP (see [`reload`]).
@@ -374,7 +405,9 @@ async fn reload_on_sighup(mut hup: Signal, mut reloader: Reloader) {
         reloader.notifier.reloading();
         let path = reloader.options.config.display().to_string();
         info!(config = %path, "SIGHUP: reloading the allowlist and the routes");
-        match reload(&mut reloader).await {
+        let reloaded = reload(&mut reloader).await;
+        crate::metrics::global().reload(reloaded.is_ok());
+        match reloaded {
             Ok(summary) => {
                 info!(config = %path, "allowlist reloaded; {summary}; new connections use them");
                 reloader.notifier.ready(&reloader.status.render());
@@ -399,16 +432,34 @@ async fn reload(r: &mut Reloader) -> Result<String, String> {
     let loaded = check::load(&r.options, &mut r.metadata)
         .await
         .map_err(|e| e.message().to_owned())?;
-    check::check_routes(
-        &loaded.policy,
-        &r.shared.dns,
-        &loaded.routes,
-        &r.options.config,
-    )
-    .await
-    .map_err(|e| e.message().to_owned())?;
+    // A new resolver: /etc/hosts and /etc/resolv.conf are read again (and the cache starts empty).
+    let dns = Dns::new(&check::dns_settings(&r.options))?;
+    check::check_routes(&loaded.policy, &dns, &loaded.routes, &r.options.config)
+        .await
+        .map_err(|e| e.message().to_owned())?;
     let entries = loaded.policy.entries().len();
+    let metrics_listen = r
+        .options
+        .metrics_listen
+        .as_ref()
+        .or(loaded.config.metrics_listen.as_ref());
+    if metrics_listen != r.metrics_listen.as_ref() {
+        warn!("metrics_listen: changed in the file; the metrics endpoint moves only on restart");
+    }
     r.shared.policy.set(loaded.policy);
+    r.shared.dns.set(dns);
+    let revoked = if r.options.no_revoke_on_reload {
+        0
+    } else {
+        let policy = r.shared.policy.get();
+        let dns = r.shared.dns.get();
+        r.shared.relayed.revoke_denied(&policy, &dns).await
+    };
+    let revoked = if revoked > 0 {
+        format!("; {revoked} open connection(s) the new allowlist denies closed")
+    } else {
+        String::new()
+    };
 
     let order: Vec<Endpoint> = loaded
         .routes
@@ -482,7 +533,9 @@ async fn reload(r: &mut Reloader) -> Result<String, String> {
             unbound.join(", ")
         )
     };
-    Ok(format!("{entries} allowlist entries; {summary}{unbound}"))
+    Ok(format!(
+        "{entries} allowlist entries; {summary}{unbound}{revoked}"
+    ))
 }
 
 /// Resolves on SIGTERM or SIGINT with the signal's name. Without handlers it never resolves (the

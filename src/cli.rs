@@ -29,6 +29,16 @@ pub enum LogFormat {
     Journal,
 }
 
+/// Which decisions the audit trail (`target: "audit"` events) records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum AuditLevel {
+    /// Every refused connection (rate-limited per route, peer and reason).
+    #[default]
+    Refused,
+    /// Refused and allowed connections (allowed ones at INFO, not rate-limited).
+    Allowed,
+}
+
 /// Forwards each connection on a vsock port to one TCP endpoint, if and only if the allowlist
 /// allows the address it is about to connect to; checked on every connection. One daemon serves
 /// the positional route and every route in the configuration file's `routes:`.
@@ -101,6 +111,35 @@ pub struct Options {
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 
+    /// Serve Prometheus metrics at GET /metrics on tcp:IP:PORT or unix:PATH (never vsock), e.g.
+    /// tcp:127.0.0.1:9190. Overrides the configuration file's `metrics_listen:`. Default: off.
+    #[arg(long, value_name = "ADDRESS", value_parser = parse_metrics_listen)]
+    pub metrics_listen: Option<Endpoint>,
+
+    /// Which decisions are recorded as audit events: `refused` (default) or `allowed` (refused
+    /// and allowed).
+    #[arg(long, value_enum, value_name = "WHAT", default_value = "refused")]
+    pub audit: AuditLevel,
+
+    /// Close any connection this long after it was accepted, however busy (default: never).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+    pub max_lifetime: Option<Duration>,
+
+    /// The whole time a connection may take before relaying starts: reading a CONNECT head or
+    /// ClientHello, DNS, the policy and the TCP connects.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_positive_duration)]
+    pub setup_timeout: Duration,
+
+    /// Connections one peer may have open at once (default: no limit but --max-connections).
+    /// A peer is an enclave's CID on vsock, the source IP address on tcp: stand-ins.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_peer: Option<u32>,
+
+    /// On reload, keep open connections the new allowlist would deny (default: close them,
+    /// counted as `revoked`).
+    #[arg(long)]
+    pub no_revoke_on_reload: bool,
+
     /// The EC2 instance metadata service, asked for {region}/{domain} in REMOTE_ADDR.
     #[arg(long, value_name = "IP:PORT", default_value = crate::imds::DEFAULT_ENDPOINT)]
     pub imds_endpoint: SocketAddr,
@@ -120,6 +159,12 @@ impl Options {
             _ => None,
         }
     }
+}
+
+fn parse_metrics_listen(s: &str) -> Result<Endpoint, String> {
+    let endpoint: Endpoint = s.parse()?;
+    crate::metrics_server::check_endpoint(&endpoint, "--metrics-listen")?;
+    Ok(endpoint)
 }
 
 fn parse_remote(s: &str) -> Result<String, String> {

@@ -79,6 +79,8 @@ pub struct Config {
     pub allowlist_lines: Vec<Option<usize>>,
     /// `routes:`, in file order; empty for AWS's format.
     pub routes: Vec<RouteConfig>,
+    /// `metrics_listen:`, where to serve Prometheus metrics (`tcp:` or `unix:`), if set.
+    pub metrics_listen: Option<Endpoint>,
 }
 
 /// Why a configuration file could not be used. `Display` is the whole operator-facing message.
@@ -199,11 +201,36 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             line: locate(text, "routes", i, None).map(|(line, _)| line),
         });
     }
+    let metrics_listen = match file.metrics_listen {
+        Some(ListenField(endpoint)) => {
+            crate::metrics_server::check_endpoint(&endpoint, "metrics_listen:").map_err(
+                |message| ConfigError::Invalid {
+                    path: path.to_owned(),
+                    line: top_level_line(text, "metrics_listen"),
+                    column: None,
+                    message,
+                },
+            )?;
+            Some(endpoint)
+        }
+        None => None,
+    };
     Ok(Config {
         allowlist,
         allowlist_lines,
         routes,
+        metrics_listen,
     })
+}
+
+/// The line (1-based) of the top-level `key:`, if it is written on a line of its own.
+fn top_level_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| {
+            line.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|i| i + 1)
 }
 
 /// The route's kind from its keys; an error names the key that is wrong (or none: the item).
@@ -269,7 +296,7 @@ fn yaml_error(e: serde_yaml::Error, path: &Path) -> ConfigError {
     }
     if message.contains("unknown field") {
         message.push_str(
-            " (check the spelling: the file's keys are `allowlist` and `routes`; an allowlist \
+            " (check the spelling: the file's keys are `allowlist`, `routes` and `metrics_listen`; an allowlist \
              entry has `address` and `port`; a route has `listen`, `remote` or `mode` (`connect`, \
              `sni` with `port`), `sni: require`, `max_connections` and `idle_timeout`)",
         );
@@ -290,6 +317,7 @@ struct FileFormat {
     // `Option` so that `allowlist:` with nothing after it gets our own "is empty" message.
     allowlist: Option<Vec<EntryFormat>>,
     routes: Option<Vec<RouteFormat>>,
+    metrics_listen: Option<ListenField>,
 }
 
 #[derive(Deserialize)]

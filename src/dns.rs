@@ -116,8 +116,18 @@ impl Dns {
     }
 
     /// The addresses `name` has now (from cache while its TTL lasts), IPv4 before IPv6, without
-    /// duplicates. An empty answer is an error: there is nothing to connect to.
+    /// duplicates. An empty answer is an error: there is nothing to connect to. Each lookup is
+    /// counted in `nitro_vsock_proxy_dns_lookups_total{result}`.
     pub async fn lookup(&self, name: &HostName) -> Result<Vec<IpAddr>, LookupError> {
+        let result = self.lookup_uncounted(name).await;
+        crate::metrics::global().dns_lookup(match &result {
+            Ok(_) => "ok",
+            Err(_) => "error",
+        });
+        result
+    }
+
+    async fn lookup_uncounted(&self, name: &HostName) -> Result<Vec<IpAddr>, LookupError> {
         let fail = |reason: String| LookupError {
             name: name.clone(),
             reason,

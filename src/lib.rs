@@ -15,6 +15,7 @@
 
 pub mod accept;
 pub mod app;
+pub mod audit;
 pub mod check;
 pub mod cli;
 pub mod config;
@@ -25,10 +26,14 @@ pub mod endpoint;
 pub mod host;
 pub mod imds;
 pub mod logging;
+pub mod metrics;
+pub mod metrics_server;
+pub mod peers;
 pub mod policy;
 pub mod prefix;
 pub mod relay;
 pub mod remote;
+pub mod revoke;
 pub mod rlimit;
 pub mod route;
 pub mod server;

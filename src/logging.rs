@@ -45,7 +45,9 @@ pub fn init(format: LogFormat) {
         .with_target(false);
     let installed = match format {
         LogFormat::Text => builder.with_ansi(false).try_init(),
+        // JSON keeps the target, so the audit trail (`"target":"audit"`) can be picked out.
         LogFormat::Json => builder
+            .with_target(true)
             .json()
             .with_current_span(true)
             .with_span_list(false)
@@ -67,6 +69,11 @@ pub fn init(format: LogFormat) {
     if let Some(problem) = bad_filter {
         tracing::warn!("ignoring invalid RUST_LOG {problem}; logging at info");
     }
+}
+
+/// Log lines dropped so far because a sink did not keep up.
+pub fn dropped_lines() -> u64 {
+    0
 }
 
 /// The syslog priority journald gives a line with this level.

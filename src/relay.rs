@@ -95,6 +95,33 @@ where
     C: AsyncRead + AsyncWrite + Send,
     U: AsyncRead + AsyncWrite + Send,
 {
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let unused = LiveBytes {
+        to_upstream: &up,
+        to_client: &down,
+    };
+    relay_counted(client, upstream, idle_timeout, &unused).await
+}
+
+/// Totals that a relay adds to as bytes move (the route's metrics), besides its own report.
+#[derive(Debug)]
+pub struct LiveBytes<'a> {
+    pub to_upstream: &'a AtomicU64,
+    pub to_client: &'a AtomicU64,
+}
+
+/// [`relay`], also adding each write's bytes to `live` as it happens, so a long transfer is
+/// visible while it runs.
+pub async fn relay_counted<C, U>(
+    client: C,
+    upstream: U,
+    idle_timeout: Option<Duration>,
+    live: &LiveBytes<'_>,
+) -> RelayReport
+where
+    C: AsyncRead + AsyncWrite + Send,
+    U: AsyncRead + AsyncWrite + Send,
+{
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let (mut upstream_rd, mut upstream_wr) = tokio::io::split(upstream);
     let to_upstream = AtomicU64::new(0);
@@ -111,7 +138,7 @@ where
                 &mut upstream_wr,
                 Side::Client,
                 Side::Upstream,
-                &to_upstream,
+                [&to_upstream, live.to_upstream],
                 &activity
             ),
             pump(
@@ -119,7 +146,7 @@ where
                 &mut client_wr,
                 Side::Upstream,
                 Side::Client,
-                &to_client,
+                [&to_client, live.to_client],
                 &activity
             ),
         )
@@ -145,7 +172,7 @@ async fn pump<R, W>(
     writer: &mut W,
     reader_side: Side,
     writer_side: Side,
-    moved: &AtomicU64,
+    moved: [&AtomicU64; 2],
     activity: &Activity,
 ) -> Result<(), DirectionError>
 where
@@ -161,7 +188,9 @@ where
             return Ok(());
         }
         writer.write_all(&buf[..n]).await.map_err(on(writer_side))?;
-        moved.fetch_add(n as u64, Ordering::Relaxed);
+        for total in moved {
+            total.fetch_add(n as u64, Ordering::Relaxed);
+        }
         activity.touch();
         if let Some(size) = next_buffer_size(buf.len(), n) {
             buf = vec![0u8; size];

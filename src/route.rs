@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, RouteKind};
 use crate::current::Current;
 use crate::endpoint::Endpoint;
+use crate::metrics::RouteMetrics;
 use crate::remote::{Remote, Target};
 
 /// Where a route was written.
@@ -197,16 +198,19 @@ pub struct Route {
     pub tasks: TaskTracker,
     /// Cancelled when a removed route's drain time is up: its connections close.
     pub closed: CancellationToken,
+    /// The route's Prometheus metrics (labelled with its listen address).
+    pub metrics: RouteMetrics,
 }
 
 impl Route {
     pub fn new(settings: Settings) -> Route {
         Route {
             listen: settings.spec.listen.clone(),
-            settings: Current::new(settings),
             counters: Counters::default(),
             tasks: TaskTracker::new(),
             closed: CancellationToken::new(),
+            metrics: crate::metrics::global().route(&settings.spec.listen.to_string()),
+            settings: Current::new(settings),
         }
     }
 

@@ -12,50 +12,85 @@
 //! when the loop itself is stuck — not merely when some other task still runs; and keeps beating
 //! while the daemon drains.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
 pub use crate::accept::Heartbeat;
-use crate::accept::{OverLimitLog, Pulse};
+use crate::accept::Pulse;
+use crate::audit;
 use crate::connect;
 use crate::current::Current;
 use crate::dns::Dns;
 use crate::endpoint::{Endpoint, Listener, Stream};
 use crate::host::Host;
+use crate::metrics::Outcome;
+use crate::peers::{PeerLimits, PeerSlot};
 use crate::policy::Policy;
-use crate::relay::relay;
+use crate::relay::{relay_counted, LiveBytes, RelayEnd};
 use crate::remote::Target;
+use crate::revoke::{OpenConnection, Registry};
 use crate::route::{Counters, Destination, Route, RouteSlot};
 use crate::sni;
 use crate::upstream::{self, UpstreamError};
+use tokio_util::sync::CancellationToken;
 
 /// Everything a connection needs, shared by all of them.
 pub struct Shared {
     /// The current policy; replaced whole on reload, so a connection sees one consistent version.
     pub policy: Current<Policy>,
-    pub dns: Dns,
+    /// The resolver; replaced on reload, which re-reads /etc/hosts and /etc/resolv.conf.
+    pub dns: Current<Dns>,
     pub connect_timeout: Duration,
     /// Totals over every route, including removed ones.
     pub counters: Counters,
     /// The routes being served, in configuration order (for reload and STATUS=).
     pub routes: Current<Vec<Arc<Route>>>,
+    /// The time limits of one connection.
+    pub lifetimes: Lifetimes,
+    /// `--max-connections-per-peer`.
+    pub peers: PeerLimits,
+    /// The connections being relayed, for reload to re-check.
+    pub relayed: Registry,
+}
+
+/// How long one connection may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Lifetimes {
+    /// From accept to relaying: reading the request, DNS, the policy, the connects.
+    pub setup_timeout: Duration,
+    /// From accept to close, however busy (`--max-lifetime`).
+    pub max_lifetime: Option<Duration>,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Lifetimes {
+        Lifetimes {
+            setup_timeout: Duration::from_secs(15),
+            max_lifetime: None,
+        }
+    }
 }
 
 impl Shared {
     pub fn new(policy: Policy, dns: Dns, connect_timeout: Duration) -> Shared {
         Shared {
             policy: Current::new(policy),
-            dns,
+            dns: Current::new(dns),
             connect_timeout,
             counters: Counters::default(),
             routes: Current::new(Vec::new()),
+            lifetimes: Lifetimes::default(),
+            peers: PeerLimits::new(None),
+            relayed: Registry::default(),
         }
     }
 }
@@ -112,7 +147,6 @@ pub async fn serve(
         shared: shared.clone(),
         permits: permits.clone(),
         max_connections: limits.max_connections,
-        over_limit: OverLimitLog::default(),
         next_id: 0,
     };
     tokio::select! {
@@ -196,12 +230,11 @@ fn apply(listeners: &mut Vec<Served>, command: Command) {
     }
 }
 
-/// Who gets in: the global limit, then the route's.
+/// Who gets in: the global limit, then the route's, then the peer's.
 struct Admission {
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
     max_connections: usize,
-    over_limit: OverLimitLog,
     next_id: u64,
 }
 
@@ -210,18 +243,25 @@ impl Admission {
         self.next_id += 1;
         let limit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => match route.try_reserve() {
-                Ok(slot) => {
-                    let id = self.next_id;
-                    return spawn_connection(
-                        stream,
-                        peer,
-                        id,
-                        route.clone(),
-                        permit,
-                        slot,
-                        &self.shared,
-                    );
-                }
+                Ok(slot) => match self.shared.peers.try_reserve(audit::peer_key(&peer)) {
+                    Ok(peer_slot) => {
+                        let id = self.next_id;
+                        let slots = Slots {
+                            _global: permit,
+                            _route: slot,
+                            _peer: peer_slot,
+                        };
+                        return spawn_connection(
+                            stream,
+                            peer,
+                            id,
+                            route.clone(),
+                            slots,
+                            &self.shared,
+                        );
+                    }
+                    Err(max) => format!("--max-connections-per-peer ({max}) for this peer"),
+                },
                 Err(route_max) => format!("the route's max_connections ({route_max})"),
             },
             Err(_) => format!("--max-connections ({})", self.max_connections),
@@ -231,15 +271,24 @@ impl Admission {
         for counters in [&self.shared.counters, &route.counters] {
             counters.rejected_over_limit.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(rejected) = self.over_limit.note() {
-            warn!(
-                route = %route.listen,
-                rejected,
-                peer = %peer,
-                "connection limit reached ({limit}); closing new connections"
-            );
-        }
+        crate::metrics::global().connection_ended(&route.metrics, Outcome::OverLimit);
+        audit::refused(&audit::Decision {
+            route: &route.listen.to_string(),
+            peer: &peer,
+            requested: None,
+            port: None,
+            addresses: audit::NO_ADDRESSES,
+            outcome: Outcome::OverLimit,
+            message: &format!("connection limit reached ({limit}); closing new connections"),
+        });
     }
+}
+
+/// The slots one connection holds; dropping them (however the task ends) gives them back.
+struct Slots {
+    _global: OwnedSemaphorePermit,
+    _route: RouteSlot,
+    _peer: PeerSlot,
 }
 
 fn spawn_connection(
@@ -247,28 +296,30 @@ fn spawn_connection(
     peer: String,
     id: u64,
     route: Arc<Route>,
-    permit: OwnedSemaphorePermit,
-    slot: RouteSlot,
+    slots: Slots,
     shared: &Arc<Shared>,
 ) {
     for counters in [&shared.counters, &route.counters] {
         counters.accepted.fetch_add(1, Ordering::Relaxed);
     }
     shared.counters.open.fetch_add(1, Ordering::Relaxed);
+    route.metrics.open.inc();
     let span = tracing::info_span!("conn", route = %route.listen, id, peer = %peer, upstream = tracing::field::Empty);
     let shared = shared.clone();
     let tasks = route.tasks.clone();
     tasks.spawn(
         async move {
-            tokio::select! {
-                _ = handle(stream, &route, &shared) => {}
+            let outcome = tokio::select! {
+                outcome = handle(stream, &peer, &route, &shared) => outcome,
                 _ = route.closed.cancelled() => {
                     info!("connection closed: its route was removed and the drain timeout ran out");
+                    Outcome::Drained
                 }
-            }
+            };
+            crate::metrics::global().connection_ended(&route.metrics, outcome);
+            route.metrics.open.dec();
             shared.counters.open.fetch_sub(1, Ordering::Relaxed);
-            drop(slot);
-            drop(permit);
+            drop(slots);
         }
         .instrument(span),
     );
@@ -284,8 +335,8 @@ struct Request {
     connect: bool,
 }
 
-/// A refusal before any connect: the reason for logs, the message, and the HTTP status to
-/// answer a CONNECT client with (none for other routes, or a client already gone).
+/// A refusal before any connect: the reason for logs and metrics, the message, and the HTTP
+/// status to answer a CONNECT client with (none for other routes, or a client already gone).
 type Refusal = (&'static str, String, Option<u16>);
 
 /// Reads what the route needs to know where the connection goes.
@@ -367,29 +418,154 @@ fn connect_status(e: &UpstreamError) -> u16 {
     }
 }
 
+/// The outcome a refusal reason counts as.
+fn refusal_outcome(reason: &'static str) -> Outcome {
+    match reason {
+        "denied" => Outcome::Denied,
+        "dns_failure" => Outcome::DnsFailure,
+        "unreachable" => Outcome::Unreachable,
+        // The client left before saying where to: not a decision.
+        "client_closed" => Outcome::ClientError,
+        other => Outcome::Refused(other),
+    }
+}
+
+/// A connection ready to relay.
+struct Ready {
+    upstream: TcpStream,
+    addr: SocketAddr,
+    host: Host,
+    port: u16,
+    dynamic: bool,
+    /// Bytes already sent upstream (the ClientHello, what followed a CONNECT head).
+    early: u64,
+}
+
 /// One enclave connection: learn where it goes (the route, a CONNECT head or a ClientHello),
-/// enforce the policy, connect, relay, log how it ended.
-async fn handle(mut client: Stream, route: &Route, shared: &Shared) {
+/// enforce the policy, connect — all within `--setup-timeout` — then relay until it ends, goes
+/// idle, reaches `--max-lifetime` or is revoked by a reload. Returns how it ended.
+async fn handle(mut client: Stream, peer: &str, route: &Route, shared: &Shared) -> Outcome {
     let started = Instant::now();
     let settings = route.settings();
-    // Logged before the client is answered, so the log never trails what the enclave saw.
-    let refused = |reason: &str, message: &str, host: Option<&Host>, port: Option<u16>| {
+    let route_name = route.listen.to_string();
+    let setup = tokio::time::timeout(
+        shared.lifetimes.setup_timeout,
+        set_up(&mut client, peer, &route_name, route, &settings, shared),
+    )
+    .await;
+    let ready = match setup {
+        Ok(Ok(ready)) => ready,
+        Ok(Err(outcome)) => return outcome,
+        Err(_) => {
+            warn!(
+                setup_timeout = %humantime::format_duration(shared.lifetimes.setup_timeout),
+                "connection closed: not relaying within --setup-timeout (request, DNS, policy and connect)"
+            );
+            return Outcome::SetupTimeout;
+        }
+    };
+    let registration = shared.relayed.register(OpenConnection {
+        route: route_name.clone(),
+        host: ready.host.clone(),
+        port: ready.port,
+        upstream: ready.addr,
+        dynamic: ready.dynamic,
+        revoke: CancellationToken::new(),
+    });
+    let revoked = registration.token();
+    tracing::debug!(requested = %ready.host, "relaying");
+    let live = LiveBytes {
+        to_upstream: route.metrics.to_upstream.inner(),
+        to_client: route.metrics.to_client.inner(),
+    };
+    let lifetime = async {
+        match shared.lifetimes.max_lifetime {
+            Some(max) => tokio::time::sleep_until(started + max).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        report = relay_counted(client, ready.upstream, settings.idle_timeout, &live) => {
+            info!(
+                bytes_to_upstream = report.to_upstream + ready.early,
+                bytes_to_client = report.to_client,
+                duration_ms = started.elapsed().as_millis() as u64,
+                end = %report.end,
+                "connection closed"
+            );
+            match report.end {
+                RelayEnd::Completed => Outcome::Completed,
+                RelayEnd::IdleTimeout => Outcome::IdleTimeout,
+                RelayEnd::ClientError(_) => Outcome::ClientError,
+                RelayEnd::UpstreamError(_) => Outcome::UpstreamError,
+            }
+        }
+        _ = revoked.cancelled() => {
+            let why = registration.reason();
+            audit::refused(&audit::Decision {
+                route: &route_name,
+                peer,
+                requested: Some(&ready.host),
+                port: Some(ready.port),
+                addresses: &format!("{} denied ({why})", ready.addr.ip()),
+                outcome: Outcome::Revoked,
+                message: &format!("closed by reload: {why}"),
+            });
+            Outcome::Revoked
+        }
+        _ = lifetime => {
+            info!(
+                duration_ms = started.elapsed().as_millis() as u64,
+                "connection closed: --max-lifetime reached"
+            );
+            Outcome::MaxLifetime
+        }
+    }
+}
+
+/// Everything before relaying: the request, the policy, the upstream connect, the CONNECT
+/// answer and the first bytes. A refusal is recorded (audit trail, counters) before the client
+/// is answered, so the log never trails what the enclave saw.
+async fn set_up(
+    client: &mut Stream,
+    peer: &str,
+    route_name: &str,
+    route: &Route,
+    settings: &crate::route::Settings,
+    shared: &Shared,
+) -> Result<Ready, Outcome> {
+    let refused = |reason: &'static str,
+                   message: &str,
+                   host: Option<&Host>,
+                   port: Option<u16>,
+                   addresses: &str| {
         for counters in [&shared.counters, &route.counters] {
             counters.denied.fetch_add(1, Ordering::Relaxed);
         }
-        warn!(
-            remote = host.map(tracing::field::display),
-            port, reason, "connection refused: {message}"
-        );
+        let outcome = refusal_outcome(reason);
+        if outcome.is_refusal() {
+            audit::refused(&audit::Decision {
+                route: route_name,
+                peer,
+                requested: host,
+                port,
+                addresses,
+                outcome,
+                message,
+            });
+        } else {
+            tracing::debug!(reason, "connection closed before its request: {message}");
+        }
+        outcome
     };
-    let request = match read_request(&mut client, &settings.destination).await {
+    let request = match read_request(client, &settings.destination).await {
         Ok(request) => request,
         Err((reason, message, status)) => {
-            refused(reason, &message, None, None);
+            let outcome = refused(reason, &message, None, None, audit::NO_ADDRESSES);
             if let Some(status) = status {
-                connect::refuse(&mut client, status, &message).await;
+                connect::refuse(client, status, &message).await;
             }
-            return;
+            return Err(outcome);
         }
     };
     let (host, port) = (&request.host, request.port);
@@ -404,46 +580,69 @@ async fn handle(mut client: Stream, route: &Route, shared: &Shared) {
                     port
                 }
             );
-            refused("denied", &message, Some(host), Some(port));
+            let outcome = refused(
+                "denied",
+                &message,
+                Some(host),
+                Some(port),
+                audit::NO_ADDRESSES,
+            );
             if request.connect {
-                connect::refuse(&mut client, 403, &message).await;
+                connect::refuse(client, 403, &message).await;
             }
-            return;
+            return Err(outcome);
         }
     }
-    let connected =
-        upstream::connect(&policy, &shared.dns, host, port, shared.connect_timeout).await;
+    let connecting = Instant::now();
+    let dns = shared.dns.get();
+    let connected = upstream::connect(&policy, &dns, host, port, shared.connect_timeout).await;
     drop(policy);
-    let (mut upstream, addr) = match connected {
+    let (mut upstream, addr, allowed_by) = match connected {
         Ok(ok) => ok,
         Err(e) => {
-            refused(e.kind(), &e.to_string(), Some(host), Some(port));
+            let message = e.to_string();
+            let outcome = refused(e.kind(), &message, Some(host), Some(port), &e.addresses());
             if request.connect {
-                connect::refuse(&mut client, connect_status(&e), &e.to_string()).await;
+                connect::refuse(client, connect_status(&e), &message).await;
             }
-            return;
+            return Err(outcome);
         }
     };
+    route
+        .metrics
+        .connect_duration
+        .observe(connecting.elapsed().as_secs_f64());
     tracing::Span::current().record("upstream", tracing::field::display(addr));
+    if audit::records_allowed() {
+        audit::allowed(&audit::Decision {
+            route: route_name,
+            peer,
+            requested: Some(host),
+            port: Some(port),
+            addresses: &format!("{} allowed ({allowed_by})", addr.ip()),
+            outcome: Outcome::Completed,
+            message: &format!("relaying to {addr}"),
+        });
+    }
     if request.connect {
-        if let Err(e) = connect::established(&mut client).await {
+        if let Err(e) = connect::established(client).await {
             tracing::debug!(error = %e, "the CONNECT client left before 200");
-            return;
+            return Err(Outcome::ClientError);
         }
     }
     if !request.early.is_empty() {
         if let Err(e) = upstream.write_all(&request.early).await {
             warn!(error = %e, "connection closed: cannot send the first bytes upstream");
-            return;
+            return Err(Outcome::UpstreamError);
         }
+        route.metrics.to_upstream.inc_by(request.early.len() as u64);
     }
-    tracing::debug!(requested = %host, "relaying");
-    let report = relay(client, upstream, settings.idle_timeout).await;
-    info!(
-        bytes_to_upstream = report.to_upstream + request.early.len() as u64,
-        bytes_to_client = report.to_client,
-        duration_ms = started.elapsed().as_millis() as u64,
-        end = %report.end,
-        "connection closed"
-    );
+    Ok(Ready {
+        upstream,
+        addr,
+        host: request.host,
+        port: request.port,
+        dynamic,
+        early: request.early.len() as u64,
+    })
 }

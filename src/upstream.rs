@@ -53,6 +53,24 @@ impl fmt::Display for UpstreamError {
 }
 
 impl UpstreamError {
+    /// The addresses tried and what became of each, for the audit trail (empty for a failed
+    /// lookup: no address was tried).
+    pub fn addresses(&self) -> String {
+        match self {
+            UpstreamError::Dns(_) => String::new(),
+            UpstreamError::Denied(denials) => crate::audit::join(
+                denials
+                    .iter()
+                    .map(|(ip, why)| format!("{ip} denied ({why})")),
+            ),
+            UpstreamError::Unreachable(failures) => crate::audit::join(
+                failures
+                    .iter()
+                    .map(|(addr, e)| format!("{} allowed, connect failed ({e})", addr.ip())),
+            ),
+        }
+    }
+
     /// A short machine-friendly reason for structured logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -117,7 +135,7 @@ pub async fn connect(
     remote: &Host,
     port: u16,
     connect_timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+) -> Result<(TcpStream, SocketAddr, Allowance), UpstreamError> {
     let (allowed, denied) = allowed_addresses(policy, dns, remote, port)
         .await
         .map_err(UpstreamError::Dns)?;
@@ -138,7 +156,7 @@ pub async fn connect(
                     tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                 }
                 tracing::debug!(upstream = %addr, allowed_by = %why, "connected");
-                return Ok((stream, addr));
+                return Ok((stream, addr, why));
             }
             Ok(Err(e)) => {
                 tracing::debug!(upstream = %addr, error = %e, "connect failed, trying the next address");

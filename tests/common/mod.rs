@@ -5,6 +5,7 @@
 //!   addresses and ports never collide;
 //! * [`dns`]: an in-process authoritative DNS server with mutable answers ([`TestDns`]);
 //! * [`upstream`]: echo / request-response / bulk upstream servers ([`UpstreamHandle`]);
+//! * [`metrics`]: scraping `/metrics` through Prometheus' own OpenMetrics parser;
 //! * [`proxy`]: the real `nitro-vsock-proxy` binary ([`Proxy`], [`run_to_exit`]) and the
 //!   enclave-side client connection ([`connect`], [`Conn`]).
 //!
@@ -13,6 +14,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod dns;
+pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod tls;

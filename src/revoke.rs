@@ -1,0 +1,153 @@
+//! Revocation on reload: the open connections, and which of them a new allowlist forbids.
+//!
+//! This module owns the registry of relayed connections (route, requested host and port, the
+//! upstream address reached, and a token that closes the connection) and the re-check a reload
+//! runs against its new policy: a connection whose upstream address the new policy would deny —
+//! with exactly the decision a new connection would get ([`crate::policy::Policy::decide`],
+//! rule 5's names resolved again from the shared cache) — is closed and counted as `revoked`.
+//! With `--no-revoke-on-reload` the registry is still kept but nothing is closed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::dns::Dns;
+use crate::host::Host;
+use crate::policy::{Denial, Policy, Resolutions};
+
+/// One relayed connection, as the re-check needs it.
+#[derive(Clone, Debug)]
+pub struct OpenConnection {
+    pub route: String,
+    pub host: Host,
+    pub port: u16,
+    pub upstream: SocketAddr,
+    /// A CONNECT or SNI route: the requested name itself is checked again too.
+    pub dynamic: bool,
+    /// Cancelled to close the connection.
+    pub revoke: CancellationToken,
+}
+
+/// Why a reload closed a connection: set before its token is cancelled.
+pub type RevokeReason = Arc<Mutex<Option<String>>>;
+
+#[derive(Debug, Default)]
+struct Inner {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, (OpenConnection, RevokeReason)>>,
+}
+
+/// The relayed connections.
+#[derive(Clone, Debug, Default)]
+pub struct Registry(Arc<Inner>);
+
+/// A connection's place in the registry; dropping it removes the entry.
+#[derive(Debug)]
+pub struct Registration {
+    id: u64,
+    registry: Registry,
+    reason: RevokeReason,
+    token: CancellationToken,
+}
+
+impl Registration {
+    /// Cancelled when a reload revokes the connection.
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// Why the connection was revoked (empty before).
+    pub fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut open = self
+            .registry
+            .0
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        open.remove(&self.id);
+    }
+}
+
+impl Registry {
+    pub fn register(&self, connection: OpenConnection) -> Registration {
+        let id = self.0.next.fetch_add(1, Ordering::Relaxed);
+        let reason = RevokeReason::default();
+        let token = connection.revoke.clone();
+        let mut open = self.0.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.insert(id, (connection, reason.clone()));
+        Registration {
+            id,
+            registry: self.clone(),
+            reason,
+            token,
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(OpenConnection, RevokeReason)> {
+        let open = self.0.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.values().cloned().collect()
+    }
+
+    /// How many connections are registered.
+    pub fn len(&self) -> usize {
+        self.0.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes every connection `policy` no longer allows; returns how many.
+    pub async fn revoke_denied(&self, policy: &Policy, dns: &Dns) -> usize {
+        let mut revoked = 0;
+        for (conn, reason) in self.snapshot() {
+            if let Err(why) = still_allowed(policy, dns, &conn).await {
+                if let Ok(mut slot) = reason.lock() {
+                    *slot = Some(why);
+                }
+                conn.revoke.cancel();
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+}
+
+/// `Ok` if a new connection to the same destination and address would be allowed now.
+async fn still_allowed(policy: &Policy, dns: &Dns, conn: &OpenConnection) -> Result<(), String> {
+    if conn.dynamic {
+        policy
+            .admits_request(&conn.host, conn.port)
+            .map_err(|d| format!("{}:{} is no longer allowed: {d}", conn.host, conn.port))?;
+    }
+    let ip = conn.upstream.ip();
+    let mut resolutions = Resolutions::new();
+    let mut decision = policy.decide(&conn.host, conn.port, ip, &resolutions);
+    if matches!(decision, Err(Denial::NotAllowlisted)) {
+        for name in policy.names_to_resolve(&conn.host, conn.port) {
+            if let Ok(ips) = dns.lookup(&name).await {
+                resolutions.insert(name, ips);
+            }
+        }
+        decision = policy.decide(&conn.host, conn.port, ip, &resolutions);
+    }
+    decision.map(|_| ()).map_err(|d| {
+        format!(
+            "the reloaded allowlist denies {ip} for {}:{} ({d})",
+            conn.host, conn.port
+        )
+    })
+}
