@@ -294,7 +294,10 @@ mod tests {
             (NetError::from(refused), DnsFailure::Error),
             (NetError::NoConnections, DnsFailure::Error),
             // A message that merely mentions a timeout is not one.
-            (NetError::from("request timed out".to_owned()), DnsFailure::Error),
+            (
+                NetError::from("request timed out".to_owned()),
+                DnsFailure::Error,
+            ),
         ];
         for (error, want) in cases {
             assert_eq!(DnsFailure::of(&error), want, "{error:?}");
