@@ -16,7 +16,7 @@ use tracing::info;
 use crate::cli::Options;
 use crate::config::RouteKind;
 use crate::config::{self, Config};
-use crate::dns::{Dns, DnsSettings, Family};
+use crate::dns::{Dns, DnsFailure, DnsSettings, Family};
 use crate::host::Host;
 use crate::imds::InstanceInfo;
 use crate::policy::Policy;
@@ -172,9 +172,10 @@ pub struct Reliance {
 }
 
 /// Checks that `route`'s remote is allowed at all. A name allowlisted as such needs no DNS, so a
-/// DNS outage at boot does not stop the daemon. A DNS failure while checking a remote that only
-/// DNS can vouch for is [`Fatal::Runtime`] (exit 1, so systemd retries), not a configuration
-/// error.
+/// DNS outage at boot does not stop the daemon. For a remote that only DNS can vouch for, DNS
+/// answering that the name does not exist or has no address is [`Fatal::Config`] (exit 2: a
+/// misspelt remote or a missing entry, which no restart fixes); DNS not answering (timeout,
+/// SERVFAIL, ...) is [`Fatal::Runtime`] (exit 1, so systemd retries).
 pub async fn check_route(
     policy: &Policy,
     dns: &Dns,
@@ -253,6 +254,20 @@ pub async fn check_route(
     };
     let which = format!("route {route} ({})", route.spec.origin);
     match via_dns {
+        // DNS answered, and will answer the same again: the remote is misspelt or missing from
+        // the allowlist, which no restart fixes.
+        Err(e) if e.kind.is_negative_answer() => {
+            let absent = match e.kind {
+                DnsFailure::NxDomain => "does not exist in DNS",
+                _ => "has no address in DNS",
+            };
+            Err(Fatal::Config(format!(
+                "{which}: {host} {absent} ({e}), and no allowlist entry in {} allows it; \
+                 {entries}. Check the spelling of the remote and of the allowlist, or add \
+                 `- {{address: {host}, port: {port}}}` to allow it by name.",
+                config_path.display()
+            )))
+        }
         Err(e) => Err(Fatal::Runtime(format!(
             "{which}: cannot tell whether {target} is allowed by the allowlist in {}: {e}; \
              {entries}. Check DNS, or add `- {{address: {host}, port: {port}}}` so that no \

@@ -9,6 +9,10 @@
 //! With the system configuration, a name listed in `/etc/hosts` (read at start-up) is answered
 //! from that file alone, as glibc's "files before dns" does: a name with only an IPv4 line is not
 //! also sent to DNS for its IPv6 address, which would wait out the timeout when DNS is down.
+//!
+//! A failed lookup keeps its kind ([`DnsFailure`]: no such name, no address, timeout, other
+//! error), classified from hickory's error types: start-up tells a misspelt remote (a
+//! configuration error) from a DNS outage by it, and metrics count lookups by its label.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -18,7 +22,8 @@ use hickory_resolver::config::{
     LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::op::Query;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::{Query, ResponseCode};
 use hickory_resolver::proto::rr::{Name, RecordType};
 use hickory_resolver::{Hosts, TokioResolver};
 
@@ -56,12 +61,75 @@ pub struct Dns {
     hosts: Option<Arc<Hosts>>,
 }
 
+/// What kind of failure a lookup was: whether DNS said the name has no address, or could not
+/// answer at all. Start-up treats the first as a configuration error and the second as an outage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DnsFailure {
+    /// The name does not exist (response code NXDOMAIN).
+    NxDomain,
+    /// The name exists but has no address of a family asked for (NOERROR with no A/AAAA).
+    NoRecords,
+    /// No name server answered in time.
+    Timeout,
+    /// Anything else: SERVFAIL, REFUSED, a refused connection, a malformed answer, ...
+    Error,
+}
+
+impl DnsFailure {
+    /// A stable label for metrics and structured logs: "nxdomain", "no_records", "timeout" or
+    /// "error".
+    pub fn label(&self) -> &'static str {
+        match self {
+            DnsFailure::NxDomain => "nxdomain",
+            DnsFailure::NoRecords => "no_records",
+            DnsFailure::Timeout => "timeout",
+            DnsFailure::Error => "error",
+        }
+    }
+
+    /// Whether DNS answered that the name has no address (rather than failing to answer): the
+    /// same answer will come again, so at start-up it is a configuration error.
+    pub fn is_negative_answer(&self) -> bool {
+        matches!(self, DnsFailure::NxDomain | DnsFailure::NoRecords)
+    }
+
+    /// Classifies a resolver error by its type, never by its message text.
+    pub fn of(error: &NetError) -> DnsFailure {
+        match error {
+            NetError::Dns(DnsError::NoRecordsFound(no_records)) => {
+                if no_records.response_code == ResponseCode::NXDomain {
+                    DnsFailure::NxDomain
+                } else {
+                    DnsFailure::NoRecords
+                }
+            }
+            NetError::Dns(DnsError::ResponseCode(ResponseCode::NXDomain)) => DnsFailure::NxDomain,
+            NetError::Timeout => DnsFailure::Timeout,
+            NetError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => DnsFailure::Timeout,
+            _ => DnsFailure::Error,
+        }
+    }
+}
+
 /// A failed lookup, ready for a log line.
 #[derive(Debug, thiserror::Error)]
-#[error("DNS lookup of {name} failed: {reason}")]
+#[error("DNS lookup of {name} failed: {}", describe(*.kind, reason))]
 pub struct LookupError {
     pub name: HostName,
+    pub kind: DnsFailure,
+    /// The resolver's own words, for the cases where they help (timeouts, errors).
     pub reason: String,
+}
+
+/// The operator-facing text of a failure: a negative answer is said plainly (the resolver's text
+/// for it is a debug dump of the query); an outage or error keeps the resolver's detail.
+fn describe(kind: DnsFailure, reason: &str) -> String {
+    match kind {
+        DnsFailure::NxDomain => "the name does not exist (NXDOMAIN)".to_owned(),
+        DnsFailure::NoRecords => format!("the name exists but {reason}"),
+        DnsFailure::Timeout => format!("no name server answered in time ({reason})"),
+        DnsFailure::Error => reason.to_owned(),
+    }
 }
 
 impl Dns {
@@ -122,24 +190,33 @@ impl Dns {
         let result = self.lookup_uncounted(name).await;
         crate::metrics::global().dns_lookup(match &result {
             Ok(_) => "ok",
-            Err(_) => "error",
+            Err(e) => e.kind.label(),
         });
         result
     }
 
     async fn lookup_uncounted(&self, name: &HostName) -> Result<Vec<IpAddr>, LookupError> {
-        let fail = |reason: String| LookupError {
+        let fail = |kind: DnsFailure, reason: String| LookupError {
             name: name.clone(),
+            kind,
             reason,
         };
-        let fqdn = Name::from_ascii(format!("{name}.")).map_err(|e| fail(e.to_string()))?;
+        let fqdn = Name::from_ascii(format!("{name}."))
+            .map_err(|e| fail(DnsFailure::Error, e.to_string()))?;
         let answer: Vec<IpAddr> = match self.hosts_answer(&fqdn) {
             Some(ips) => ips,
             None => self
                 .resolver
                 .lookup_ip(fqdn)
                 .await
-                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| {
+                    let kind = DnsFailure::of(&e);
+                    let reason = match kind {
+                        DnsFailure::NoRecords => self.no_address_records().to_owned(),
+                        _ => e.to_string(),
+                    };
+                    fail(kind, reason)
+                })?
                 .iter()
                 .collect(),
         };
@@ -158,9 +235,21 @@ impl Dns {
         // Stable: keeps the server's order within each family.
         ips.sort_by_key(|ip| ip.is_ipv6());
         if ips.is_empty() {
-            return Err(fail("no address records".into()));
+            return Err(fail(
+                DnsFailure::NoRecords,
+                self.no_address_records().to_owned(),
+            ));
         }
         Ok(ips)
+    }
+
+    /// What "no records" means for the families asked for.
+    fn no_address_records(&self) -> &'static str {
+        match self.family {
+            Family::Both => "has no address records (A or AAAA)",
+            Family::V4Only => "has no IPv4 address records (A; -4 was given)",
+            Family::V6Only => "has no IPv6 address records (AAAA; -6 was given)",
+        }
     }
 
     /// Every address `/etc/hosts` lists for `fqdn`, if it lists the name at all.
@@ -178,5 +267,90 @@ impl Dns {
             })
             .collect();
         (!ips.is_empty()).then_some(ips)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_resolver::net::NoRecords;
+
+    fn no_records(code: ResponseCode) -> NetError {
+        let query = Query::query(Name::from_ascii("typo.example.").unwrap(), RecordType::A);
+        NetError::from(NoRecords::new(query, code))
+    }
+
+    #[test]
+    fn failures_are_classified_by_error_type() {
+        let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "slow");
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let cases = [
+            (no_records(ResponseCode::NXDomain), DnsFailure::NxDomain),
+            (no_records(ResponseCode::NoError), DnsFailure::NoRecords),
+            (
+                NetError::Dns(DnsError::ResponseCode(ResponseCode::NXDomain)),
+                DnsFailure::NxDomain,
+            ),
+            (NetError::Timeout, DnsFailure::Timeout),
+            (NetError::from(timed_out), DnsFailure::Timeout),
+            (
+                NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail)),
+                DnsFailure::Error,
+            ),
+            (
+                NetError::Dns(DnsError::ResponseCode(ResponseCode::Refused)),
+                DnsFailure::Error,
+            ),
+            (NetError::from(refused), DnsFailure::Error),
+            (NetError::NoConnections, DnsFailure::Error),
+            // A message that merely mentions a timeout is not one.
+            (
+                NetError::from("request timed out".to_owned()),
+                DnsFailure::Error,
+            ),
+        ];
+        for (error, want) in cases {
+            assert_eq!(DnsFailure::of(&error), want, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn labels_are_the_metric_values() {
+        let labels: Vec<&str> = [
+            DnsFailure::NxDomain,
+            DnsFailure::NoRecords,
+            DnsFailure::Timeout,
+            DnsFailure::Error,
+        ]
+        .iter()
+        .map(DnsFailure::label)
+        .collect();
+        assert_eq!(labels, ["nxdomain", "no_records", "timeout", "error"]);
+        assert!(DnsFailure::NxDomain.is_negative_answer());
+        assert!(DnsFailure::NoRecords.is_negative_answer());
+        assert!(!DnsFailure::Timeout.is_negative_answer());
+        assert!(!DnsFailure::Error.is_negative_answer());
+    }
+
+    #[test]
+    fn messages_say_what_happened() {
+        let e = |kind, reason: &str| {
+            LookupError {
+                name: HostName::parse("typo.example").unwrap(),
+                kind,
+                reason: reason.into(),
+            }
+            .to_string()
+        };
+        assert_eq!(
+            e(DnsFailure::NxDomain, "no records found for Query { .. }"),
+            "DNS lookup of typo.example failed: the name does not exist (NXDOMAIN)"
+        );
+        assert_eq!(
+            e(DnsFailure::NoRecords, "has no address records (A or AAAA)"),
+            "DNS lookup of typo.example failed: the name exists but has no address records (A or AAAA)"
+        );
+        assert!(e(DnsFailure::Timeout, "request timed out").contains("in time (request timed out)"));
+        assert!(e(DnsFailure::Error, "error response: SERVFAIL").ends_with("SERVFAIL"));
     }
 }

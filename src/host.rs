@@ -9,7 +9,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 /// A DNS host name in canonical form: ASCII (IDNA-encoded), lower case, no trailing dot.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -125,7 +125,7 @@ impl FromStr for HostPattern {
                     net.trunc()
                 ));
             }
-            return Ok(HostPattern::Cidr(net));
+            return Ok(HostPattern::Cidr(ipv4_mapped_cidr_as_ipv4(net)));
         }
         let bare = s
             .strip_prefix('[')
@@ -146,6 +146,20 @@ impl fmt::Display for HostPattern {
             HostPattern::Ip(ip) => ip.fmt(f),
             HostPattern::Cidr(net) => net.fmt(f),
         }
+    }
+}
+
+/// An IPv4-mapped block (`::ffff:10.0.0.0/104`) as the IPv4 block it means (`10.0.0.0/8`), as an
+/// IPv4-mapped IP entry is stored as its IPv4 address: the policy compares addresses in IPv4 form,
+/// so the mapped block would otherwise match nothing.
+fn ipv4_mapped_cidr_as_ipv4(net: IpNet) -> IpNet {
+    let IpNet::V6(v6) = net else { return net };
+    match (
+        v6.network().to_ipv4_mapped(),
+        v6.prefix_len().checked_sub(96),
+    ) {
+        (Some(v4), Some(len)) => Ipv4Net::new(v4, len).map_or(net, IpNet::V4),
+        _ => net,
     }
 }
 
@@ -187,6 +201,8 @@ pub enum SpecialKind {
     Loopback,
     /// The EC2 instance metadata service (169.254.169.254, fd00:ec2::254).
     InstanceMetadata,
+    /// 169.254.0.0/16 and fe80::/10, and AWS's IPv6 twin of its link-local services,
+    /// fd00:ec2::/64 (the DNS resolver fd00:ec2::253, the time service fd00:ec2::123, ...).
     LinkLocal,
     Unspecified,
     Multicast,
@@ -208,26 +224,93 @@ impl fmt::Display for SpecialKind {
 
 const EC2_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 
-/// The IPv4 address an IPv6 address carries, for forms that can reach an IPv4 host: IPv4-mapped
-/// (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`) and the NAT64 well-known prefix
-/// (`64:ff9b::a.b.c.d`). A DNS answer in one of these forms must not dodge the IPv4 rules.
-pub fn embedded_ipv4(ip: &Ipv6Addr) -> Option<Ipv4Addr> {
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        return Some(v4);
-    }
+/// The /64 where AWS serves, over IPv6, what it serves from 169.254.0.0/16 over IPv4.
+const EC2_SERVICES_V6_PREFIX: [u16; 4] = [0xfd00, 0x0ec2, 0, 0];
+
+/// A form of IPv6 address that carries an IPv4 address a connection to it can end up at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ipv4Embedding {
+    /// IPv4-mapped, `::ffff:a.b.c.d`.
+    Mapped,
+    /// IPv4-compatible (deprecated), `::a.b.c.d`; `::` and `::1` are not this form.
+    Compatible,
+    /// The NAT64 well-known prefix `64:ff9b::/96` (RFC 6052), IPv4 in the last 32 bits.
+    Nat64,
+    /// The NAT64 local-use prefix `64:ff9b:1::/48` (RFC 8215) in RFC 6052's /48 layout: the IPv4
+    /// octets in bytes 6, 7, 9 and 10 (byte 8 is the "u" octet, ignored here).
+    Nat64LocalUse,
+    /// 6to4, `2002:AABB:CCDD::/48` (RFC 3056): the IPv4 address in bits 16..48.
+    SixToFour,
+    /// Teredo, `2001:0::/32` (RFC 4380): the client's IPv4 in the last 32 bits, inverted; the
+    /// Teredo server's IPv4 in bits 32..64.
+    Teredo,
+}
+
+/// The IPv4 address an IPv6 address carries, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmbeddedIpv4 {
+    pub form: Ipv4Embedding,
+    /// Where a connection ends up: for Teredo, the client.
+    pub ipv4: Ipv4Addr,
+    /// Teredo only: the server, which relays the tunnel and so is reached too.
+    pub teredo_server: Option<Ipv4Addr>,
+}
+
+fn ipv4_of(high: u16, low: u16) -> Ipv4Addr {
+    Ipv4Addr::from((u32::from(high) << 16) | u32::from(low))
+}
+
+/// Finds the IPv4 address `ip` carries, for every form that can reach an IPv4 host through a
+/// translator or tunnel ([`Ipv4Embedding`]). A DNS answer in one of these forms must not dodge
+/// the IPv4 rules.
+pub fn ipv4_embedding(ip: &Ipv6Addr) -> Option<EmbeddedIpv4> {
     let s = ip.segments();
-    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    let compatible = s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1); // not :: or ::1
-    let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
-    (compatible || nat64).then_some(tail)
+    let plain = |form, ipv4| EmbeddedIpv4 {
+        form,
+        ipv4,
+        teredo_server: None,
+    };
+    let tail = ipv4_of(s[6], s[7]);
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return Some(plain(Ipv4Embedding::Mapped, v4));
+    }
+    if s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1) {
+        return Some(plain(Ipv4Embedding::Compatible, tail));
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(plain(Ipv4Embedding::Nat64, tail));
+    }
+    if s[..3] == [0x64, 0xff9b, 1] {
+        // Bytes 6, 7 | 8 ("u") | 9, 10: the octets straddle the u octet.
+        let v4 = Ipv4Addr::new((s[3] >> 8) as u8, s[3] as u8, s[4] as u8, (s[5] >> 8) as u8);
+        return Some(plain(Ipv4Embedding::Nat64LocalUse, v4));
+    }
+    if s[0] == 0x2002 {
+        return Some(plain(Ipv4Embedding::SixToFour, ipv4_of(s[1], s[2])));
+    }
+    if s[..2] == [0x2001, 0] {
+        return Some(EmbeddedIpv4 {
+            form: Ipv4Embedding::Teredo,
+            ipv4: Ipv4Addr::from(!u32::from(tail)),
+            teredo_server: Some(ipv4_of(s[2], s[3])),
+        });
+    }
+    None
+}
+
+/// The IPv4 address `ip` carries (for Teredo, the client's); see [`ipv4_embedding`].
+pub fn embedded_ipv4(ip: &Ipv6Addr) -> Option<Ipv4Addr> {
+    ipv4_embedding(ip).map(|e| e.ipv4)
 }
 
 /// Classifies `ip`, looking through IPv4-in-IPv6 forms. `None` means an ordinary address.
 pub fn special_kind(ip: IpAddr) -> Option<SpecialKind> {
     match ip {
         IpAddr::V4(v4) => special_kind_v4(v4),
-        IpAddr::V6(v6) => match embedded_ipv4(&v6) {
-            Some(v4) => special_kind_v4(v4),
+        IpAddr::V6(v6) => match ipv4_embedding(&v6) {
+            Some(e) => {
+                special_kind_v4(e.ipv4).or_else(|| e.teredo_server.and_then(special_kind_v4))
+            }
             None => special_kind_v6(v6),
         },
     }
@@ -261,7 +344,8 @@ fn special_kind_v6(ip: Ipv6Addr) -> Option<SpecialKind> {
         Some(SpecialKind::Unspecified)
     } else if ip.is_multicast() {
         Some(SpecialKind::Multicast)
-    } else if (ip.segments()[0] & 0xffc0) == 0xfe80 {
+    } else if (ip.segments()[0] & 0xffc0) == 0xfe80 || ip.segments()[..4] == EC2_SERVICES_V6_PREFIX
+    {
         Some(SpecialKind::LinkLocal)
     } else {
         None
@@ -271,18 +355,32 @@ fn special_kind_v6(ip: Ipv6Addr) -> Option<SpecialKind> {
 /// Whether every address of `net` is special. A CIDR entry may allow a special address only when
 /// the whole block lies inside special space (`127.0.0.0/8` does, `0.0.0.0/0` does not): a broad
 /// block written for public endpoints must not also open the metadata service. Each special range
-/// is contiguous, so a block whose first and last address fall in the same range lies inside it.
+/// is contiguous (and so is the IPv4 block an embedding form's block carries), so a block whose
+/// first and last address fall in the same range lies inside it.
 pub fn cidr_is_wholly_special(net: &IpNet) -> bool {
-    // The IPv4 metadata address sits inside link-local space: one range for this purpose.
+    // The metadata addresses sit inside link-local space: one range for this purpose (that a
+    // block does not open the metadata service is [`cidr_allows_special`]'s business).
     let range = |ip: IpAddr| {
         special_kind(ip).map(|k| match k {
-            SpecialKind::InstanceMetadata if ip.to_canonical().is_ipv4() => SpecialKind::LinkLocal,
+            SpecialKind::InstanceMetadata => SpecialKind::LinkLocal,
             other => other,
         })
     };
     match (range(net.network()), range(net.broadcast())) {
         (Some(first), Some(last)) => first == last,
         _ => false,
+    }
+}
+
+/// Whether a CIDR entry `net` that contains an address of kind `kind` allows it. The metadata
+/// service needs an entry naming that one address (an IP entry, or a /32 or /128): a block of
+/// link-local space written for the DNS resolver or the time service must not also open it.
+/// Any other special address needs a block wholly inside special space
+/// ([`cidr_is_wholly_special`]).
+pub fn cidr_allows_special(net: &IpNet, kind: SpecialKind) -> bool {
+    match kind {
+        SpecialKind::InstanceMetadata => net.prefix_len() == net.max_prefix_len(),
+        _ => cidr_is_wholly_special(net),
     }
 }
 
@@ -377,10 +475,80 @@ mod tests {
             ("52.94.0.1", None),
             ("2001:db8::1", None),
             ("fec0::1", None),
-            ("fd00:ec2::253", None),
+            // AWS's IPv6 service addresses, twins of 169.254.169.{253,123,23}.
+            ("169.254.169.253", Some(LinkLocal)),
+            ("fd00:ec2::253", Some(LinkLocal)),
+            ("169.254.169.123", Some(LinkLocal)),
+            ("fd00:ec2::123", Some(LinkLocal)),
+            ("169.254.169.23", Some(LinkLocal)),
+            ("fd00:ec2::23", Some(LinkLocal)),
+            ("fd00:ec2::ffff:ffff:ffff:ffff", Some(LinkLocal)),
+            ("fd00:ec2:0:1::253", None),
+            ("fd00:ec3::253", None),
+            // 6to4: the IPv4 address in bits 16..48, whatever follows.
+            ("2002:a9fe:a9fe::", Some(InstanceMetadata)),
+            ("2002:a9fe:a9fe:1234:5678::9", Some(InstanceMetadata)),
+            ("2002:7f00:1::", Some(Loopback)),
+            ("2002:a9fe:a9fd::1", Some(LinkLocal)),
+            ("2002:0:0::1", Some(Unspecified)),
+            ("2002:c000:201::1", None),
+            // Teredo: client IPv4 = last 32 bits inverted; server IPv4 in bits 32..64.
+            ("2001:0:c000:201::5601:5601", Some(InstanceMetadata)),
+            ("2001:0:c000:201::80ff:fffe", Some(Loopback)),
+            ("2001:0:7f00:1::3fff:fdfe", Some(Loopback)), // server 127.0.0.1, client 192.0.2.1
+            ("2001:0:c000:201::3fff:fdfe", None),         // both 192.0.2.1
+            ("2001:db8::1", None),                        // documentation, not Teredo
+            // NAT64 local-use /48: octets in bytes 6, 7, 9, 10; byte 8 is the u octet.
+            ("64:ff9b:1:a9fe:a9:fe00::", Some(InstanceMetadata)),
+            ("64:ff9b:1:7f00:1:100::", Some(Loopback)),
+            ("64:ff9b:1:c000:2:100::", None),
+            ("64:ff9b:1::", Some(Unspecified)),
+            ("64:ff9b:2:a9fe:a9:fe00::", None),
         ];
         for (addr, want) in cases {
             assert_eq!(special_kind(ip(addr)), want, "{addr}");
+        }
+    }
+
+    #[test]
+    fn embedded_ipv4_forms() {
+        use Ipv4Embedding::*;
+        let v4 = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        for (addr, form, want, server) in [
+            ("::ffff:192.0.2.1", Mapped, "192.0.2.1", None),
+            ("::192.0.2.1", Compatible, "192.0.2.1", None),
+            ("64:ff9b::192.0.2.1", Nat64, "192.0.2.1", None),
+            ("64:ff9b:1:c000:2:100::", Nat64LocalUse, "192.0.2.1", None),
+            (
+                "64:ff9b:1:c000:ff02:1ff:ffff:ffff",
+                Nat64LocalUse,
+                "192.0.2.1",
+                None,
+            ),
+            ("2002:c000:201::", SixToFour, "192.0.2.1", None),
+            (
+                "2001:0:4136:e378:8000:63bf:3fff:fdfe",
+                Teredo,
+                "192.0.2.1",
+                Some("65.54.227.120"),
+            ),
+        ] {
+            let got = ipv4_embedding(&v6(addr)).unwrap();
+            assert_eq!(got.form, form, "{addr}");
+            assert_eq!(got.ipv4, v4(want), "{addr}");
+            assert_eq!(got.teredo_server, server.map(v4), "{addr}");
+            assert_eq!(embedded_ipv4(&v6(addr)), Some(v4(want)), "{addr}");
+        }
+        for plain in [
+            "::",
+            "::1",
+            "2001:db8::1",
+            "64:ff9b:0:1::1",
+            "fd00:ec2::254",
+            "2003::1",
+        ] {
+            assert_eq!(ipv4_embedding(&v6(plain)), None, "{plain}");
         }
     }
 
@@ -397,6 +565,47 @@ mod tests {
         assert!(!k("128.0.0.0/1"));
         assert!(!k("0.0.0.0/1"));
         assert!(!k("192.0.2.0/24"));
+        assert!(k("fd00:ec2::/64"));
+        assert!(!k("fd00:ec2::/63"));
+        assert!(k("2002:7f00::/24"));
+        assert!(!k("2002::/16"));
+        assert!(!k("2001::/32"));
+        assert!(!k("64:ff9b:1::/48"));
+    }
+
+    #[test]
+    fn the_metadata_service_needs_an_entry_naming_it() {
+        let allows =
+            |s: &str| cidr_allows_special(&s.parse().unwrap(), SpecialKind::InstanceMetadata);
+        assert!(allows("169.254.169.254/32"));
+        assert!(allows("fd00:ec2::254/128"));
+        assert!(!allows("169.254.0.0/16"));
+        assert!(!allows("169.254.169.254/31"));
+        assert!(!allows("fd00:ec2::/64"));
+        assert!(!allows("2002:a9fe:a9fe::/48"));
+        // Other link-local addresses only need a block of link-local space.
+        let link_local = |s: &str| cidr_allows_special(&s.parse().unwrap(), SpecialKind::LinkLocal);
+        assert!(link_local("169.254.0.0/16"));
+        assert!(link_local("fd00:ec2::/64"));
+        assert!(!link_local("0.0.0.0/0"));
+    }
+
+    #[test]
+    fn ipv4_mapped_cidr_entries_are_stored_as_ipv4() {
+        let p = |s: &str| s.parse::<HostPattern>().unwrap();
+        assert_eq!(p("::ffff:10.0.0.0/104"), p("10.0.0.0/8"));
+        assert_eq!(p("::ffff:192.0.2.7/128"), p("192.0.2.7/32"));
+        assert_eq!(p("::ffff:0:0/96"), p("0.0.0.0/0"));
+        // A block wider than the mapped space stays IPv6; so do other forms.
+        assert!(matches!(
+            p("::fffe:0:0/95"),
+            HostPattern::Cidr(IpNet::V6(_))
+        ));
+        assert!(matches!(p("64:ff9b::/96"), HostPattern::Cidr(IpNet::V6(_))));
+        assert!("::ffff:10.0.0.1/104"
+            .parse::<HostPattern>()
+            .unwrap_err()
+            .contains("did you mean"));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! resolve names and pass the answers in. Rules, in order:
 //! 1. An IP entry equal to the address, with the remote port, allows it — even a special address.
 //! 2. A CIDR entry containing the address allows it, but allows a special address (loopback,
-//!    link-local, metadata, ...) only when the whole block is special space.
+//!    link-local, ...) only when the whole block is special space, and the instance metadata
+//!    service only when the block is that one address (a /32 or /128).
 //! 3. Any other special address is denied, whatever DNS said.
 //! 4. A hostname entry equal to the requested host (a route's remote, a CONNECT target, a TLS
 //!    server name), or a wildcard entry (`*.example.com`) matching it, allows every address it
@@ -18,7 +19,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::config::{Allowlist, Entry};
-use crate::host::{cidr_is_wholly_special, special_kind, Host, HostName, HostPattern, SpecialKind};
+use crate::host::{cidr_allows_special, special_kind, Host, HostName, HostPattern, SpecialKind};
 
 /// Why an address may be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,7 +190,7 @@ impl Policy {
                 }
                 HostPattern::Cidr(net)
                     if net.contains(&addr)
-                        && (special.is_none() || cidr_is_wholly_special(net)) =>
+                        && special.is_none_or(|kind| cidr_allows_special(net, kind)) =>
                 {
                     return Ok(Allowance::Address(entry.address.clone()))
                 }
@@ -312,6 +313,71 @@ mod tests {
         );
         assert!(p.decide(&r, 80, ip("169.254.169.254"), &none()).is_ok());
         assert!(p.decide(&r, 443, ip("169.254.169.254"), &none()).is_err());
+    }
+
+    #[test]
+    fn link_local_cidr_opens_aws_services_but_not_the_metadata_service() {
+        let p = policy(
+            "allowlist:\n- {address: 169.254.0.0/16, port: 53}\n- {address: 'fd00:ec2::/64', port: 53}\n\
+             - {address: 169.254.169.254/32, port: 80}\n- {address: 'fd00:ec2::254', port: 80}\n",
+        );
+        let r = remote("api.example.com");
+        for twin in [
+            "169.254.169.253",
+            "fd00:ec2::253",
+            "169.254.169.123",
+            "fd00:ec2::123",
+        ] {
+            assert!(p.decide(&r, 53, ip(twin), &none()).is_ok(), "{twin}");
+        }
+        for metadata in ["169.254.169.254", "fd00:ec2::254"] {
+            assert_eq!(
+                p.decide(&r, 53, ip(metadata), &none()),
+                Err(Denial::Special(SpecialKind::InstanceMetadata)),
+                "{metadata}"
+            );
+            assert!(
+                p.decide(&r, 80, ip(metadata), &none()).is_ok(),
+                "{metadata}"
+            );
+        }
+    }
+
+    #[test]
+    fn embedded_special_addresses_are_denied_like_their_ipv4() {
+        let p = policy(
+            "allowlist:\n- {address: api.example.com, port: 443}\n- {address: '::/0', port: 443}\n",
+        );
+        let r = remote("api.example.com");
+        for (addr, kind) in [
+            ("2002:a9fe:a9fe::1", SpecialKind::InstanceMetadata),
+            ("2001:0:c000:201::5601:5601", SpecialKind::InstanceMetadata),
+            ("64:ff9b:1:a9fe:a9:fe00::", SpecialKind::InstanceMetadata),
+            ("2002:7f00:1::", SpecialKind::Loopback),
+            ("fd00:ec2::253", SpecialKind::LinkLocal),
+        ] {
+            assert_eq!(
+                p.decide(&r, 443, ip(addr), &none()),
+                Err(Denial::Special(kind)),
+                "{addr}"
+            );
+        }
+        assert!(p.decide(&r, 443, ip("2002:c000:201::1"), &none()).is_ok());
+    }
+
+    #[test]
+    fn ipv4_mapped_cidr_entry_allows_the_ipv4_block() {
+        let p = policy("allowlist:\n- {address: '::ffff:198.51.100.0/120', port: 443}\n");
+        let r = remote("api.example.com");
+        assert!(p.decide(&r, 443, ip("198.51.100.7"), &none()).is_ok());
+        assert!(p
+            .decide(&r, 443, ip("::ffff:198.51.100.7"), &none())
+            .is_ok());
+        assert_eq!(
+            p.decide(&r, 443, ip("198.51.101.7"), &none()),
+            Err(Denial::NotAllowlisted)
+        );
+        assert!(p.allows_remote_statically(&remote("198.51.100.9"), 443));
     }
 
     #[test]

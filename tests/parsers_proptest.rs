@@ -1,11 +1,23 @@
-//! Property tests of the parsers that read what an enclave sends before any policy decision:
-//! the HTTP CONNECT head, the TLS ClientHello, and wildcard matching. None may panic on any
-//! input, and every name they accept is one the allowlist names.
+//! Property tests of the parsers that read what an enclave sends before any policy decision
+//! (the HTTP CONNECT head, the TLS ClientHello, wildcard matching), of what the operator writes
+//! (the configuration loader, host-name normalisation) and of the special-address
+//! classification. None may panic on any input, every name they accept is one the allowlist
+//! names, an IPv4 address carried in IPv6 is judged as that IPv4 address, and a CIDR entry opens
+//! a special address only when every address of it is special.
+//!
+//! The IPv6 forms are built here by hand from the RFCs' layouts, not with the code under test.
 
-use nitro_vsock_proxy::config;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use ipnet::IpNet;
+use nitro_vsock_proxy::config::{self, Allowlist, Entry};
 use nitro_vsock_proxy::connect::parse_head;
-use nitro_vsock_proxy::host::{Host, HostName, HostPattern};
-use nitro_vsock_proxy::policy::Policy;
+use nitro_vsock_proxy::host::{
+    cidr_is_wholly_special, embedded_ipv4, ipv4_embedding, special_kind, Host, HostName,
+    HostPattern, Ipv4Embedding, SpecialKind,
+};
+use nitro_vsock_proxy::policy::{Denial, Policy};
 use nitro_vsock_proxy::sni::server_name;
 use proptest::prelude::*;
 
@@ -77,6 +89,334 @@ proptest! {
         let pattern = format!("*.{rest}");
         if let Ok(HostPattern::Wildcard(s)) = pattern.parse::<HostPattern>() {
             prop_assert!(!s.as_str().contains('*'));
+        }
+    }
+}
+
+/// `v4` in each form, the other bits from `filler` where the form leaves them free.
+fn embedded_forms(v4: Ipv4Addr, filler: u128) -> Vec<(Ipv4Embedding, Ipv6Addr)> {
+    let a = u128::from(u32::from(v4));
+    let o = v4.octets().map(u128::from);
+    let low = |bits: u32| filler & ((1u128 << bits) - 1);
+    vec![
+        (Ipv4Embedding::Mapped, Ipv6Addr::from((0xffff << 32) | a)),
+        (Ipv4Embedding::Compatible, Ipv6Addr::from(a)),
+        (
+            Ipv4Embedding::Nat64,
+            Ipv6Addr::from((0x0064_ff9b << 96) | a),
+        ),
+        (
+            // Bytes 0..6 the prefix, 6 and 7 octets 0 and 1, 8 the u octet (free here),
+            // 9 and 10 octets 2 and 3, 11..16 the suffix.
+            Ipv4Embedding::Nat64LocalUse,
+            Ipv6Addr::from(
+                (0x0064_ff9b_0001 << 80)
+                    | (o[0] << 72)
+                    | (o[1] << 64)
+                    | (filler & (0xff << 56))
+                    | (o[2] << 48)
+                    | (o[3] << 40)
+                    | low(40),
+            ),
+        ),
+        (
+            Ipv4Embedding::SixToFour,
+            Ipv6Addr::from((0x2002 << 112) | (a << 80) | low(80)),
+        ),
+    ]
+}
+
+/// A Teredo address: server in bits 32..64, flags and port free, client inverted at the end.
+fn teredo(server: Ipv4Addr, client: Ipv4Addr, filler: u128) -> Ipv6Addr {
+    let server = u128::from(u32::from(server));
+    let client = u128::from(!u32::from(client));
+    Ipv6Addr::from((0x2001_0000 << 96) | (server << 64) | (filler & (0xffff_ffff << 32)) | client)
+}
+
+/// IPv4 addresses, half of them drawn from the special ranges so those get exercised.
+fn ipv4() -> impl Strategy<Value = Ipv4Addr> {
+    let within = |base: u32, len: u32| {
+        any::<u32>().prop_map(move |r| Ipv4Addr::from(base | (r & (u32::MAX >> len))))
+    };
+    prop_oneof![
+        any::<u32>().prop_map(Ipv4Addr::from),
+        within(0x7f00_0000, 8),
+        within(0xa9fe_0000, 16),
+        within(0xa9fe_a900, 24),
+        Just(Ipv4Addr::new(169, 254, 169, 254)),
+        within(0, 8),
+        within(0xe000_0000, 4),
+        Just(Ipv4Addr::BROADCAST),
+    ]
+}
+
+/// IPv6 addresses, mostly inside the prefixes the classification looks at.
+fn ipv6() -> impl Strategy<Value = Ipv6Addr> {
+    let prefixes: [(u128, u32); 10] = [
+        (0, 0),
+        (0xffff << 32, 96),
+        (0, 96),
+        (0x0064_ff9b << 96, 96),
+        (0x0064_ff9b_0001 << 80, 48),
+        (0x2002 << 112, 16),
+        (0x2001_0000 << 96, 32),
+        (0xfd00_0ec2 << 96, 64),
+        (0xfe80 << 112, 10),
+        (0xff00 << 112, 8),
+    ];
+    (0..prefixes.len(), any::<u128>()).prop_map(move |(i, r)| {
+        let (base, len) = prefixes[i];
+        let host_bits = if len == 0 {
+            u128::MAX
+        } else {
+            u128::MAX >> len
+        };
+        Ipv6Addr::from(base | (r & host_bits))
+    })
+}
+
+/// A CIDR block around a generated address, and one address inside it.
+fn cidr_and_member() -> impl Strategy<Value = (IpNet, IpAddr)> {
+    let v4 = (ipv4(), 0u8..=32, any::<u32>()).prop_map(|(a, len, r)| {
+        let net = IpNet::new(IpAddr::V4(a), len).unwrap().trunc();
+        let host_bits = u32::MAX.checked_shr(u32::from(len)).unwrap_or(0);
+        let IpAddr::V4(first) = net.network() else {
+            unreachable!()
+        };
+        (
+            net,
+            IpAddr::V4(Ipv4Addr::from(u32::from(first) | (r & host_bits))),
+        )
+    });
+    let v6 = (ipv6(), 0u8..=128, any::<u128>()).prop_map(|(a, len, r)| {
+        let net = IpNet::new(IpAddr::V6(a), len).unwrap().trunc();
+        let host_bits = u128::MAX.checked_shr(u32::from(len)).unwrap_or(0);
+        let IpAddr::V6(first) = net.network() else {
+            unreachable!()
+        };
+        (
+            net,
+            IpAddr::V6(Ipv6Addr::from(u128::from(first) | (r & host_bits))),
+        )
+    });
+    prop_oneof![v4, v6]
+}
+
+/// Text that looks like a configuration file: the real keys and value shapes, and mistakes.
+fn yamlish() -> impl Strategy<Value = String> {
+    let address = prop_oneof![
+        4 => Just("api.example.com".to_owned()),
+        2 => Just("'*.s3.example.com'".to_owned()),
+        2 => Just("192.0.2.10".to_owned()),
+        2 => Just("'::ffff:10.0.0.0/104'".to_owned()),
+        1 => Just("10.0.0.1/8".to_owned()),
+        1 => Just("[::1]".to_owned()),
+        1 => Just("{region}.x".to_owned()),
+        1 => "[ -~]{0,20}",
+    ];
+    let port = prop_oneof![
+        4 => (1u32..65536).prop_map(|p| p.to_string()),
+        1 => any::<i64>().prop_map(|p| p.to_string()),
+        1 => Just("0".to_owned()),
+        1 => Just("'443'".to_owned()),
+        1 => Just("443x".to_owned()),
+        1 => Just("[1, 2]".to_owned()),
+        1 => Just("~".to_owned()),
+    ];
+    let key = prop_oneof![
+        Just("address"),
+        Just("port"),
+        Just("adress"),
+        Just("listen"),
+        Just("remote"),
+        Just("mode"),
+        Just("sni"),
+        Just("max_connections"),
+        Just("idle_timeout"),
+    ];
+    let value = prop_oneof![
+        address.clone(),
+        port.clone(),
+        Just("connect".to_owned()),
+        Just("require".to_owned()),
+        Just("'tcp:127.0.0.1:9000'".to_owned()),
+        Just("api.example.com:443".to_owned()),
+        Just("8001".to_owned()),
+        Just("10s".to_owned()),
+        Just("0s".to_owned()),
+    ];
+    let entry = (address, port).prop_map(|(a, p)| format!("- {{address: {a}, port: {p}}}\n"));
+    let free_route = proptest::collection::vec((key, value), 0..5).prop_map(|pairs| {
+        let body: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        format!("- {{{}}}\n", body.join(", "))
+    });
+    let listen = prop_oneof![
+        (9000u16..9004).prop_map(|p| format!("'tcp:127.0.0.1:{p}'")),
+        (8000u32..8004).prop_map(|p| p.to_string()),
+        Just("'unix:/run/x.sock'".to_owned()),
+        Just("'vsock:3:5000'".to_owned()),
+        Just("'tcp:[::1]:9000'".to_owned()),
+    ];
+    let remote = prop_oneof![
+        Just("api.example.com:443".to_owned()),
+        Just("'kms.{region}.{domain}:443'".to_owned()),
+        Just("'[2001:db8::1]:443'".to_owned()),
+        Just("api.example.com".to_owned()),
+    ];
+    let shaped_route = (
+        listen,
+        remote,
+        0..4u8,
+        proptest::option::of("[0-9]{1,3}[smh]"),
+    )
+        .prop_map(|(listen, remote, shape, idle)| {
+            let what = match shape {
+                0 => format!("remote: {remote}"),
+                1 => format!("remote: {remote}, sni: require"),
+                2 => "mode: connect".to_owned(),
+                _ => "mode: sni, port: 443".to_owned(),
+            };
+            let idle = idle.map_or_else(String::new, |d| format!(", idle_timeout: {d}"));
+            format!("- {{listen: {listen}, {what}{idle}}}\n")
+        });
+    let route = prop_oneof![3 => shaped_route, 1 => free_route];
+    let top = prop_oneof![
+        6 => Just("allowlist:"),
+        1 => Just("routes:"),
+        1 => Just("allowlst:"),
+        1 => Just(""),
+    ];
+    let noise = prop_oneof![4 => Just(String::new()), 1 => "[ -~\n\t]{0,8}"];
+    (
+        top,
+        proptest::collection::vec(entry, 0..3),
+        proptest::option::of(proptest::collection::vec(route, 0..4)),
+        noise,
+    )
+        .prop_map(|(top, entries, routes, noise)| {
+            let mut text = format!("{top}\n{}", entries.concat());
+            if let Some(routes) = routes {
+                text.push_str("routes:\n");
+                text.push_str(&routes.concat());
+            }
+            text.push_str(&noise);
+            text
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn embedded_ipv4_classifies_as_the_ipv4(v4 in ipv4(), filler in any::<u128>()) {
+        let want = special_kind(IpAddr::V4(v4));
+        for (form, v6) in embedded_forms(v4, filler) {
+            // `::` and `::1` are the IPv6 unspecified and loopback addresses, not IPv4-compatible.
+            if form == Ipv4Embedding::Compatible && u32::from(v4) <= 1 {
+                continue;
+            }
+            prop_assert_eq!(special_kind(IpAddr::V6(v6)), want, "{:?} {}", form, v6);
+        }
+    }
+
+    #[test]
+    fn embedded_ipv4_round_trips(v4 in any::<u32>().prop_map(Ipv4Addr::from), filler in any::<u128>()) {
+        for (form, v6) in embedded_forms(v4, filler) {
+            if form == Ipv4Embedding::Compatible && u32::from(v4) <= 1 {
+                prop_assert_eq!(ipv4_embedding(&v6), None);
+                continue;
+            }
+            let got = ipv4_embedding(&v6);
+            prop_assert_eq!(got.map(|e| e.form), Some(form), "{}", v6);
+            prop_assert_eq!(got.map(|e| e.ipv4), Some(v4), "{}", v6);
+            prop_assert_eq!(embedded_ipv4(&v6), Some(v4));
+        }
+    }
+
+    #[test]
+    fn teredo_is_special_when_its_client_or_server_is(
+        server in ipv4(),
+        client in ipv4(),
+        filler in any::<u128>(),
+    ) {
+        let v6 = teredo(server, client, filler);
+        let got = ipv4_embedding(&v6).unwrap();
+        prop_assert_eq!(got.form, Ipv4Embedding::Teredo);
+        prop_assert_eq!(got.ipv4, client);
+        prop_assert_eq!(got.teredo_server, Some(server));
+        let want = special_kind(IpAddr::V4(client)).or(special_kind(IpAddr::V4(server)));
+        prop_assert_eq!(special_kind(IpAddr::V6(v6)), want, "{}", v6);
+    }
+
+    #[test]
+    fn a_wholly_special_cidr_holds_only_special_addresses((net, member) in cidr_and_member()) {
+        prop_assert!(net.contains(&member));
+        if cidr_is_wholly_special(&net) {
+            prop_assert!(special_kind(member).is_some(), "{} in {}", member, net);
+        }
+        // Through the policy: a CIDR entry never opens a special address of a block that also
+        // holds ordinary ones, and opens the metadata service only as a one-address block.
+        // The entry as the loader stores it (an IPv4-mapped block becomes its IPv4 block).
+        let address: HostPattern = net.to_string().parse().unwrap();
+        let HostPattern::Cidr(stored) = address else {
+            panic!("{net} parsed as {address:?}")
+        };
+        // The policy compares addresses in IPv4 form where they have one (`::ffff:a.b.c.d` is
+        // a.b.c.d), so an IPv6 block does not hold an IPv4-mapped address.
+        let holds = stored.contains(&member.to_canonical());
+        let policy = Policy::new(Allowlist {
+            entries: vec![Entry { address, port: 443 }],
+        });
+        let remote = Host::Name(HostName::parse("api.example.com").unwrap());
+        let decision = policy.decide(&remote, 443, member, &Default::default());
+        if !holds {
+            prop_assert!(decision.is_err(), "{} outside {}: {:?}", member, stored, decision);
+            return Ok(());
+        }
+        match special_kind(member) {
+            None => prop_assert!(decision.is_ok(), "{} in {}: {:?}", member, net, decision),
+            Some(SpecialKind::InstanceMetadata) if net.prefix_len() < net.max_prefix_len() => {
+                prop_assert_eq!(decision, Err(Denial::Special(SpecialKind::InstanceMetadata)));
+            }
+            Some(_) => {
+                prop_assert_eq!(decision.is_ok(), cidr_is_wholly_special(&net), "{} in {}", member, net);
+            }
+        }
+    }
+
+    #[test]
+    fn host_names_normalise_idempotently(input in prop_oneof![
+        "[a-zA-Z0-9._-]{0,40}",
+        "([a-zA-Z0-9-]{1,12}\\.){1,4}[a-zA-Z]{1,8}\\.?",
+        "[a-zA-Zà-ÿ.-]{1,30}",
+        any::<String>(),
+    ]) {
+        if let Ok(name) = HostName::parse(&input) {
+            let canonical = name.as_str();
+            prop_assert!(!canonical.ends_with('.'), "{}", canonical);
+            prop_assert!(canonical.is_ascii() && canonical.len() <= 253, "{}", canonical);
+            prop_assert_eq!(canonical.to_ascii_lowercase(), canonical);
+            prop_assert_eq!(HostName::parse(canonical).ok(), Some(name.clone()), "idempotent");
+            prop_assert_eq!(HostName::parse(&input.to_ascii_uppercase()).ok(), Some(name.clone()));
+            prop_assert_eq!(HostName::parse(&input.to_ascii_lowercase()).ok(), Some(name.clone()));
+            if !input.trim_end().ends_with('.') {
+                let dotted = format!("{}.", input.trim_end());
+                prop_assert_eq!(HostName::parse(&dotted).ok(), Some(name.clone()), "trailing dot");
+            }
+        }
+    }
+
+    #[test]
+    fn the_config_loader_never_panics_on_any_text(text in any::<String>()) {
+        let _ = config::parse(&text, Path::new("fuzz.yaml"));
+    }
+
+    #[test]
+    fn the_config_loader_never_panics_on_yamlish_text(text in yamlish()) {
+        if let Ok(config) = config::parse(&text, Path::new("fuzz.yaml")) {
+            prop_assert!(!config.allowlist.entries.is_empty(), "{}", text);
+            prop_assert!(config.allowlist.entries.iter().all(|e| e.port != 0), "{}", text);
+            prop_assert_eq!(config.allowlist_lines.len(), config.allowlist.entries.len());
         }
     }
 }
