@@ -26,6 +26,7 @@ use crate::endpoint::{Endpoint, Listener};
 use crate::route::{self, Route, Settings};
 use crate::server::{self, Command, Heartbeat, ServedRoute, ServerLimits, Shared};
 use crate::systemd::Notifier;
+use crate::upstream::UpstreamSettings;
 
 /// How often STATUS= is refreshed (only when it changed, only under a service manager).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -139,7 +140,11 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
         );
     }
     let allowlist_entries = loaded.policy.entries().len();
-    let shared = Arc::new(Shared::new(loaded.policy, dns, options.connect_timeout));
+    let upstream = UpstreamSettings {
+        connect_timeout: options.connect_timeout,
+        keepalive: options.tcp_keepalive,
+    };
+    let shared = Arc::new(Shared::new(loaded.policy, dns, upstream));
     shared.routes.set(routes);
     info!(
         listen = %listening.join(" "),

@@ -34,14 +34,15 @@ use crate::relay::relay;
 use crate::remote::Target;
 use crate::route::{Counters, Destination, Route, RouteSlot};
 use crate::sni;
-use crate::upstream::{self, UpstreamError};
+use crate::upstream::{self, UpstreamError, UpstreamSettings};
 
 /// Everything a connection needs, shared by all of them.
 pub struct Shared {
     /// The current policy; replaced whole on reload, so a connection sees one consistent version.
     pub policy: Current<Policy>,
     pub dns: Dns,
-    pub connect_timeout: Duration,
+    /// Connect timeout and keepalive of upstream sockets.
+    pub upstream: UpstreamSettings,
     /// Totals over every route, including removed ones.
     pub counters: Counters,
     /// The routes being served, in configuration order (for reload and STATUS=).
@@ -49,11 +50,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(policy: Policy, dns: Dns, connect_timeout: Duration) -> Shared {
+    pub fn new(policy: Policy, dns: Dns, upstream: UpstreamSettings) -> Shared {
         Shared {
             policy: Current::new(policy),
             dns,
-            connect_timeout,
+            upstream,
             counters: Counters::default(),
             routes: Current::new(Vec::new()),
         }
@@ -255,6 +256,10 @@ fn spawn_connection(
         counters.accepted.fetch_add(1, Ordering::Relaxed);
     }
     shared.counters.open.fetch_add(1, Ordering::Relaxed);
+    if let Stream::Tcp(tcp) = &stream {
+        // The tcp: stand-in's client can vanish as silently as an upstream (vsock cannot).
+        upstream::set_keepalive(tcp, &shared.upstream);
+    }
     let span = tracing::info_span!("conn", route = %route.listen, id, peer = %peer, upstream = tracing::field::Empty);
     let shared = shared.clone();
     let tasks = route.tasks.clone();
@@ -411,8 +416,7 @@ async fn handle(mut client: Stream, route: &Route, shared: &Shared) {
             return;
         }
     }
-    let connected =
-        upstream::connect(&policy, &shared.dns, host, port, shared.connect_timeout).await;
+    let connected = upstream::connect(&policy, &shared.dns, host, port, &shared.upstream).await;
     drop(policy);
     let (mut upstream, addr) = match connected {
         Ok(ok) => ok,

@@ -5,17 +5,79 @@
 //! other allowlisted names only if rule 5 is needed), then connect to the allowed addresses in
 //! order, each with the connect timeout, until one succeeds. Every way this can fail is an
 //! [`UpstreamError`] whose `Display` is the reason logged for the operator.
+//!
+//! It also owns how long a dead peer can hold a connection ([`UpstreamSettings`],
+//! [`set_keepalive`]): keepalive probes and `TCP_USER_TIMEOUT` on every upstream socket, so an
+//! upstream that vanished without a FIN or RST (a crashed host, a dropped route) frees its
+//! connection slot instead of holding it until `--idle-timeout`, or forever.
 
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::time::Duration;
 
+use futures_util::stream::{self, StreamExt};
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 
 use crate::dns::{Dns, LookupError};
 use crate::host::Host;
 use crate::policy::{Allowance, Denial, Policy, Resolutions};
+
+/// `--tcp-keepalive`'s default: a dead peer is noticed after about a minute
+/// ([`UpstreamSettings::dead_peer_timeout`]).
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Unanswered keepalive probes after which the connection is given up.
+pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// At most this many rule-5 lookups run at once for one connection: all of them for any
+/// plausible allowlist, without flooding the name server for a huge one.
+const CONCURRENT_LOOKUPS: usize = 16;
+
+/// How upstream connections are opened and kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    /// Time allowed for one TCP connect, per address (`--connect-timeout`).
+    pub connect_timeout: Duration,
+    /// Time without traffic before the first keepalive probe (`--tcp-keepalive`). The kernel
+    /// counts whole seconds, at least one.
+    pub keepalive: Duration,
+}
+
+impl UpstreamSettings {
+    /// Time between keepalive probes: a third of [`Self::keepalive`] in whole seconds, at
+    /// least 1s, so the probes fit in about the time the first one waited.
+    pub fn keepalive_interval(&self) -> Duration {
+        Duration::from_secs((self.keepalive.as_secs() / 3).max(1))
+    }
+
+    /// How long a peer that stopped answering can hold a connection: the first probe after
+    /// [`Self::keepalive`], then [`KEEPALIVE_PROBES`] unanswered intervals. Also the
+    /// `TCP_USER_TIMEOUT`, so data that is never acknowledged fails in the same time instead of
+    /// after the kernel's ~15 minutes of retransmissions.
+    pub fn dead_peer_timeout(&self) -> Duration {
+        self.keepalive + self.keepalive_interval() * KEEPALIVE_PROBES
+    }
+}
+
+/// Turns on keepalive probes and `TCP_USER_TIMEOUT` on a TCP socket, per `settings`. A socket
+/// that refuses either still works, only slower to notice a dead peer: logged at debug, never
+/// an error.
+pub fn set_keepalive(socket: &impl AsFd, settings: &UpstreamSettings) {
+    let socket = SockRef::from(socket);
+    let keepalive = TcpKeepalive::new()
+        .with_time(settings.keepalive)
+        .with_interval(settings.keepalive_interval())
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot set SO_KEEPALIVE; a dead peer is noticed only by --idle-timeout");
+    }
+    if let Err(e) = socket.set_tcp_user_timeout(Some(settings.dead_peer_timeout())) {
+        tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT; unacknowledged data fails only after the kernel's retransmissions");
+    }
+}
 
 /// Why no upstream connection was made.
 #[derive(Debug)]
@@ -84,10 +146,20 @@ pub async fn allowed_addresses(
         .iter()
         .any(|(_, d)| matches!(d, Err(Denial::NotAllowlisted)));
     if needs_rule5 {
-        for name in policy.names_to_resolve(remote, port) {
-            match dns.lookup(&name).await {
+        // At once: one slow name server answer must not add up over every allowlisted name.
+        // `buffered` keeps the names' order, so the outcome does not depend on who answers first.
+        let names = policy.names_to_resolve(remote, port);
+        // Owned names: a closure over borrowed ones makes the connection task's future not
+        // provably `Send` (rust-lang/rust#102211).
+        let answers: Vec<_> = stream::iter(names.clone())
+            .map(|name| async move { dns.lookup(&name).await })
+            .buffered(CONCURRENT_LOOKUPS)
+            .collect()
+            .await;
+        for (name, answer) in names.iter().zip(answers) {
+            match answer {
                 Ok(ips) => {
-                    resolutions.insert(name, ips);
+                    resolutions.insert(name.clone(), ips);
                 }
                 // That name cannot vouch for anything now; the others still may.
                 Err(e) => tracing::debug!(error = %e, "allowlisted name did not resolve"),
@@ -110,14 +182,16 @@ pub async fn allowed_addresses(
     Ok((allowed, denied))
 }
 
-/// Resolves, checks and connects: the upstream stream and the address it reached.
+/// Resolves, checks and connects: the upstream stream (keepalive set, see [`set_keepalive`])
+/// and the address it reached.
 pub async fn connect(
     policy: &Policy,
     dns: &Dns,
     remote: &Host,
     port: u16,
-    connect_timeout: Duration,
+    settings: &UpstreamSettings,
 ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+    let connect_timeout = settings.connect_timeout;
     let (allowed, denied) = allowed_addresses(policy, dns, remote, port)
         .await
         .map_err(UpstreamError::Dns)?;
@@ -137,6 +211,7 @@ pub async fn connect(
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                 }
+                set_keepalive(&stream, settings);
                 tracing::debug!(upstream = %addr, allowed_by = %why, "connected");
                 return Ok((stream, addr));
             }
