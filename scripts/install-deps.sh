@@ -17,8 +17,10 @@
 #   binutils: objdump, to check the glibc symbol versions the binary needs
 #   curl, openssl: tests/dynamic_routes.rs drives the CONNECT route with `curl -x` and the SNI
 #                  routes with `openssl s_client`, real clients of each protocol
+#   nftables: tests/keepalive.rs makes an upstream silent (drops its packets) with `nft`, inside
+#             the test's own network namespace
 set -euo pipefail
-needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl)
+needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl nftables)
 missing=()
 for pkg in "${needed[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
