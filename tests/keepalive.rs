@@ -1,7 +1,8 @@
 //! `--tcp-keepalive` through the real binary: an upstream that goes silent (its packets dropped by
 //! an nftables rule in the test's own network namespace, as when its host dies or a route
 //! vanishes: no FIN, no RST) frees its connection slot, and a healthy idle connection outlives the
-//! keepalive time. The client side is a `unix:` stand-in, so only the upstream leg is TCP.
+//! keepalive time (the client side is a `unix:` stand-in there, so only the upstream leg is TCP);
+//! accepted `tcp:` stand-in clients get keepalive too.
 
 mod common;
 
@@ -101,21 +102,47 @@ fn revive_upstream() {
     nft("delete table inet keepalive_test\n");
 }
 
-/// The kernel timer armed on the proxy's socket to the upstream, from
-/// `/proc/thread-self/net/tcp` (the `tr` column: 0 none, 1 retransmit, 2 keepalive, ...).
-fn upstream_socket_timer() -> Option<u32> {
-    // 192.0.2.10:443 as /proc prints it: the address as a native-endian word, the port in hex.
-    let remote = format!("{:08X}:{:04X}", u32::from_ne_bytes([192, 0, 2, 10]), 443);
+/// `addr` as `/proc/net/tcp` prints it: the address as a native-endian word, the port in hex.
+fn proc_addr(addr: SocketAddr) -> String {
+    let SocketAddr::V4(v4) = addr else {
+        panic!("{addr}: only IPv4 here")
+    };
+    format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(v4.ip().octets()),
+        v4.port()
+    )
+}
+
+/// The kernel timer armed on the established TCP socket whose local (`column` 1) or remote
+/// (`column` 2) address is `addr`, from `/proc/thread-self/net/tcp` (the `tr` column: 0 none,
+/// 1 retransmit, 2 keepalive, ...).
+fn socket_timer(column: usize, addr: SocketAddr) -> Option<u32> {
+    const ESTABLISHED: &str = "01";
+    let wanted = proc_addr(addr);
     let table = std::fs::read_to_string("/proc/thread-self/net/tcp").ok()?;
     table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.get(2) != Some(&remote.as_str()) {
+        if fields.get(column) != Some(&wanted.as_str()) || fields.get(3) != Some(&ESTABLISHED) {
             return None;
         }
         let timer = fields.get(5)?.split(':').next()?;
         u32::from_str_radix(timer, 16).ok()
     })
 }
+
+/// Whether the socket's keepalive timer gets armed (polled: right after traffic, a retransmit
+/// timer may be pending for a moment instead).
+async fn keepalive_armed(column: usize, addr: SocketAddr) -> bool {
+    common::wait_until(Duration::from_secs(2), || {
+        socket_timer(column, addr) == Some(KEEPALIVE_TIMER)
+    })
+    .await
+}
+
+const KEEPALIVE_TIMER: u32 = 2;
+const REMOTE: usize = 2;
+const LOCAL: usize = 1;
 
 #[test]
 fn keepalive_frees_the_slot_a_silent_dead_upstream_held() {
@@ -185,15 +212,11 @@ fn keepalive_keeps_a_healthy_idle_connection_open() {
         let (proxy, listen, upstream) = start(&dir).await;
         let mut conn = connect(&listen).await;
         assert_eq!(echo(&mut conn, b"hello").await.unwrap(), b"hello");
-        // Polled: right after the echo, a retransmit timer may still be pending for a moment.
-        let armed = common::wait_until(Duration::from_secs(2), || {
-            upstream_socket_timer() == Some(2)
-        })
-        .await;
+        // The proxy's socket to the upstream (the one whose remote is the upstream).
         assert!(
-            armed,
+            keepalive_armed(REMOTE, UPSTREAM.parse().unwrap()).await,
             "the proxy's socket to the upstream has no keepalive timer armed (timer {:?})",
-            upstream_socket_timer()
+            socket_timer(REMOTE, UPSTREAM.parse().unwrap())
         );
 
         // Idle for longer than a dead peer takes to be noticed: the probes are answered.
@@ -210,5 +233,36 @@ fn keepalive_keeps_a_healthy_idle_connection_open() {
             proxy.logs()
         );
         assert_eq!(upstream.accepted(), 1);
+    });
+}
+
+#[test]
+fn accepted_tcp_stand_in_clients_get_keepalive_too() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        add_lo_addr("192.0.2.10".parse::<IpAddr>().unwrap());
+        let _upstream = echo_server(UPSTREAM.parse::<SocketAddr>().unwrap()).await;
+        let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
+        let listen = "tcp:127.0.0.1:8001";
+        let proxy = Proxy::spawn(&[
+            listen,
+            "192.0.2.10",
+            "443",
+            "--config",
+            &config,
+            "--tcp-keepalive",
+            KEEPALIVE,
+        ]);
+        proxy.wait_ready(listen).await;
+        let mut conn = connect(listen).await;
+        assert_eq!(echo(&mut conn, b"hello").await.unwrap(), b"hello");
+        // The proxy's accepted socket is the one whose local address is the listen address.
+        let accepted = "127.0.0.1:8001".parse().unwrap();
+        assert!(
+            keepalive_armed(LOCAL, accepted).await,
+            "the proxy's accepted tcp: socket has no keepalive timer armed (timer {:?})\n{}",
+            socket_timer(LOCAL, accepted),
+            proxy.logs()
+        );
     });
 }
