@@ -19,8 +19,10 @@
 #                              OpenMetrics parser (/usr/bin/python3)
 #   curl, openssl: tests/dynamic_routes.rs drives the CONNECT route with `curl -x` and the SNI
 #                  routes with `openssl s_client`, real clients of each protocol
+#   nftables: tests/keepalive.rs makes an upstream silent (drops its packets) with `nft`, inside
+#             the test's own network namespace
 set -euo pipefail
-needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl python3-prometheus-client)
+needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl python3-prometheus-client nftables)
 missing=()
 for pkg in "${needed[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

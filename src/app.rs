@@ -27,6 +27,7 @@ use crate::peers::PeerLimits;
 use crate::route::{self, Route, Settings};
 use crate::server::{self, Command, Heartbeat, Lifetimes, ServedRoute, ServerLimits, Shared};
 use crate::systemd::Notifier;
+use crate::upstream::UpstreamSettings;
 
 /// How often STATUS= is refreshed (only when it changed, only under a service manager).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -153,7 +154,11 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
         ),
         None => None,
     };
-    let mut shared = Shared::new(loaded.policy, dns, options.connect_timeout);
+    let upstream = UpstreamSettings {
+        connect_timeout: options.connect_timeout,
+        keepalive: options.tcp_keepalive,
+    };
+    let mut shared = Shared::new(loaded.policy, dns, upstream);
     shared.lifetimes = Lifetimes {
         setup_timeout: options.setup_timeout,
         max_lifetime: options.max_lifetime,

@@ -86,7 +86,11 @@ pub struct Options {
     #[arg(long = "nameserver", value_name = "IP[:PORT]", value_parser = parse_nameserver)]
     pub nameservers: Vec<SocketAddr>,
 
-    /// Time to wait for one DNS answer before the lookup fails (default: the resolver's, 5s).
+    /// Time to wait for one answer from one name server: a DNS query not answered within
+    /// DURATION fails and is not asked again (default: the resolver's 5s, two attempts). One
+    /// lookup may ask several name servers and both families (A and AAAA), so this does not
+    /// bound a whole lookup; the whole set-up of a connection before it relays is bounded by
+    /// --setup-timeout (default 15s).
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
     pub dns_timeout: Option<Duration>,
 
@@ -97,6 +101,15 @@ pub struct Options {
     /// Time allowed for one TCP connect to the remote endpoint, per address.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive_duration)]
     pub connect_timeout: Duration,
+
+    /// TCP keepalive on upstream connections (and tcp: stand-in clients), so a peer that
+    /// vanished silently frees its connection: the first probe after DURATION without traffic,
+    /// then one every DURATION/3 (whole seconds, at least 1s); 3 unanswered probes, or data
+    /// unacknowledged as long (TCP_USER_TIMEOUT), close the connection. A dead peer is noticed
+    /// after DURATION + 3 x DURATION/3: 60s by default, 4s with 1s. Healthy idle connections
+    /// stay open. Whole seconds, 1s to 32767s.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_keepalive)]
+    pub tcp_keepalive: Duration,
 
     /// Close a connection after this long without a byte in either direction (default: never).
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
@@ -194,6 +207,19 @@ fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not IP or IP:PORT (like 10.0.0.2 or 127.0.0.1:5353)"))
 }
 
+/// The kernel's limit for TCP_KEEPIDLE and TCP_KEEPINTVL, in seconds.
+const MAX_KEEPALIVE_SECS: u64 = 32767;
+
+fn parse_keepalive(s: &str) -> Result<Duration, String> {
+    let d = parse_positive_duration(s)?;
+    if d.subsec_nanos() != 0 || d.as_secs() > MAX_KEEPALIVE_SECS {
+        return Err(format!(
+            "{s:?}: the kernel counts keepalive time in whole seconds, 1s to {MAX_KEEPALIVE_SECS}s (write e.g. 30s, 2m)"
+        ));
+    }
+    Ok(d)
+}
+
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?}: {e} (write e.g. 5s, 500ms, 2m)"))?;
@@ -248,6 +274,7 @@ mod tests {
         assert!(o.ipv6);
         assert_eq!(o.max_connections, 1024);
         assert_eq!(o.connect_timeout, Duration::from_secs(5));
+        assert_eq!(o.tcp_keepalive, crate::upstream::DEFAULT_KEEPALIVE);
         assert_eq!(o.idle_timeout, None);
         assert_eq!(o.drain_timeout, Duration::from_secs(30));
         assert_eq!(o.log_format, None);
@@ -288,6 +315,9 @@ mod tests {
             &["8001", "host.example", "443", "--idle-timeout", "soon"],
             &["8001", "host.example", "443", "--nameserver", "dns.example"],
             &["8001", "host.example", "443", "--max-connections", "0"],
+            &["8001", "host.example", "443", "--tcp-keepalive", "0s"],
+            &["8001", "host.example", "443", "--tcp-keepalive", "1500ms"],
+            &["8001", "host.example", "443", "--tcp-keepalive", "10h"],
             &["nowhere", "host.example", "443"],
             &["8001", "10.0.0.0/8", "443"],
         ] {
@@ -296,6 +326,14 @@ mod tests {
         }
         let e = parse(&["8001", "19", "443"]).unwrap_err();
         assert!(e.to_string().contains("not the enclave's CID"), "{e}");
+    }
+
+    #[test]
+    fn tcp_keepalive_takes_whole_seconds() {
+        let o = parse(&["8001", "h.example", "443", "--tcp-keepalive", "2m"]).unwrap();
+        assert_eq!(o.tcp_keepalive, Duration::from_secs(120));
+        let e = parse(&["8001", "h.example", "443", "--tcp-keepalive", "500ms"]).unwrap_err();
+        assert!(e.to_string().contains("whole seconds"), "{e}");
     }
 
     #[test]

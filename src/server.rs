@@ -40,7 +40,7 @@ use crate::remote::Target;
 use crate::revoke::{OpenConnection, Registry};
 use crate::route::{Counters, Destination, Route, RouteSlot};
 use crate::sni;
-use crate::upstream::{self, UpstreamError};
+use crate::upstream::{self, UpstreamError, UpstreamSettings};
 use tokio_util::sync::CancellationToken;
 
 /// Everything a connection needs, shared by all of them.
@@ -49,7 +49,8 @@ pub struct Shared {
     pub policy: Current<Policy>,
     /// The resolver; replaced on reload, which re-reads /etc/hosts and /etc/resolv.conf.
     pub dns: Current<Dns>,
-    pub connect_timeout: Duration,
+    /// Connect timeout and keepalive of upstream sockets.
+    pub upstream: UpstreamSettings,
     /// Totals over every route, including removed ones.
     pub counters: Counters,
     /// The routes being served, in configuration order (for reload and STATUS=).
@@ -81,11 +82,11 @@ impl Default for Lifetimes {
 }
 
 impl Shared {
-    pub fn new(policy: Policy, dns: Dns, connect_timeout: Duration) -> Shared {
+    pub fn new(policy: Policy, dns: Dns, upstream: UpstreamSettings) -> Shared {
         Shared {
             policy: Current::new(policy),
             dns: Current::new(dns),
-            connect_timeout,
+            upstream,
             counters: Counters::default(),
             routes: Current::new(Vec::new()),
             lifetimes: Lifetimes::default(),
@@ -304,6 +305,10 @@ fn spawn_connection(
     }
     shared.counters.open.fetch_add(1, Ordering::Relaxed);
     route.metrics.open.inc();
+    if let Stream::Tcp(tcp) = &stream {
+        // The tcp: stand-in's client can vanish as silently as an upstream (vsock cannot).
+        upstream::set_keepalive(tcp, &shared.upstream);
+    }
     let span = tracing::info_span!("conn", route = %route.listen, id, peer = %peer, upstream = tracing::field::Empty);
     let shared = shared.clone();
     let tasks = route.tasks.clone();
@@ -595,7 +600,7 @@ async fn set_up(
     }
     let connecting = Instant::now();
     let dns = shared.dns.get();
-    let connected = upstream::connect(&policy, &dns, host, port, shared.connect_timeout).await;
+    let connected = upstream::connect(&policy, &dns, host, port, &shared.upstream).await;
     drop(policy);
     let (mut upstream, addr, allowed_by) = match connected {
         Ok(ok) => ok,
