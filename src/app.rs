@@ -104,7 +104,13 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
 
     match crate::rlimit::raise_nofile_limit() {
         Ok(limit) => {
-            let needed = u64::from(options.max_connections) * 2 + 32 + loaded.routes.len() as u64;
+            // Per connection two sockets and, while both directions move bytes, two pipes; the
+            // pipe pool; the listeners; a margin for DNS, metrics and the journal.
+            let needed = u64::from(options.max_connections)
+                * crate::relay::DESCRIPTORS_PER_CONNECTION
+                + crate::relay::POOL_DESCRIPTORS
+                + 32
+                + loaded.routes.len() as u64;
             if limit < needed {
                 warn!(nofile = limit, needed, "the open-file limit is below what --max-connections needs; accepts may fail with EMFILE (raise LimitNOFILE= in the unit)");
             }
@@ -162,6 +168,7 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
     shared.lifetimes = Lifetimes {
         setup_timeout: options.setup_timeout,
         max_lifetime: options.max_lifetime,
+        relay_mode: options.relay,
     };
     shared.peers = PeerLimits::new(options.max_connections_per_peer);
     let shared = Arc::new(shared);

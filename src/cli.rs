@@ -148,6 +148,11 @@ pub struct Options {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_peer: Option<u32>,
 
+    /// How bytes are moved: `auto` (splice(2) where the kernel allows it, copying elsewhere) or
+    /// `copy` (always through a user-space buffer).
+    #[arg(long, value_enum, value_name = "HOW", default_value = "auto")]
+    pub relay: crate::relay::RelayMode,
+
     /// On reload, keep open connections the new allowlist would deny (default: close them,
     /// counted as `revoked`).
     #[arg(long)]

@@ -35,7 +35,7 @@ use crate::host::Host;
 use crate::metrics::Outcome;
 use crate::peers::{PeerLimits, PeerSlot};
 use crate::policy::Policy;
-use crate::relay::{relay_counted, LiveBytes, RelayEnd};
+use crate::relay::{relay, LiveBytes, RelayEnd, RelayMode, Side};
 use crate::remote::Target;
 use crate::revoke::{OpenConnection, Registry};
 use crate::route::{Counters, Destination, Route, RouteSlot};
@@ -70,6 +70,8 @@ pub struct Lifetimes {
     pub setup_timeout: Duration,
     /// From accept to close, however busy (`--max-lifetime`).
     pub max_lifetime: Option<Duration>,
+    /// How the relay moves bytes (`--relay`).
+    pub relay_mode: RelayMode,
 }
 
 impl Default for Lifetimes {
@@ -77,6 +79,7 @@ impl Default for Lifetimes {
         Lifetimes {
             setup_timeout: Duration::from_secs(15),
             max_lifetime: None,
+            relay_mode: RelayMode::Auto,
         }
     }
 }
@@ -453,9 +456,18 @@ async fn handle(mut client: Stream, peer: &str, route: &Route, shared: &Shared) 
     let started = Instant::now();
     let settings = route.settings();
     let route_name = route.listen.to_string();
+    // Boxed: the set-up's state (DNS lookups, connect attempts) is freed once it is done,
+    // instead of being part of every idle connection's task.
     let setup = tokio::time::timeout(
         shared.lifetimes.setup_timeout,
-        set_up(&mut client, peer, &route_name, route, &settings, shared),
+        Box::pin(set_up(
+            &mut client,
+            peer,
+            &route_name,
+            route,
+            &settings,
+            shared,
+        )),
     )
     .await;
     let ready = match setup {
@@ -483,6 +495,13 @@ async fn handle(mut client: Stream, peer: &str, route: &Route, shared: &Shared) 
         to_upstream: route.metrics.to_upstream.inner(),
         to_client: route.metrics.to_client.inner(),
     };
+    let client = match Side::new(client) {
+        Ok(side) => side,
+        Err(e) => {
+            warn!(error = %e, "connection closed: cannot register the client socket for the relay");
+            return Outcome::ClientError;
+        }
+    };
     let lifetime = async {
         match shared.lifetimes.max_lifetime {
             Some(max) => tokio::time::sleep_until(started + max).await,
@@ -490,7 +509,7 @@ async fn handle(mut client: Stream, peer: &str, route: &Route, shared: &Shared) 
         }
     };
     tokio::select! {
-        report = relay_counted(client, ready.upstream, settings.idle_timeout, &live) => {
+        report = relay(client, Side::from(ready.upstream), settings.idle_timeout, &live, shared.lifetimes.relay_mode) => {
             info!(
                 bytes_to_upstream = report.to_upstream + ready.early,
                 bytes_to_client = report.to_client,

@@ -1,5 +1,7 @@
 //! The data path through the real binary: half-close, large transfers, concurrency, limits,
 //! idle timeout, the unix stand-in and a clean stop. Each test has its own network namespace.
+//! The byte-moving tests run on both relay paths: `_splice` (`--relay auto`, the default) and
+//! `_copy` (`--relay copy`), and one runs the splice path out of descriptors for pipes.
 
 mod common;
 
@@ -37,10 +39,19 @@ async fn start_proxy(dir: &tempfile::TempDir, listen: &str, extra: &[&str]) -> P
 }
 
 #[test]
-fn half_close_request_response_completes() {
-    run_in_netns(|| async {
+fn half_close_request_response_completes_splice() {
+    half_close_request_response_completes("auto");
+}
+
+#[test]
+fn half_close_request_response_completes_copy() {
+    half_close_request_response_completes("copy");
+}
+
+fn half_close_request_response_completes(relay: &'static str) {
+    run_in_netns(|| async move {
         let dir = tempfile::tempdir().unwrap();
-        let _proxy = start_proxy(&dir, LISTEN, &[]).await;
+        let _proxy = start_proxy(&dir, LISTEN, &["--relay", relay]).await;
         let up = response_server(UPSTREAM.parse().unwrap(), b"the whole response".to_vec()).await;
         let mut conn = connect(LISTEN).await;
         conn.write_all(b"GET /ip-ranges.json").await.unwrap();
@@ -57,11 +68,20 @@ fn half_close_request_response_completes() {
 }
 
 #[test]
-fn sixty_four_mib_each_way_at_once_arrive_intact() {
-    run_in_netns(|| async {
+fn sixty_four_mib_each_way_at_once_arrive_intact_splice() {
+    sixty_four_mib_each_way_at_once_arrive_intact("auto");
+}
+
+#[test]
+fn sixty_four_mib_each_way_at_once_arrive_intact_copy() {
+    sixty_four_mib_each_way_at_once_arrive_intact("copy");
+}
+
+fn sixty_four_mib_each_way_at_once_arrive_intact(relay: &'static str) {
+    run_in_netns(|| async move {
         const SIZE: usize = 64 * 1024 * 1024;
         let dir = tempfile::tempdir().unwrap();
-        let proxy = start_proxy(&dir, LISTEN, &[]).await;
+        let proxy = start_proxy(&dir, LISTEN, &["--relay", relay]).await;
         let up = sink_source_server(UPSTREAM.parse().unwrap(), SIZE).await;
         let conn = connect(LISTEN).await;
         let (mut rd, mut wr) = tokio::io::split(conn);
@@ -243,10 +263,19 @@ fn connection_limit_closes_excess_at_once_and_recovers() {
 }
 
 #[test]
-fn idle_timeout_closes_a_silent_connection() {
-    run_in_netns(|| async {
+fn idle_timeout_closes_a_silent_connection_splice() {
+    idle_timeout_closes_a_silent_connection("auto");
+}
+
+#[test]
+fn idle_timeout_closes_a_silent_connection_copy() {
+    idle_timeout_closes_a_silent_connection("copy");
+}
+
+fn idle_timeout_closes_a_silent_connection(relay: &'static str) {
+    run_in_netns(|| async move {
         let dir = tempfile::tempdir().unwrap();
-        let proxy = start_proxy(&dir, LISTEN, &["--idle-timeout", "1s"]).await;
+        let proxy = start_proxy(&dir, LISTEN, &["--idle-timeout", "1s", "--relay", relay]).await;
         let _up = echo_server(UPSTREAM.parse().unwrap()).await;
         let mut c = connect(LISTEN).await;
         c.write_all(b"hi").await.unwrap();
@@ -266,11 +295,20 @@ fn idle_timeout_closes_a_silent_connection() {
 }
 
 #[test]
-fn unix_stand_in_listener_relays() {
-    run_in_netns(|| async {
+fn unix_stand_in_listener_relays_splice() {
+    unix_stand_in_listener_relays("auto");
+}
+
+#[test]
+fn unix_stand_in_listener_relays_copy() {
+    unix_stand_in_listener_relays("copy");
+}
+
+fn unix_stand_in_listener_relays(relay: &'static str) {
+    run_in_netns(|| async move {
         let dir = tempfile::tempdir().unwrap();
         let listen = format!("unix:{}", dir.path().join("proxy.sock").display());
-        let proxy = start_proxy(&dir, &listen, &[]).await;
+        let proxy = start_proxy(&dir, &listen, &["--relay", relay]).await;
         let _up = echo_server(UPSTREAM.parse().unwrap()).await;
         let mut c = connect(&listen).await;
         c.write_all(b"over unix").await.unwrap();
@@ -426,5 +464,75 @@ fn json_logs_carry_the_connection_fields() {
             assert!(line.contains(field), "{field} missing in {line}");
         }
         assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+    });
+}
+
+/// Lowers a running process's open-file limit (prlimit(2); the tests run as root).
+fn set_nofile_limit(pid: u32, limit: u64) {
+    let new = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: prlimit on a child process with a valid rlimit; the old value is not wanted.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+fn open_descriptors(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64
+}
+
+#[test]
+fn without_descriptors_for_pipes_splice_falls_back_to_copying() {
+    run_in_netns(|| async {
+        const STREAMS: usize = 8;
+        const SIZE: usize = 4 * 1024 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(&dir, LISTEN, &[]).await;
+        let _up = echo_server(UPSTREAM.parse().unwrap()).await;
+        // Room for every stream's two sockets and one pipe more: the rest of the 16 bursts
+        // moving at once cannot have a pipe.
+        let base = open_descriptors(proxy.pid());
+        set_nofile_limit(proxy.pid(), base + 2 * STREAMS as u64 + 2);
+        let mut conns = Vec::new();
+        for _ in 0..STREAMS {
+            conns.push(connect(LISTEN).await);
+        }
+        let transfers = conns.into_iter().enumerate().map(|(i, conn)| async move {
+            let data: Vec<u8> = (0..SIZE).map(|j| ((i * 31 + j * 7) % 251) as u8).collect();
+            let (mut rd, mut wr) = tokio::io::split(conn);
+            let sent = data.clone();
+            let writer = tokio::spawn(async move {
+                wr.write_all(&sent).await.unwrap();
+                wr.shutdown().await.unwrap();
+            });
+            let mut got = Vec::with_capacity(SIZE);
+            rd.read_to_end(&mut got).await.unwrap();
+            writer.await.unwrap();
+            got == data
+        });
+        let results = tokio::time::timeout(
+            Duration::from_secs(60),
+            futures_util::future::join_all(transfers),
+        )
+        .await
+        .expect("transfers did not finish");
+        assert!(results.iter().all(|ok| *ok), "{results:?} {}", proxy.logs());
+        assert!(
+            proxy
+                .wait_for_log("cannot open a pipe for splice", Duration::from_secs(5))
+                .await,
+            "{}",
+            proxy.logs()
+        );
     });
 }

@@ -3,7 +3,7 @@
 //! This module owns the forwarder's per-connection behaviour: for each TCP connection accepted
 //! on LOCAL_IP:LOCAL_PORT it opens a stream to the target (vsock REMOTE_CID:REMOTE_PORT, or a
 //! `--stand-in`) within the connect timeout and relays both ways with the daemon's
-//! [`relay`](nitro_vsock_proxy::relay::relay) (half-closes passed through, optional idle
+//! [`relay_streams`](nitro_vsock_proxy::relay::relay_streams) (half-closes passed through, optional idle
 //! timeout). When the target cannot be reached, that one connection is closed and logged with
 //! what to check; the listener keeps accepting, and the next connection tries again.
 
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nitro_vsock_proxy::endpoint::{Endpoint, Stream};
-use nitro_vsock_proxy::relay::{relay, RelayEnd};
+use nitro_vsock_proxy::relay::{relay_streams, RelayEnd};
 use tracing::{info, warn};
 
 use crate::accept;
@@ -61,7 +61,7 @@ async fn forward(client: Stream, options: &Options) {
             return;
         }
     };
-    let report = relay(client, upstream, options.idle_timeout).await;
+    let report = relay_streams(client, upstream, options.idle_timeout).await;
     let (to_parent, to_client) = (report.to_upstream, report.to_client);
     match report.end {
         RelayEnd::Completed | RelayEnd::IdleTimeout => {

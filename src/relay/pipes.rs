@@ -1,0 +1,91 @@
+//! The pipes splice(2) moves bytes through, from a bounded pool.
+//!
+//! This module owns the kernel pipes of the splice path: a direction takes one when bytes are
+//! ready to move and gives it back, empty, when the direction goes quiet, so an idle connection
+//! holds no pipe (and no pipe pages). At most [`MAX_IDLE`] empty pipes are kept for reuse; more
+//! are closed. A pipe that still holds bytes (its direction failed) is closed, never reused.
+//! Pipes are non-blocking and close-on-exec; each is two descriptors and, while it holds data,
+//! up to 64 KiB of pipe pages (the kernel's default capacity; not raised, so
+//! `fs.pipe-user-pages-soft` goes as far as it can).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Mutex;
+
+/// Empty pipes kept for reuse.
+pub const MAX_IDLE: usize = 16;
+/// Bytes one splice call asks to move: the default pipe capacity.
+pub const CHUNK: usize = 64 * 1024;
+
+/// A pipe: its read and write ends.
+#[derive(Debug)]
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+}
+
+static IDLE: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+impl Pipe {
+    fn open() -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two new descriptors into `fds`.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both were just created and are owned by nothing else.
+        Ok(unsafe {
+            Pipe {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+
+    /// A pipe from the pool, or a new one (EMFILE/ENFILE when the process or system is out of
+    /// descriptors: the caller copies instead).
+    pub fn take() -> io::Result<Pipe> {
+        let reused = IDLE.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match reused {
+            Some(pipe) => Ok(pipe),
+            None => Pipe::open(),
+        }
+    }
+
+    /// Returns an empty pipe to the pool (closed if the pool is full).
+    pub fn give_back(self) {
+        let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(self);
+        }
+    }
+
+    pub fn read_fd(&self) -> i32 {
+        self.read.as_raw_fd()
+    }
+
+    pub fn write_fd(&self) -> i32 {
+        self.write.as_raw_fd()
+    }
+}
+
+/// How many empty pipes the pool holds now.
+pub fn idle() -> usize {
+    IDLE.lock().unwrap_or_else(|p| p.into_inner()).len()
+}
+
+/// splice(2) up to `len` bytes from `from` to `to`, non-blocking.
+pub fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
+    // SAFETY: splice between two descriptors the caller owns, no offsets.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    super::side::cvt(n)
+}
