@@ -61,6 +61,9 @@ pub struct ForwarderArgs {
     /// Close a connection after this long without traffic (default: never).
     #[arg(long, value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT: stop accepting, and give open connections this long to finish.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +112,9 @@ pub struct ServerArgs {
     /// Clients served at once; more are closed at once.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// On SIGTERM/SIGINT: stop accepting, and give open connections this long to finish.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -163,6 +169,7 @@ impl ForwarderArgs {
             max_connections: self.max_connections as usize,
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
+            drain_timeout: self.drain_timeout,
         }
     }
 }
@@ -177,6 +184,7 @@ impl ServerArgs {
             ipv6: self.ipv6,
             client_timeout: self.client_timeout,
             max_connections: self.max_connections as usize,
+            drain_timeout: self.drain_timeout,
         }
     }
 

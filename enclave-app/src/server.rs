@@ -8,6 +8,7 @@
 //! `accept`, so a silent client only ever holds its own connection. A client that sends nothing
 //! within the timeout gets an `{"error": ...}` reply; every failure is one WARN line.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub struct Options {
     /// How long a client may take to send its query, and to take the reply.
     pub client_timeout: Duration,
     pub max_connections: usize,
+    /// After the stop signal, how long open exchanges may take to finish.
+    pub drain_timeout: Duration,
 }
 
 struct Context {
@@ -43,8 +46,13 @@ struct Context {
     cache: Cache,
 }
 
-/// Listens and answers until the process is stopped. Fails only if it cannot listen.
-pub async fn run(options: Options, cache: Cache, source: String) -> Result<(), String> {
+/// Listens and answers until `stop` resolves, then drains. Fails only if it cannot listen.
+pub async fn run(
+    options: Options,
+    cache: Cache,
+    source: String,
+    stop: impl Future<Output = ()>,
+) -> Result<(), String> {
     let listener = accept::bind(&options.listen).await?;
     let bound = listener
         .local_endpoint()
@@ -57,13 +65,13 @@ pub async fn run(options: Options, cache: Cache, source: String) -> Result<(), S
         max_connections = options.max_connections,
         "server listening"
     );
-    let max = options.max_connections;
+    let (max, drain) = (options.max_connections, options.drain_timeout);
     let context = Arc::new(Context { options, cache });
-    accept::serve(listener, max, move |stream, _peer| {
+    let handle = move |stream, _peer| {
         let context = context.clone();
         async move { exchange(stream, &context).await }
-    })
-    .await;
+    };
+    accept::serve_until_stopped(listener, max, handle, stop, drain).await;
     Ok(())
 }
 
