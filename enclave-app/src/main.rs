@@ -20,6 +20,7 @@ mod client;
 mod fetch;
 mod forwarder;
 mod protocol;
+mod query_reader;
 mod ranges;
 mod server;
 mod standin;
