@@ -1,6 +1,7 @@
 //! The whole workshop chain through the real binaries, on stand-ins (see `support::chain`):
-//! answers, caching, IPv6, failures of the proxy and of the allowlist, certificate checks,
-//! concurrency, a silent client and a large reply. Each test has its own network namespace.
+//! answers, caching, IPv6, a query split across writes, failures of the proxy and of the
+//! allowlist, certificate checks, concurrency, a silent client and a large reply. Each test has
+//! its own network namespace.
 
 mod support;
 
@@ -103,6 +104,35 @@ fn a_raw_query_is_trimmed_and_answered_without_a_half_close() {
             .expect("no reply")
             .unwrap();
         assert_eq!(String::from_utf8(reply).unwrap(), US_EAST_1);
+    });
+}
+
+#[test]
+fn a_query_split_across_writes_is_answered_whole() {
+    run_in_netns(|| async {
+        let chain = Chain::start(Setup::default()).await;
+        let mut conn = UnixStream::connect(chain.path("server.sock"))
+            .await
+            .unwrap();
+        conn.write_all(b"eu-").await.unwrap();
+        // Longer than the server's pause after a region-shaped name: "eu-" is not one, so the
+        // server must keep waiting rather than answer for "eu-".
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        conn.write_all(b"west-1\n").await.unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut reply))
+            .await
+            .expect("no reply")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(reply).unwrap(),
+            r#"["3.5.64.0/21","52.218.0.0/17","52.92.40.0/21"]"#
+        );
+        assert!(
+            chain.server.wait_for_log("query=\"eu-west-1\"", WAIT).await,
+            "{}",
+            chain.server.logs()
+        );
     });
 }
 
@@ -345,8 +375,13 @@ fn bad_queries_and_silence_get_an_error_reply() {
         assert!(error(&binary).contains("not UTF-8"), "{binary}");
         let blank = raw_exchange(&chain, b" \n").await;
         assert!(error(&blank).contains("empty query"), "{blank}");
+        let unfinished = raw_exchange(&chain, b"eu-").await;
+        assert!(
+            error(&unfinished).contains("the query did not end within 1s"),
+            "{unfinished}"
+        );
         assert_eq!(chain.downloads(), 0, "no query, no download");
-        assert_eq!(chain.server.wait_lines(&["WARN"], 4).await, 4);
+        assert_eq!(chain.server.wait_lines(&["WARN"], 5).await, 5);
     });
 }
 
