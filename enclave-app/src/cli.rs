@@ -94,6 +94,10 @@ pub struct ServerArgs {
     /// How long a downloaded document is used before it is downloaded again.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub cache_ttl: Duration,
+    /// When a refresh fails, answer from the last good copy for this long past --cache-ttl,
+    /// then with an error (0s: never answer from an expired copy).
+    #[arg(long, default_value = "24h", value_parser = parse_duration_or_zero)]
+    pub max_stale: Duration,
     /// Time allowed to connect to the endpoint.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
@@ -238,6 +242,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 0s, 30m or 24h"))
+}
+
 fn parse_stand_in(s: &str) -> Result<Endpoint, String> {
     if !(s.starts_with("unix:") || s.starts_with("tcp:") || s.starts_with("vsock:")) {
         return Err(format!(
@@ -292,6 +301,16 @@ mod tests {
         };
         assert_eq!(s.options().listen, "vsock:any:5005".parse().unwrap());
         assert_eq!(s.url.as_str(), DEFAULT_URL);
+        assert_eq!(s.max_stale, Duration::from_secs(24 * 3600));
+        assert_eq!(s.drain_timeout, Duration::from_secs(30));
+        assert_eq!(f.drain_timeout, Duration::from_secs(30));
+        let Command::Server(s) = parse(&["server", "5005", "--max-stale", "0s"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a server");
+        };
+        assert_eq!(s.max_stale, Duration::ZERO, "0s turns stale answers off");
 
         let Command::Client(c) = parse(&["client", "16", "5005", "us-east-1"])
             .unwrap()
@@ -340,6 +359,8 @@ mod tests {
             ][..],
             &["server", "5005", "--client-timeout", "0s"],
             &["server", "5005", "--cache-ttl", "soon"],
+            &["server", "5005", "--max-stale", "a day"],
+            &["server", "5005", "--drain-timeout", "0s"],
             &["server", "5005", "--max-connections", "0"],
             &["forwarder", "localhost", "443", "3", "8001"],
             &["forwarder", "127.0.0.1", "70000", "3", "8001"],

@@ -56,7 +56,7 @@ fn main() -> ExitCode {
                 let fetcher = fetcher.clone();
                 Box::pin(async move { fetcher.download().await })
             });
-            let cache = Cache::new(loader, args.url.to_string(), args.cache_ttl);
+            let cache = Cache::new(loader, args.url.to_string(), args.cache_ttl, args.max_stale);
             server::run(args.options(), cache, source, shutdown_signal()).await
         }),
     }

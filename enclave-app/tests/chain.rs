@@ -1,7 +1,8 @@
 //! The whole workshop chain through the real binaries, on stand-ins (see `support::chain`):
 //! answers, caching, IPv6, a query split across writes, failures of the proxy and of the
-//! allowlist, certificate checks, concurrency, a silent client and a large reply. Each test has
-//! its own network namespace.
+//! allowlist, the last good copy answering while refreshes fail (up to --max-stale), certificate
+//! checks, concurrency, a silent client and a large reply. Each test has its own network
+//! namespace.
 
 mod support;
 
@@ -177,6 +178,68 @@ fn proxy_down_gives_an_error_reply_and_the_next_query_works_once_it_is_up() {
         assert_eq!(out.code(), Some(0), "{out:?}");
         assert_eq!(out.stdout, format!("{US_EAST_1}\n"));
         assert_eq!(chain.wait_downloads(1).await, 1);
+    });
+}
+
+#[test]
+fn a_failed_refresh_answers_from_the_last_good_copy_until_max_stale() {
+    run_in_netns(|| async {
+        let mut chain = Chain::start(Setup {
+            server_args: vec![
+                "--cache-ttl".into(),
+                "1s".into(),
+                "--max-stale".into(),
+                "6s".into(),
+            ],
+            ..Setup::default()
+        })
+        .await;
+        let out = chain.client("us-east-1").await;
+        assert_eq!(out.stdout, format!("{US_EAST_1}\n"), "{out:?}");
+        let downloaded = tokio::time::Instant::now();
+        assert_eq!(chain.wait_downloads(1).await, 1);
+
+        // The document's source goes away: every refresh from now on fails.
+        chain.standin.signal(libc::SIGKILL);
+        chain.standin.wait_exit(WAIT).await;
+        // Past the TTL (1 s), well within TTL + max-stale (7 s).
+        tokio::time::sleep_until(downloaded + Duration::from_millis(1500)).await;
+        let out = chain.client("us-east-1").await;
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        assert_eq!(
+            out.stdout,
+            format!("{US_EAST_1}\n"),
+            "answered from the last good copy"
+        );
+        assert_eq!(
+            chain
+                .server
+                .wait_lines(
+                    &[
+                        "WARN",
+                        "refreshing the ranges document failed, answering from the last good copy"
+                    ],
+                    1
+                )
+                .await,
+            1,
+            "{}",
+            chain.server.logs()
+        );
+
+        // Past TTL + max-stale: an explicit error, not stale data.
+        tokio::time::sleep_until(downloaded + Duration::from_millis(7500)).await;
+        let out = chain.client("us-east-1").await;
+        assert_eq!(out.code(), Some(1), "{out:?}");
+        assert!(out.stdout.is_empty(), "{out:?}");
+        assert!(
+            out.stderr.contains("cannot download")
+                && out.stderr.contains(
+                    "more than --cache-ttl 1s plus --max-stale 6s, so it is no longer served"
+                ),
+            "{}",
+            out.stderr
+        );
     });
 }
 
