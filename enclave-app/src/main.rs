@@ -54,7 +54,7 @@ fn main() -> ExitCode {
             let source = fetcher.describe();
             let loader: cache::Loader = Box::new(move || {
                 let fetcher = fetcher.clone();
-                Box::pin(async move { fetcher.download().await })
+                Box::pin(async move { fetcher.download().await.map_err(|e| fetcher.explain(&e)) })
             });
             let cache = Cache::new(loader, args.url.to_string(), args.cache_ttl, args.max_stale);
             server::run(args.options(), cache, source, shutdown_signal()).await
