@@ -6,6 +6,11 @@
 //! download is running wait for it and share its result, success or failure, so 50 clients at
 //! once cause one download, and a failing endpoint costs one attempt per wave of queries rather
 //! than one per query. A failure is not cached: the next query after it tries again.
+//!
+//! When a refresh fails, queries are answered from the last good copy for at most `max_stale`
+//! past its TTL (each failed attempt is one WARN line saying how old the copy is); after that
+//! they get the download error, saying that the last copy is too old to serve. A failure with no
+//! copy at all is just the download error.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,7 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::ranges::RangesIndex;
 
@@ -36,18 +41,22 @@ pub struct Cache {
     /// Where the document comes from, for error messages (the URL).
     source: String,
     ttl: Duration,
+    /// How long past its TTL the last good copy may still answer while refreshes fail.
+    max_stale: Duration,
     /// Download attempts finished so far (read without the lock, to spot a shared result).
     finished: AtomicU64,
     state: Mutex<State>,
 }
 
 impl Cache {
-    /// A cache that keeps each download from `source` (named in errors) for `ttl`.
-    pub fn new(loader: Loader, source: String, ttl: Duration) -> Cache {
+    /// A cache that keeps each download from `source` (named in errors) for `ttl`, and serves
+    /// it for up to `max_stale` more while refreshes fail.
+    pub fn new(loader: Loader, source: String, ttl: Duration, max_stale: Duration) -> Cache {
         Cache {
             loader,
             source,
             ttl,
+            max_stale,
             finished: AtomicU64::new(0),
             state: Mutex::new(State {
                 current: None,
@@ -68,8 +77,8 @@ impl Cache {
         // A download finished while this query waited for the lock: share its failure
         // instead of starting another attempt right away.
         if self.finished.load(Ordering::Acquire) != seen {
-            if let Some(error) = &state.last_error {
-                return Err(error.clone());
+            if let Some(error) = state.last_error.clone() {
+                return self.last_good(&state, error, false);
             }
         }
         let result = match (self.loader)().await {
@@ -94,9 +103,42 @@ impl Cache {
             }
             Err(e) => {
                 state.last_error = Some(e.clone());
-                Err(e)
+                self.last_good(&state, e, true)
             }
         }
+    }
+
+    /// After a failed refresh (`error`): the last good copy while it is within `max_stale` past
+    /// its TTL, else the error, saying why the copy is no longer served. `log` for the query
+    /// that made the attempt (the ones that shared its result stay quiet).
+    fn last_good(
+        &self,
+        state: &State,
+        error: String,
+        log: bool,
+    ) -> Result<Arc<RangesIndex>, String> {
+        let Some((at, index)) = &state.current else {
+            return Err(error);
+        };
+        let age = at.elapsed();
+        let limit = self.ttl.saturating_add(self.max_stale);
+        let rounded = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs()));
+        if age < limit {
+            if log {
+                warn!(
+                    age = %rounded(age),
+                    served_until_age = %rounded(limit),
+                    "refreshing the ranges document failed, answering from the last good copy: {error}"
+                );
+            }
+            return Ok(index.clone());
+        }
+        Err(format!(
+            "{error}; the last good copy is {} old, more than --cache-ttl {} plus --max-stale {}, so it is no longer served",
+            rounded(age),
+            humantime::format_duration(self.ttl),
+            humantime::format_duration(self.max_stale)
+        ))
     }
 }
 
@@ -138,6 +180,7 @@ mod tests {
             loader(calls.clone(), failing.clone()),
             "test".into(),
             Duration::from_secs(600),
+            Duration::from_secs(3600),
         ));
         (cache, calls, failing)
     }
@@ -193,10 +236,65 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_answers_from_the_last_good_copy_until_max_stale() {
+        // TTL 600 s, max-stale 3600 s: the copy answers until it is 4200 s old.
+        let (cache, calls, failing) = setup(false);
+        cache.get().await.unwrap();
+        failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(601)).await;
+        let results = many(&cache, 5).await;
+        for r in &results {
+            let index = r.as_ref().expect("the last good copy answers");
+            assert_eq!(index.s3_prefixes("us-east-1", false), ["3.5.0.0/19"]);
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "one failed refresh for the wave"
+        );
+
+        tokio::time::sleep(Duration::from_secs(3500)).await; // 4102 s old (+ 100 ms loads)
+        assert!(cache.get().await.is_ok(), "still within max-stale");
+        tokio::time::sleep(Duration::from_secs(100)).await; // past 4200 s
+        let err = cache.get().await.unwrap_err();
+        assert!(
+            err.starts_with("endpoint down; the last good copy is"),
+            "{err}"
+        );
+        assert!(err.contains("--max-stale 1h"), "{err}");
+        let shared = many(&cache, 3).await;
+        assert!(
+            shared.iter().all(|r| r.is_err()),
+            "no stale copy past the bound"
+        );
+
+        // The endpoint recovers: a fresh copy, and the clock starts again.
+        failing.store(false, Ordering::SeqCst);
+        assert!(cache.get().await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_stale_zero_never_answers_from_an_expired_copy() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cache = Cache::new(
+            loader(calls, failing.clone()),
+            "test".into(),
+            Duration::from_secs(600),
+            Duration::ZERO,
+        );
+        cache.get().await.unwrap();
+        failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(601)).await;
+        assert!(cache.get().await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_unparsable_document_is_an_error() {
         let cache = Cache::new(
             Box::new(|| Box::pin(async { Ok(b"<html>".to_vec()) })),
             "https://example.test/doc".into(),
+            Duration::from_secs(60),
             Duration::from_secs(60),
         );
         let err = cache.get().await.unwrap_err();

@@ -61,6 +61,9 @@ pub struct ForwarderArgs {
     /// Close a connection after this long without traffic (default: never).
     #[arg(long, value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT: stop accepting, and give open connections this long to finish.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +94,10 @@ pub struct ServerArgs {
     /// How long a downloaded document is used before it is downloaded again.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub cache_ttl: Duration,
+    /// When a refresh fails, answer from the last good copy for this long past --cache-ttl,
+    /// then with an error (0s: never answer from an expired copy).
+    #[arg(long, default_value = "24h", value_parser = parse_duration_or_zero)]
+    pub max_stale: Duration,
     /// Time allowed to connect to the endpoint.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
@@ -109,6 +116,9 @@ pub struct ServerArgs {
     /// Clients served at once; more are closed at once.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// On SIGTERM/SIGINT: stop accepting, and give open connections this long to finish.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -163,6 +173,7 @@ impl ForwarderArgs {
             max_connections: self.max_connections as usize,
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
+            drain_timeout: self.drain_timeout,
         }
     }
 }
@@ -177,6 +188,7 @@ impl ServerArgs {
             ipv6: self.ipv6,
             client_timeout: self.client_timeout,
             max_connections: self.max_connections as usize,
+            drain_timeout: self.drain_timeout,
         }
     }
 
@@ -228,6 +240,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("must be longer than 0".into());
     }
     Ok(d)
+}
+
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 0s, 30m or 24h"))
 }
 
 fn parse_stand_in(s: &str) -> Result<Endpoint, String> {
@@ -284,6 +301,16 @@ mod tests {
         };
         assert_eq!(s.options().listen, "vsock:any:5005".parse().unwrap());
         assert_eq!(s.url.as_str(), DEFAULT_URL);
+        assert_eq!(s.max_stale, Duration::from_secs(24 * 3600));
+        assert_eq!(s.drain_timeout, Duration::from_secs(30));
+        assert_eq!(f.drain_timeout, Duration::from_secs(30));
+        let Command::Server(s) = parse(&["server", "5005", "--max-stale", "0s"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a server");
+        };
+        assert_eq!(s.max_stale, Duration::ZERO, "0s turns stale answers off");
 
         let Command::Client(c) = parse(&["client", "16", "5005", "us-east-1"])
             .unwrap()
@@ -332,6 +359,8 @@ mod tests {
             ][..],
             &["server", "5005", "--client-timeout", "0s"],
             &["server", "5005", "--cache-ttl", "soon"],
+            &["server", "5005", "--max-stale", "a day"],
+            &["server", "5005", "--drain-timeout", "0s"],
             &["server", "5005", "--max-connections", "0"],
             &["forwarder", "localhost", "443", "3", "8001"],
             &["forwarder", "127.0.0.1", "70000", "3", "8001"],

@@ -5,8 +5,10 @@
 //! `--stand-in`) within the connect timeout and relays both ways with the daemon's
 //! [`relay_streams`](nitro_vsock_proxy::relay::relay_streams) (half-closes passed through, optional idle
 //! timeout). When the target cannot be reached, that one connection is closed and logged with
-//! what to check; the listener keeps accepting, and the next connection tries again.
+//! what to check; the listener keeps accepting, and the next connection tries again. On
+//! SIGTERM/SIGINT it stops accepting and lets open connections finish (`--drain-timeout`).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,10 +28,12 @@ pub struct Options {
     pub max_connections: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// After the stop signal, how long open connections may take to finish.
+    pub drain_timeout: Duration,
 }
 
-/// Listens and forwards until the process is stopped. Fails only if it cannot listen.
-pub async fn run(options: Options) -> Result<(), String> {
+/// Listens and forwards until `stop` resolves, then drains. Fails only if it cannot listen.
+pub async fn run(options: Options, stop: impl Future<Output = ()>) -> Result<(), String> {
     let listener = accept::bind(&Endpoint::Tcp(options.listen)).await?;
     info!(
         listen = %options.listen,
@@ -38,12 +42,12 @@ pub async fn run(options: Options) -> Result<(), String> {
         "forwarder listening"
     );
     let options = Arc::new(options);
-    let max = options.max_connections;
-    accept::serve(listener, max, move |client, _peer| {
+    let (max, drain) = (options.max_connections, options.drain_timeout);
+    let handle = move |client, _peer| {
         let options = options.clone();
         async move { forward(client, &options).await }
-    })
-    .await;
+    };
+    accept::serve_until_stopped(listener, max, handle, stop, drain).await;
     Ok(())
 }
 

@@ -20,6 +20,7 @@ mod client;
 mod fetch;
 mod forwarder;
 mod protocol;
+mod query_reader;
 mod ranges;
 mod server;
 mod standin;
@@ -40,22 +41,29 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Client(args) => client::main(args.options()),
-        Command::Forwarder(args) => run_service(forwarder::run(args.options())),
-        Command::DemoHttps(args) => run_service(standin::run(args.options())),
+        Command::Forwarder(args) => run_service(forwarder::run(args.options(), shutdown_signal())),
+        // The stand-in has nothing worth draining: it just stops at the signal.
+        Command::DemoHttps(args) => run_service(async move {
+            tokio::select! {
+                result = standin::run(args.options()) => result,
+                () = shutdown_signal() => Ok(()),
+            }
+        }),
         Command::Server(args) => run_service(async move {
             let fetcher = Arc::new(Fetcher::new(args.fetch_settings())?);
             let source = fetcher.describe();
             let loader: cache::Loader = Box::new(move || {
                 let fetcher = fetcher.clone();
-                Box::pin(async move { fetcher.download().await })
+                Box::pin(async move { fetcher.download().await.map_err(|e| fetcher.explain(&e)) })
             });
-            let cache = Cache::new(loader, args.url.to_string(), args.cache_ttl);
-            server::run(args.options(), cache, source).await
+            let cache = Cache::new(loader, args.url.to_string(), args.cache_ttl, args.max_stale);
+            server::run(args.options(), cache, source, shutdown_signal()).await
         }),
     }
 }
 
-/// Runs a long-lived command on a multi-thread runtime until it fails or SIGTERM/SIGINT.
+/// Runs a long-lived command on a multi-thread runtime until it returns (after SIGTERM/SIGINT
+/// and its drain) or fails.
 fn run_service(service: impl Future<Output = Result<(), String>>) -> ExitCode {
     nitro_vsock_proxy::logging::init(LogFormat::Text);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -68,12 +76,8 @@ fn run_service(service: impl Future<Output = Result<(), String>>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(async {
-        tokio::select! {
-            result = service => result,
-            () = shutdown_signal() => Ok(()),
-        }
-    });
+    let result = runtime.block_on(service);
+    // Connections still open after the drain timeout must not hold the process up.
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -84,8 +88,8 @@ fn run_service(service: impl Future<Output = Result<(), String>>) -> ExitCode {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT (open connections are closed). If the handlers cannot be
-/// installed the command still runs, and says so.
+/// Resolves on SIGTERM or SIGINT (the forwarder and the server then drain). If the handlers
+/// cannot be installed the command still runs, and says so.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (

@@ -2,8 +2,8 @@
 //!
 //! This module owns the wire format and nothing else (no I/O): the client connects, sends the
 //! query (a region name, UTF-8, at most [`MAX_QUERY_BYTES`], in one write, without closing its
-//! side); the server takes the first bytes it receives, trimmed, as the query, replies once and
-//! closes. A reply is a JSON array of prefixes (`["3.5.0.0/19","52.216.0.0/15"]`, `[]` for an
+//! side); the server reads the whole query (up to a newline, a NUL, the client's half-close, or
+//! a pause after a region-shaped name: see `query_reader`), trimmed, replies once and closes. A reply is a JSON array of prefixes (`["3.5.0.0/19","52.216.0.0/15"]`, `[]` for an
 //! unknown region) or a JSON object `{"error": "..."}`. The workshop's Python server replies with
 //! a Python list (`['3.5.0.0/19', '52.216.0.0/15']`); [`interpret_reply`] accepts that as an
 //! answer too.

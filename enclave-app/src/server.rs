@@ -1,13 +1,15 @@
 //! `enclave-app server`: answers region queries with the S3 prefixes of that region.
 //!
-//! This module owns one exchange with a client: wait (at most the client timeout) for the first
-//! bytes, take them as the query (see `protocol`), get the document from the cache (see `cache`
-//! and `fetch`), write the reply (again within the client timeout), half-close, and drain what
+//! This module owns one exchange with a client: read the whole query (at most the client
+//! timeout; see `query_reader` for where a query ends), parse it (see `protocol`), get the
+//! document from the cache (see `cache` and `fetch`), write the reply (again within the client timeout), half-close, and drain what
 //! the client may still send for a moment before closing, so the close is a FIN and never a
 //! reset that could cost the client the end of its reply. Clients are served concurrently by
-//! `accept`, so a silent client only ever holds its own connection. A client that sends nothing
-//! within the timeout gets an `{"error": ...}` reply; every failure is one WARN line.
+//! `accept`, so a silent client only ever holds its own connection. A client that sends nothing,
+//! or a query that does not end, within the timeout gets an `{"error": ...}` reply; every
+//! failure is one WARN line.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +20,8 @@ use tracing::{debug, info, warn};
 
 use crate::accept;
 use crate::cache::Cache;
-use crate::protocol::{self, MAX_QUERY_BYTES};
+use crate::protocol;
+use crate::query_reader::{self, ReadError};
 
 /// How long the server keeps reading (and discarding) after its reply, waiting for the client
 /// to close first.
@@ -36,6 +39,8 @@ pub struct Options {
     /// How long a client may take to send its query, and to take the reply.
     pub client_timeout: Duration,
     pub max_connections: usize,
+    /// After the stop signal, how long open exchanges may take to finish.
+    pub drain_timeout: Duration,
 }
 
 struct Context {
@@ -43,8 +48,13 @@ struct Context {
     cache: Cache,
 }
 
-/// Listens and answers until the process is stopped. Fails only if it cannot listen.
-pub async fn run(options: Options, cache: Cache, source: String) -> Result<(), String> {
+/// Listens and answers until `stop` resolves, then drains. Fails only if it cannot listen.
+pub async fn run(
+    options: Options,
+    cache: Cache,
+    source: String,
+    stop: impl Future<Output = ()>,
+) -> Result<(), String> {
     let listener = accept::bind(&options.listen).await?;
     let bound = listener
         .local_endpoint()
@@ -57,37 +67,34 @@ pub async fn run(options: Options, cache: Cache, source: String) -> Result<(), S
         max_connections = options.max_connections,
         "server listening"
     );
-    let max = options.max_connections;
+    let (max, drain) = (options.max_connections, options.drain_timeout);
     let context = Arc::new(Context { options, cache });
-    accept::serve(listener, max, move |stream, _peer| {
+    let handle = move |stream, _peer| {
         let context = context.clone();
         async move { exchange(stream, &context).await }
-    })
-    .await;
+    };
+    accept::serve_until_stopped(listener, max, handle, stop, drain).await;
     Ok(())
 }
 
 async fn exchange(mut stream: Stream, context: &Context) {
     let wait = context.options.client_timeout;
-    let mut buf = vec![0u8; MAX_QUERY_BYTES + 1];
-    let reply = match timeout(wait, stream.read(&mut buf)).await {
-        Err(_) => {
-            let message = format!(
-                "no query received within {}: send a region name such as us-east-1 right after connecting",
-                humantime::format_duration(wait)
-            );
+    let reply = match query_reader::read_query(&mut stream, wait).await {
+        Ok(raw) => answer(&raw, context).await,
+        Err(e @ ReadError::ClosedEmpty) => {
+            debug!("{e}");
+            return;
+        }
+        Err(e @ ReadError::Io(_)) => {
+            warn!("{e}");
+            return;
+        }
+        // Still connected: tell the client what was wrong.
+        Err(e @ (ReadError::Silent(_) | ReadError::Unfinished { .. })) => {
+            let message = e.to_string();
             warn!("{message}; closing");
             protocol::error_reply(&message)
         }
-        Ok(Err(e)) => {
-            warn!("reading the query failed: {e}");
-            return;
-        }
-        Ok(Ok(0)) => {
-            debug!("client closed without sending a query");
-            return;
-        }
-        Ok(Ok(n)) => answer(&buf[..n], context).await,
     };
     match timeout(wait, async {
         stream.write_all(&reply).await?;

@@ -48,10 +48,10 @@ pub struct Options {
 }
 
 /// The certificate chain and key the stand-in presents, and the CA's PEM.
-struct Certificates {
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    ca_pem: String,
+pub(crate) struct Certificates {
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
+    pub(crate) ca_pem: String,
 }
 
 /// Serves until the process is stopped. Fails if the document, the certificates or the
@@ -143,7 +143,7 @@ fn respond(request: &Request<Incoming>, document: &Bytes, path: &str) -> Respons
 }
 
 /// A throwaway CA and a server certificate it signed for `names`.
-fn make_certificates(names: &[String]) -> Result<Certificates, String> {
+pub(crate) fn make_certificates(names: &[String]) -> Result<Certificates, String> {
     let fail = |what: &str, e: rcgen::Error| format!("cannot make the {what}: {e}");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("CA", e))?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

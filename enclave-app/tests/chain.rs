@@ -1,6 +1,8 @@
 //! The whole workshop chain through the real binaries, on stand-ins (see `support::chain`):
-//! answers, caching, IPv6, failures of the proxy and of the allowlist, certificate checks,
-//! concurrency, a silent client and a large reply. Each test has its own network namespace.
+//! answers, caching, IPv6, a query split across writes, failures of the proxy and of the
+//! allowlist, the last good copy answering while refreshes fail (up to --max-stale), certificate
+//! checks, concurrency, a silent client and a large reply. Each test has its own network
+//! namespace.
 
 mod support;
 
@@ -107,6 +109,35 @@ fn a_raw_query_is_trimmed_and_answered_without_a_half_close() {
 }
 
 #[test]
+fn a_query_split_across_writes_is_answered_whole() {
+    run_in_netns(|| async {
+        let chain = Chain::start(Setup::default()).await;
+        let mut conn = UnixStream::connect(chain.path("server.sock"))
+            .await
+            .unwrap();
+        conn.write_all(b"eu-").await.unwrap();
+        // Longer than the server's pause after a region-shaped name: "eu-" is not one, so the
+        // server must keep waiting rather than answer for "eu-".
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        conn.write_all(b"west-1\n").await.unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut reply))
+            .await
+            .expect("no reply")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(reply).unwrap(),
+            r#"["3.5.64.0/21","52.218.0.0/17","52.92.40.0/21"]"#
+        );
+        assert!(
+            chain.server.wait_for_log("query=\"eu-west-1\"", WAIT).await,
+            "{}",
+            chain.server.logs()
+        );
+    });
+}
+
+#[test]
 fn proxy_down_gives_an_error_reply_and_the_next_query_works_once_it_is_up() {
     run_in_netns(|| async {
         let mut chain = Chain::start(Setup {
@@ -147,6 +178,68 @@ fn proxy_down_gives_an_error_reply_and_the_next_query_works_once_it_is_up() {
         assert_eq!(out.code(), Some(0), "{out:?}");
         assert_eq!(out.stdout, format!("{US_EAST_1}\n"));
         assert_eq!(chain.wait_downloads(1).await, 1);
+    });
+}
+
+#[test]
+fn a_failed_refresh_answers_from_the_last_good_copy_until_max_stale() {
+    run_in_netns(|| async {
+        let mut chain = Chain::start(Setup {
+            server_args: vec![
+                "--cache-ttl".into(),
+                "1s".into(),
+                "--max-stale".into(),
+                "6s".into(),
+            ],
+            ..Setup::default()
+        })
+        .await;
+        let out = chain.client("us-east-1").await;
+        assert_eq!(out.stdout, format!("{US_EAST_1}\n"), "{out:?}");
+        let downloaded = tokio::time::Instant::now();
+        assert_eq!(chain.wait_downloads(1).await, 1);
+
+        // The document's source goes away: every refresh from now on fails.
+        chain.standin.signal(libc::SIGKILL);
+        chain.standin.wait_exit(WAIT).await;
+        // Past the TTL (1 s), well within TTL + max-stale (7 s).
+        tokio::time::sleep_until(downloaded + Duration::from_millis(1500)).await;
+        let out = chain.client("us-east-1").await;
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        assert_eq!(
+            out.stdout,
+            format!("{US_EAST_1}\n"),
+            "answered from the last good copy"
+        );
+        assert_eq!(
+            chain
+                .server
+                .wait_lines(
+                    &[
+                        "WARN",
+                        "refreshing the ranges document failed, answering from the last good copy"
+                    ],
+                    1
+                )
+                .await,
+            1,
+            "{}",
+            chain.server.logs()
+        );
+
+        // Past TTL + max-stale: an explicit error, not stale data.
+        tokio::time::sleep_until(downloaded + Duration::from_millis(7500)).await;
+        let out = chain.client("us-east-1").await;
+        assert_eq!(out.code(), Some(1), "{out:?}");
+        assert!(out.stdout.is_empty(), "{out:?}");
+        assert!(
+            out.stderr.contains("cannot download")
+                && out.stderr.contains(
+                    "more than --cache-ttl 1s plus --max-stale 6s, so it is no longer served"
+                ),
+            "{}",
+            out.stderr
+        );
     });
 }
 
@@ -345,8 +438,13 @@ fn bad_queries_and_silence_get_an_error_reply() {
         assert!(error(&binary).contains("not UTF-8"), "{binary}");
         let blank = raw_exchange(&chain, b" \n").await;
         assert!(error(&blank).contains("empty query"), "{blank}");
+        let unfinished = raw_exchange(&chain, b"eu-").await;
+        assert!(
+            error(&unfinished).contains("the query did not end within 1s"),
+            "{unfinished}"
+        );
         assert_eq!(chain.downloads(), 0, "no query, no download");
-        assert_eq!(chain.server.wait_lines(&["WARN"], 4).await, 4);
+        assert_eq!(chain.server.wait_lines(&["WARN"], 5).await, 5);
     });
 }
 

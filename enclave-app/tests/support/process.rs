@@ -5,8 +5,8 @@
 //!   [`proxy_bin`] (`nitro-vsock-proxy`, the root package's binary in the same target directory:
 //!   `cargo test --workspace` / `make test` build it; `cargo test -p enclave-app` alone does not);
 //! * [`Proc`]: a long-running process (server, forwarder, proxy, HTTPS stand-in) whose output is
-//!   captured continuously, which waits for readiness without connecting, and which is killed on
-//!   drop, printing its logs if the test is failing;
+//!   captured continuously, which waits for readiness without connecting, can be signalled and
+//!   waited for, and is killed on drop, printing its logs if the test is failing;
 //! * [`run`] → [`Output`]: a one-shot process (the client) with a deadline.
 
 use std::ffi::OsStr;
@@ -115,6 +115,51 @@ impl Proc {
     /// The exit status, if the process has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// How many sockets the process holds open now (its listeners and accepted connections; a
+    /// connection still in the listen backlog is not one of them).
+    pub fn open_sockets(&self) -> usize {
+        let dir = format!("/proc/{}/fd", self.child.id());
+        std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
+            .count()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "cannot signal {}: {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its status.
+    ///
+    /// # Panics
+    /// With the logs, if it is still running then.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still running after {timeout:?}; logs:\n{}",
+                self.name,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until `ready()` holds.
