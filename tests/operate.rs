@@ -614,3 +614,72 @@ fn max_lifetime_and_setup_timeout_end_connections() {
         );
     });
 }
+
+#[test]
+fn sighup_reads_etc_hosts_again_and_audit_allowed_records_each_decision() {
+    run_in_netns(|| async {
+        for a in ["192.0.2.10", "192.0.2.11"] {
+            add_lo_addr(ip(a));
+        }
+        let first = echo_server(addr("192.0.2.10:443")).await;
+        let second = echo_server(addr("192.0.2.11:443")).await;
+        let _dns = TestDns::start(addr("127.0.0.1:53")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n192.0.2.10 api.test\n").unwrap();
+        std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
+        let yaml = "allowlist:\n- {address: api.test, port: 443}\nroutes:\n\
+                    - {listen: 'tcp:127.0.0.1:8003', mode: connect}\n";
+        let config = common::write_allowlist(&dir, yaml);
+        // The system configuration (no --nameserver): /etc/hosts and /etc/resolv.conf are the
+        // test's own, bind-mounted for the proxy alone.
+        let proxy = Proxy::spawn_with_bind_mounts(
+            &["--config", &config, "--audit", "allowed"],
+            &[(&hosts, "/etc/hosts"), (&resolv, "/etc/resolv.conf")],
+        );
+        proxy.wait_ready("tcp:127.0.0.1:8003").await;
+        let (code, mut c) = connect_to("tcp:127.0.0.1:8003", "api.test:443").await;
+        assert_eq!(code, 200, "{}", proxy.logs());
+        assert!(echoes(&mut c, b"one").await);
+        assert_eq!((first.accepted(), second.accepted()), (1, 0));
+        assert!(
+            proxy
+                .wait_for_log(
+                    "connection allowed: relaying to 192.0.2.10:443",
+                    Duration::from_secs(5)
+                )
+                .await,
+            "{}",
+            proxy.logs()
+        );
+        for field in [
+            "decision=\"allowed\"",
+            "addresses=\"192.0.2.10 allowed (allowlisted name api.test)\"",
+            "requested=api.test",
+        ] {
+            assert!(proxy.logs().contains(field), "{field}: {}", proxy.logs());
+        }
+
+        // The same file, rewritten in place (the bind mount shows it): api.test moved.
+        std::fs::write(&hosts, "127.0.0.1 localhost\n192.0.2.11 api.test\n").unwrap();
+        proxy.signal(libc::SIGHUP);
+        assert!(
+            proxy
+                .wait_for_log("allowlist reloaded", Duration::from_secs(10))
+                .await,
+            "{}",
+            proxy.logs()
+        );
+        let (code, mut c2) = connect_to("tcp:127.0.0.1:8003", "api.test:443").await;
+        assert_eq!(code, 200, "{}", proxy.logs());
+        assert!(echoes(&mut c2, b"two").await);
+        assert_eq!(
+            (first.accepted(), second.accepted()),
+            (1, 1),
+            "after SIGHUP the new /etc/hosts answer is used"
+        );
+        // Allowed by the name itself, the first connection is not revoked.
+        assert!(echoes(&mut c, b"still").await);
+    });
+}
