@@ -414,7 +414,7 @@ async fn read_request(client: &mut Stream, destination: &Destination) -> Result<
 fn connect_status(e: &UpstreamError) -> u16 {
     match e {
         UpstreamError::Denied(_) => 403,
-        UpstreamError::Unreachable(failures)
+        UpstreamError::Unreachable(failures, _)
             if !failures.is_empty()
                 && failures
                     .iter()
@@ -621,7 +621,7 @@ async fn set_up(
     let dns = shared.dns.get();
     let connected = upstream::connect(&policy, &dns, host, port, &shared.upstream).await;
     drop(policy);
-    let (mut upstream, addr, allowed_by) = match connected {
+    let (mut upstream, addr, tried) = match connected {
         Ok(ok) => ok,
         Err(e) => {
             let message = e.to_string();
@@ -643,7 +643,7 @@ async fn set_up(
             peer,
             requested: Some(host),
             port: Some(port),
-            addresses: &format!("{} allowed ({allowed_by})", addr.ip()),
+            addresses: &tried,
             outcome: Outcome::Completed,
             message: &format!("relaying to {addr}"),
         });

@@ -87,7 +87,8 @@ pub enum UpstreamError {
     /// Every address the remote host resolved to was denied by the policy.
     Denied(Vec<(IpAddr, Denial)>),
     /// Every allowed address failed to connect.
-    Unreachable(Vec<(SocketAddr, io::Error)>),
+    /// `.1`: every address tried and denied, with its rule or error (the audit trail's field).
+    Unreachable(Vec<(SocketAddr, io::Error)>, String),
 }
 
 impl fmt::Display for UpstreamError {
@@ -102,7 +103,7 @@ impl fmt::Display for UpstreamError {
                 }
                 Ok(())
             }
-            UpstreamError::Unreachable(failures) => {
+            UpstreamError::Unreachable(failures, _) => {
                 f.write_str("every allowed address failed: ")?;
                 for (i, (addr, e)) in failures.iter().enumerate() {
                     let sep = if i == 0 { "" } else { "; " };
@@ -125,11 +126,7 @@ impl UpstreamError {
                     .iter()
                     .map(|(ip, why)| format!("{ip} denied ({why})")),
             ),
-            UpstreamError::Unreachable(failures) => crate::audit::join(
-                failures
-                    .iter()
-                    .map(|(addr, e)| format!("{} allowed, connect failed ({e})", addr.ip())),
-            ),
+            UpstreamError::Unreachable(_, tried) => tried.clone(),
         }
     }
 
@@ -138,7 +135,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Dns(_) => "dns_failure",
             UpstreamError::Denied(_) => "denied",
-            UpstreamError::Unreachable(_) => "unreachable",
+            UpstreamError::Unreachable(..) => "unreachable",
         }
     }
 }
@@ -208,7 +205,7 @@ pub async fn connect(
     remote: &Host,
     port: u16,
     settings: &UpstreamSettings,
-) -> Result<(TcpStream, SocketAddr, Allowance), UpstreamError> {
+) -> Result<(TcpStream, SocketAddr, String), UpstreamError> {
     let connect_timeout = settings.connect_timeout;
     let (allowed, denied) = allowed_addresses(policy, dns, remote, port)
         .await
@@ -220,6 +217,11 @@ pub async fn connect(
         return Err(UpstreamError::Denied(denied));
     }
     let mut failures = Vec::new();
+    // What became of each address, for the audit trail: denied ones first, then each attempt.
+    let mut tried: Vec<String> = denied
+        .iter()
+        .map(|(ip, why)| format!("{ip} denied ({why})"))
+        .collect();
     for (ip, why) in allowed {
         let addr = SocketAddr::new(ip, port);
         let attempt = tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await;
@@ -231,14 +233,17 @@ pub async fn connect(
                 }
                 set_keepalive(&stream, settings);
                 tracing::debug!(upstream = %addr, allowed_by = %why, "connected");
-                return Ok((stream, addr, why));
+                tried.push(format!("{ip} allowed ({why}), connected"));
+                return Ok((stream, addr, crate::audit::join(tried)));
             }
             Ok(Err(e)) => {
                 tracing::debug!(upstream = %addr, error = %e, "connect failed, trying the next address");
+                tried.push(format!("{ip} allowed ({why}), connect failed: {e}"));
                 failures.push((addr, e));
             }
             Err(_) => {
                 tracing::debug!(upstream = %addr, "connect timed out, trying the next address");
+                tried.push(format!("{ip} allowed ({why}), connect timed out"));
                 failures.push((
                     addr,
                     io::Error::new(
@@ -252,7 +257,10 @@ pub async fn connect(
             }
         }
     }
-    Err(UpstreamError::Unreachable(failures))
+    Err(UpstreamError::Unreachable(
+        failures,
+        crate::audit::join(tried),
+    ))
 }
 
 #[cfg(test)]

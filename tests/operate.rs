@@ -655,7 +655,7 @@ fn sighup_reads_etc_hosts_again_and_audit_allowed_records_each_decision() {
         );
         for field in [
             "decision=\"allowed\"",
-            "addresses=\"192.0.2.10 allowed (allowlisted name api.test)\"",
+            "addresses=\"192.0.2.10 allowed (allowlisted name api.test), connected\"",
             "requested=api.test",
         ] {
             assert!(proxy.logs().contains(field), "{field}: {}", proxy.logs());
