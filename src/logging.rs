@@ -225,7 +225,7 @@ impl DropReporter {
                         Err(RecvTimeoutError::Timeout) => false,
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => true,
                     };
-                    if let Some(n) = drops.to_report(dropped_lines(), Instant::now(), at_exit) {
+                    if let Some(n) = drops.due_report(dropped_lines(), Instant::now(), at_exit) {
                         tracing::warn!(
                             dropped = n,
                             dropped_total = dropped_lines(),
@@ -271,7 +271,7 @@ struct DropCount {
 }
 
 impl DropCount {
-    fn to_report(&mut self, total: u64, now: Instant, at_exit: bool) -> Option<u64> {
+    fn due_report(&mut self, total: u64, now: Instant, at_exit: bool) -> Option<u64> {
         let quiet = total == self.seen;
         self.seen = total;
         let unreported = total.saturating_sub(self.reported);
@@ -337,19 +337,19 @@ mod tests {
         let start = Instant::now();
         let at = |secs: u64| start + Duration::from_secs(secs);
         let mut drops = DropCount::default();
-        assert_eq!(drops.to_report(0, at(0), false), None, "nothing dropped");
-        assert_eq!(drops.to_report(5, at(1), false), None, "still dropping");
-        assert_eq!(drops.to_report(5, at(2), false), Some(5), "quiet again");
-        assert_eq!(drops.to_report(5, at(3), false), None, "already reported");
-        assert_eq!(drops.to_report(9, at(4), false), None, "still dropping");
+        assert_eq!(drops.due_report(0, at(0), false), None, "nothing dropped");
+        assert_eq!(drops.due_report(5, at(1), false), None, "still dropping");
+        assert_eq!(drops.due_report(5, at(2), false), Some(5), "quiet again");
+        assert_eq!(drops.due_report(5, at(3), false), None, "already reported");
+        assert_eq!(drops.due_report(9, at(4), false), None, "still dropping");
         assert_eq!(
-            drops.to_report(9, at(5), false),
+            drops.due_report(9, at(5), false),
             None,
             "too soon after the last"
         );
-        assert_eq!(drops.to_report(9, at(12), false), Some(4));
+        assert_eq!(drops.due_report(9, at(12), false), Some(4));
         assert_eq!(
-            drops.to_report(10, at(13), true),
+            drops.due_report(10, at(13), true),
             Some(1),
             "at exit, whatever is left"
         );
