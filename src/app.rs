@@ -34,7 +34,7 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the daemon to completion.
 pub fn run(options: Options) -> ExitCode {
-    crate::logging::init(crate::logging::choose(options.log_format));
+    let _log = crate::logging::init(crate::logging::choose(options.log_format));
     let notifier = Arc::new(Notifier::from_env());
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();

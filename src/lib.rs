@@ -10,6 +10,7 @@
 //! - [`endpoint`]: vsock and its `unix:`/`tcp:` stand-ins; [`relay`]: the data path;
 //! - [`accept`]: the one accept loop (the daemon's and enclave-app's); [`server`]: the
 //!   daemon's listeners, limits and draining; [`app`]: start-up, reload and shutdown;
+//! - [`logging`]: the subscriber, never blocking; [`journal`]: entries with fields for journald;
 //! - [`systemd`]: readiness, status, watchdog, socket activation and journal detection;
 //!   [`imds`]: `{region}` in a remote from the EC2 instance metadata service.
 
@@ -25,6 +26,7 @@ pub mod dns;
 pub mod endpoint;
 pub mod host;
 pub mod imds;
+pub mod journal;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_server;

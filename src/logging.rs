@@ -1,24 +1,69 @@
-//! Log output: tracing-subscriber on standard error as text, JSON or journal lines; level from
-//! `RUST_LOG`.
+//! Log output: tracing-subscriber as text, JSON or for the journal; level from `RUST_LOG`.
 //!
 //! This module owns the one place where the subscriber is installed, so the rest of the code only
-//! emits `tracing` events and spans.
+//! emits `tracing` events and spans, and the promise that logging never holds up the accept loop
+//! or a relay: nothing is written from the thread that logs.
+//! - Text, JSON and the `<N>`-prefixed journal lines go to standard error through
+//!   `tracing-appender`'s lossy non-blocking writer: a bounded queue of [`STDERR_QUEUE_LINES`]
+//!   lines in front of one writer thread. When standard error does not keep up (a full pipe, a
+//!   stalled journald) further lines are dropped and counted, never waited for.
+//! - The journal format sends structured entries to journald itself ([`crate::journal`]), with
+//!   its own bounded queue and the same promise.
+//! - [`dropped_lines`] is the total dropped so far. A reporter thread says so at WARN ("N log
+//!   lines dropped: standard error was not keeping up") once the sink takes lines again: after a
+//!   second without new drops, at most every [`DROP_REPORT_INTERVAL`], and once more at exit.
 //!
-//! The journal format is the text line without its timestamp and level word, prefixed with the
-//! syslog priority of its level (`<3>` ERROR, `<4>` WARN, `<6>` INFO, `<7>` DEBUG and TRACE), the
-//! sd-daemon(3) convention journald reads from a service's standard error: the journal stores the
-//! level as the entry's PRIORITY (`journalctl -p warning` filters by it), adds timestamp, PID and
-//! unit, and the message keeps the span and every field, as on a terminal. Without `--log-format` the format is
-//! chosen by where standard error goes: journal when it is systemd's journal stream (see
-//! [`crate::systemd::stderr_is_journal`]), text otherwise.
+//! [`init`] returns a [`LogGuard`]; holding it until exit makes the last lines (the exit error)
+//! reach their sink before the process ends (each sink waits about a second at most).
+//!
+//! The journal format: under systemd's journal (chosen automatically when standard error is the
+//! journal stream, see [`crate::systemd::stderr_is_journal`], or by `--log-format journal`) every
+//! event becomes a journal entry with the event's and its spans' fields as `NVP_<NAME>` fields
+//! (`journalctl NVP_REASON=denied`), PRIORITY from the level, SYSLOG_IDENTIFIER and a MESSAGE
+//! that is the text line without timestamp and level. When the journal socket cannot be used, the
+//! same MESSAGE goes to standard error prefixed with the syslog priority of its level (`<3>`
+//! ERROR, `<4>` WARN, `<6>` INFO, `<7>` DEBUG and TRACE), the sd-daemon(3) convention journald
+//! reads from a service's standard error: it stores the level as PRIORITY (`journalctl -p
+//! warning` filters by it) but the fields stay inside the message. Without `--log-format` the
+//! format is chosen by where standard error goes: journal when it is systemd's journal stream,
+//! text otherwise.
 
+use std::sync::OnceLock;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
 use tracing::{Event, Level, Subscriber};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::fmt::format::{Format, Full, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
+use crate::journal::{self, JournalGuard};
+
+/// Lines waiting for standard error; more are dropped (and counted). About a few MiB at most.
+pub const STDERR_QUEUE_LINES: usize = 8192;
+
+/// The dropped-lines warning comes at most this often.
+pub const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often the reporter looks at the drop counters.
+const DROP_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The standard-error writer's drop counter, once installed.
+static STDERR_DROPS: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Log lines dropped so far because a sink (standard error or the journal) was not keeping up.
+pub fn dropped_lines() -> u64 {
+    let stderr = STDERR_DROPS
+        .get()
+        .map_or(0, |counter| counter.dropped_lines() as u64);
+    stderr.saturating_add(journal::dropped_entries())
+}
 
 /// The format to use: the one asked for, else journal under systemd's journal, else text.
 pub fn choose(requested: Option<LogFormat>) -> LogFormat {
@@ -29,9 +74,20 @@ pub fn choose(requested: Option<LogFormat>) -> LogFormat {
     }
 }
 
+/// Keeps the log writers running; dropping it reports any last drops and flushes what is
+/// queued (bounded: about a second per sink). Hold it until the process exits.
+#[must_use = "dropping the guard stops the log writers; hold it until exit"]
+pub struct LogGuard {
+    // Declared first, so it is dropped first: its last report is flushed by the sinks below.
+    _reporter: Option<DropReporter>,
+    _journal: Option<JournalGuard>,
+    _stderr: Option<WorkerGuard>,
+}
+
 /// Installs the global subscriber. `RUST_LOG` selects levels (default `info`); an invalid
-/// `RUST_LOG` falls back to `info` and says so rather than silencing the daemon.
-pub fn init(format: LogFormat) {
+/// `RUST_LOG` falls back to `info` and says so rather than silencing the daemon. A second call
+/// installs nothing (and says so on standard error).
+pub fn init(format: LogFormat) -> LogGuard {
     let (filter, bad_filter) = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => match EnvFilter::try_new(&spec) {
             Ok(f) => (f, None),
@@ -39,41 +95,197 @@ pub fn init(format: LogFormat) {
         },
         _ => (EnvFilter::new("info"), None),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    let installed = match format {
-        LogFormat::Text => builder.with_ansi(false).try_init(),
-        // JSON keeps the target, so the audit trail (`"target":"audit"`) can be picked out.
-        LogFormat::Json => builder
-            .with_target(true)
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-        LogFormat::Journal => builder
-            .with_ansi(false)
-            .event_format(JournalFormat {
-                inner: tracing_subscriber::fmt::format()
-                    .without_time()
-                    .with_level(false)
-                    .with_target(false)
-                    .with_ansi(false),
-            })
-            .try_init(),
+    let registry = tracing_subscriber::registry().with(filter);
+    let mut journal_unusable = None;
+    let (installed, sink, journal_guard, stderr_guard) = match format {
+        LogFormat::Journal => match journal::connect() {
+            Ok((layer, guard)) => (
+                registry.with(layer).try_init(),
+                Sink::Journal,
+                Some(guard),
+                None,
+            ),
+            Err(e) => {
+                journal_unusable = Some(e);
+                let (writer, guard) = stderr_writer();
+                let layer = tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .with_ansi(false)
+                    .event_format(JournalFormat {
+                        inner: tracing_subscriber::fmt::format()
+                            .without_time()
+                            .with_level(false)
+                            .with_target(false)
+                            .with_ansi(false),
+                    });
+                (
+                    registry.with(layer).try_init(),
+                    Sink::Stderr,
+                    None,
+                    Some(guard),
+                )
+            }
+        },
+        LogFormat::Text => {
+            let (writer, guard) = stderr_writer();
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_target(false)
+                .with_ansi(false);
+            (
+                registry.with(layer).try_init(),
+                Sink::Stderr,
+                None,
+                Some(guard),
+            )
+        }
+        LogFormat::Json => {
+            let (writer, guard) = stderr_writer();
+            let layer = tracing_subscriber::fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_writer(writer)
+                // JSON keeps the target, so the audit trail (`"target":"audit"`) can be picked out.
+                .with_target(true);
+            (
+                registry.with(layer).try_init(),
+                Sink::Stderr,
+                None,
+                Some(guard),
+            )
+        }
     };
     if let Err(e) = installed {
         eprintln!("nitro-vsock-proxy: cannot install the logger: {e}");
+        return LogGuard {
+            _reporter: None,
+            _journal: None,
+            _stderr: None,
+        };
     }
     if let Some(problem) = bad_filter {
         tracing::warn!("ignoring invalid RUST_LOG {problem}; logging at info");
     }
+    if let Some(why) = journal_unusable {
+        tracing::warn!(
+            "{why}; logging to standard error with <N> priority prefixes instead, without \
+             journal fields (is systemd-journald running?)"
+        );
+    }
+    LogGuard {
+        _reporter: DropReporter::spawn(sink),
+        _journal: journal_guard,
+        _stderr: stderr_guard,
+    }
 }
 
-/// Log lines dropped so far because a sink did not keep up.
-pub fn dropped_lines() -> u64 {
-    0
+/// The lossy, bounded, non-blocking writer to standard error, its drop counter registered for
+/// [`dropped_lines`].
+fn stderr_writer() -> (tracing_appender::non_blocking::NonBlocking, WorkerGuard) {
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(STDERR_QUEUE_LINES)
+        .thread_name("log-stderr")
+        .finish(std::io::stderr());
+    let _ = STDERR_DROPS.set(writer.error_counter());
+    (writer, guard)
+}
+
+/// Where the lines go, as the dropped-lines warning names it.
+#[derive(Clone, Copy)]
+enum Sink {
+    Stderr,
+    Journal,
+}
+
+impl Sink {
+    fn describe(self) -> &'static str {
+        match self {
+            Sink::Stderr => "standard error was not keeping up",
+            Sink::Journal => "the journal was not keeping up",
+        }
+    }
+}
+
+/// The thread that turns the drop counter into WARN lines (see the module docs).
+struct DropReporter {
+    stop: Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DropReporter {
+    fn spawn(sink: Sink) -> Option<DropReporter> {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("log-drops".into())
+            .spawn(move || {
+                let mut drops = DropCount::default();
+                loop {
+                    let at_exit = match stopped.recv_timeout(DROP_CHECK_EVERY) {
+                        Err(RecvTimeoutError::Timeout) => false,
+                        Ok(()) | Err(RecvTimeoutError::Disconnected) => true,
+                    };
+                    if let Some(n) = drops.due_report(dropped_lines(), Instant::now(), at_exit) {
+                        tracing::warn!(
+                            dropped = n,
+                            dropped_total = dropped_lines(),
+                            "{n} log lines dropped: {}",
+                            sink.describe()
+                        );
+                    }
+                    if at_exit {
+                        return;
+                    }
+                }
+            });
+        match thread {
+            Ok(thread) => Some(DropReporter {
+                stop,
+                thread: Some(thread),
+            }),
+            Err(e) => {
+                tracing::warn!("cannot start the thread that reports dropped log lines: {e}; drops are still counted");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for DropReporter {
+    fn drop(&mut self) {
+        let _ = self.stop.try_send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// When to report drops: the count not yet reported, once a check saw no new drops (the sink
+/// takes lines again) and [`DROP_REPORT_INTERVAL`] has passed since the last report; at exit,
+/// whatever is left.
+#[derive(Default)]
+struct DropCount {
+    reported: u64,
+    seen: u64,
+    last_report: Option<Instant>,
+}
+
+impl DropCount {
+    fn due_report(&mut self, total: u64, now: Instant, at_exit: bool) -> Option<u64> {
+        let quiet = total == self.seen;
+        self.seen = total;
+        let unreported = total.saturating_sub(self.reported);
+        let due = self
+            .last_report
+            .is_none_or(|at| now.duration_since(at) >= DROP_REPORT_INTERVAL);
+        if unreported == 0 || !(at_exit || (quiet && due)) {
+            return None;
+        }
+        self.reported = total;
+        self.last_report = Some(now);
+        Some(unreported)
+    }
 }
 
 /// The syslog priority journald gives a line with this level.
@@ -86,7 +298,8 @@ pub fn journal_priority(level: Level) -> u8 {
     }
 }
 
-/// The text format without timestamp and level, behind a `<N>` priority prefix.
+/// The text format without timestamp and level, behind a `<N>` priority prefix (the journal
+/// format when the journal socket cannot be used).
 struct JournalFormat {
     inner: Format<Full, ()>,
 }
@@ -118,6 +331,29 @@ mod tests {
         assert_eq!(journal_priority(Level::INFO), 6);
         assert_eq!(journal_priority(Level::DEBUG), 7);
         assert_eq!(journal_priority(Level::TRACE), 7);
+    }
+
+    #[test]
+    fn drops_are_reported_once_the_sink_is_quiet_and_at_most_every_interval() {
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut drops = DropCount::default();
+        assert_eq!(drops.due_report(0, at(0), false), None, "nothing dropped");
+        assert_eq!(drops.due_report(5, at(1), false), None, "still dropping");
+        assert_eq!(drops.due_report(5, at(2), false), Some(5), "quiet again");
+        assert_eq!(drops.due_report(5, at(3), false), None, "already reported");
+        assert_eq!(drops.due_report(9, at(4), false), None, "still dropping");
+        assert_eq!(
+            drops.due_report(9, at(5), false),
+            None,
+            "too soon after the last"
+        );
+        assert_eq!(drops.due_report(9, at(12), false), Some(4));
+        assert_eq!(
+            drops.due_report(10, at(13), true),
+            Some(1),
+            "at exit, whatever is left"
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The sd_notify protocol through the real binary, against a fake `NOTIFY_SOCKET`: READY=1 only
 //! once the listener is bound, STATUS= with live counters, RELOADING=1 then READY=1 on SIGHUP,
 //! STOPPING=1 on SIGTERM, WATCHDOG=1 only when the watchdog is enabled for this process, nothing
-//! but a failure STATUS when the configuration is invalid; and journal-format logs when standard
-//! error is the journal stream. Each test has its own network namespace.
+//! but a failure STATUS when the configuration is invalid; journal-format logs when standard
+//! error is the journal stream (`<N>` lines without a journal socket); and the journal's native
+//! protocol with every field as `NVP_<NAME>`, read from a datagram socket standing in for
+//! journald's. Each test has its own network namespace.
 
 mod common;
 mod systemd_support;
@@ -18,6 +20,8 @@ use systemd_support::{Daemon, NotifySocket};
 use tokio::io::AsyncWriteExt;
 
 const LISTEN: &str = "tcp:127.0.0.1:8001";
+/// The variable that points the journal format at a socket of the test's own.
+const JOURNAL_SOCKET_ENV: &str = "NVP_TEST_JOURNAL_SOCKET";
 const WAIT: Duration = Duration::from_secs(10);
 
 fn ip(s: &str) -> IpAddr {
@@ -249,8 +253,12 @@ fn journal_stream_on_stderr_selects_priority_prefixed_lines() {
         // Nothing listens on 192.0.2.10:443 here: a connection is refused with a WARN line.
         add_lo_addr(ip("192.0.2.10"));
 
+        // No journal socket (a path where none is): the entries come as `<N>` lines on stderr.
+        let no_socket = dir.path().join("no-journal.socket");
         let mut cmd = Command::new(PROXY_BIN);
-        cmd.args(args(&config)).env("RUST_LOG", "info");
+        cmd.args(args(&config))
+            .env("RUST_LOG", "info")
+            .env(JOURNAL_SOCKET_ENV, &no_socket);
         let mut journal = Daemon::spawn(cmd, true);
         assert!(
             journal.wait_for_log("listening", WAIT).await,
@@ -262,7 +270,7 @@ fn journal_stream_on_stderr_selects_priority_prefixed_lines() {
         let _ = c.write_all(b"x").await;
         let _ = c.read_to_eof(WAIT).await;
         assert!(
-            journal.wait_for_log("<4>", WAIT).await,
+            journal.wait_for_log("connection refused", WAIT).await,
             "{}",
             journal.logs()
         );
@@ -290,6 +298,15 @@ fn journal_stream_on_stderr_selects_priority_prefixed_lines() {
         assert!(
             refused.starts_with("<4>conn{route=tcp:127.0.0.1:8001 id=1 "),
             "{refused}"
+        );
+        // Why there are no journal fields, at WARN, naming the socket.
+        let fallback = logs
+            .lines()
+            .find(|l| l.contains("cannot use the journal socket"))
+            .unwrap_or_else(|| panic!("no word about the missing journal socket:\n{logs}"));
+        assert!(
+            fallback.starts_with("<4>") && fallback.contains(&no_socket.display().to_string()),
+            "{fallback}"
         );
 
         // A usage error, reported before the logger exists, is an error in the journal too.
@@ -333,5 +350,113 @@ fn journal_stream_on_stderr_selects_priority_prefixed_lines() {
         json.signal(libc::SIGTERM);
         assert_eq!(json.wait_exit(WAIT).await.and_then(|s| s.code()), Some(0));
         assert!(json.logs().starts_with('{'), "{}", json.logs());
+    });
+}
+
+/// The journal entry (one datagram, `KEY=value` lines) whose MESSAGE contains `needle`.
+fn entry_with<'a>(entries: &'a [String], needle: &str) -> Option<&'a String> {
+    entries.iter().find(|e| {
+        e.lines()
+            .any(|l| l.starts_with("MESSAGE=") && l.contains(needle))
+    })
+}
+
+#[test]
+fn journal_format_sends_every_field_as_an_nvp_journal_field() {
+    run_in_netns(|| async {
+        const CONNECT_ROUTE: &str = "tcp:127.0.0.1:8010";
+        let dir = tempfile::tempdir().unwrap();
+        // A fake journald: every datagram the proxy sends, as text.
+        let journal = NotifySocket::bind(dir.path());
+        let config = common::write_allowlist(
+            &dir,
+            &format!(
+                "allowlist:\n- {{address: 192.0.2.10, port: 443}}\n\
+                 routes:\n- {{listen: '{CONNECT_ROUTE}', mode: connect}}\n"
+            ),
+        );
+        let mut proxy = Proxy::spawn_with_env(
+            &["--config", &config, "--log-format", "journal"],
+            &[("RUST_LOG", "info"), (JOURNAL_SOCKET_ENV, journal.path())],
+        );
+        proxy.wait_ready(CONNECT_ROUTE).await;
+        let listening = journal
+            .wait_for(WAIT, |e| e.contains("listening"))
+            .await
+            .unwrap_or_else(|| panic!("no start-up entry: {:?}", journal.messages()))
+            .1;
+        for line in [
+            "PRIORITY=6",
+            "SYSLOG_IDENTIFIER=nitro-vsock-proxy",
+            "NVP_ROUTES=1",
+        ] {
+            assert!(listening.lines().any(|l| l == line), "{line}: {listening}");
+        }
+
+        // A CONNECT to an address the allowlist does not name: 403, logged at WARN.
+        let mut c = connect(CONNECT_ROUTE).await;
+        c.write_all(b"CONNECT 192.0.2.99:443 HTTP/1.1\r\nHost: 192.0.2.99:443\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = c.read_to_eof(WAIT).await.unwrap_or_default();
+        assert!(
+            String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 403"),
+            "{answer:?}"
+        );
+        let refused = journal
+            .wait_for(WAIT, |e| e.contains("connection refused"))
+            .await
+            .unwrap_or_else(|| panic!("no refusal entry: {:?}", journal.messages()))
+            .1;
+        let lines: Vec<&str> = refused.lines().collect();
+        for want in [
+            "PRIORITY=4",
+            "SYSLOG_IDENTIFIER=nitro-vsock-proxy",
+            "NVP_REASON=denied",
+            "NVP_ROUTE=tcp:127.0.0.1:8010",
+            "NVP_ID=1",
+            "NVP_REQUESTED=192.0.2.99",
+            "NVP_DECISION=refused",
+            "TARGET=audit",
+            "NVP_PORT=443",
+        ] {
+            assert!(lines.contains(&want), "{want} missing from {refused:?}");
+        }
+        let peer = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("NVP_PEER="))
+            .unwrap_or_else(|| panic!("no NVP_PEER in {refused:?}"));
+        assert!(peer.starts_with("tcp:127.0.0.1:"), "{refused:?}");
+        // MESSAGE is the text of the `<N>` line: the span, the message, the fields.
+        let message = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("MESSAGE="))
+            .unwrap();
+        assert!(
+            message.starts_with(&format!(
+                "conn{{route=tcp:127.0.0.1:8010 id=1 peer={peer}}}: connection refused: "
+            )),
+            "{message}"
+        );
+        assert!(
+            message.contains("192.0.2.99:443 is not allowed"),
+            "{message}"
+        );
+
+        // Entries go to the journal, not to stderr; the last ones are flushed at exit.
+        proxy.signal(libc::SIGTERM);
+        let status = proxy.wait_exit(WAIT).await.expect("did not exit");
+        assert_eq!(status.code(), Some(0), "{}", proxy.logs());
+        let entries = journal.messages();
+        assert!(entry_with(&entries, "stopped").is_some(), "{entries:?}");
+        assert!(
+            !proxy.logs().contains("connection refused"),
+            "{}",
+            proxy.logs()
+        );
+        assert!(
+            entries.iter().all(|e| !e.contains("MESSAGE=<")),
+            "{entries:?}"
+        );
     });
 }

@@ -142,9 +142,69 @@ fn units_carry_the_issue_s_contract() {
             );
         }
     }
-    assert!(service.contains(&format!(
-        "ExecStart={INSTALLED_BIN} 8000 kms.{{region}}.{{domain}} 443 --config /etc/nitro-vsock-proxy/vsock-proxy.yaml"
-    )));
+    // Every service: `systemctl reload` fails on an invalid file (the check, with ExecStart='s
+    // arguments, runs before the signal), and metrics can be turned on in either form.
+    let start_and_reload = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("ExecStart=") || l.starts_with("ExecReload="))
+            .map(str::to_owned)
+            .collect()
+    };
+    let default_args =
+        "8000 kms.{region}.{domain} 443 --config /etc/nitro-vsock-proxy/vsock-proxy.yaml";
+    assert_eq!(
+        start_and_reload(&service),
+        [
+            format!("ExecStart={INSTALLED_BIN} {default_args}"),
+            format!("ExecReload={INSTALLED_BIN} {default_args} --check-config"),
+            "ExecReload=/bin/kill -HUP $MAINPID".to_owned(),
+        ]
+    );
+    let template_args =
+        "${LISTEN} ${REMOTE_ADDR} ${REMOTE_PORT} --config /etc/nitro-vsock-proxy/%i.yaml $OPTIONS";
+    assert_eq!(
+        start_and_reload(&template),
+        [
+            format!("ExecStart={INSTALLED_BIN} {template_args}"),
+            format!("ExecReload={INSTALLED_BIN} {template_args} --check-config"),
+            "ExecReload=/bin/kill -HUP $MAINPID".to_owned(),
+        ]
+    );
+    for (name, text, runtime_dir) in [
+        ("service", &service, "nitro-vsock-proxy"),
+        ("template", &template, "nitro-vsock-proxy-%i"),
+        ("routes", &routes, "nitro-vsock-proxy"),
+    ] {
+        let comments: Vec<&str> = text.lines().filter(|l| l.starts_with('#')).collect();
+        for form in [
+            "--metrics-listen tcp:127.0.0.1:",
+            "--metrics-listen unix:/run/",
+        ] {
+            assert!(
+                comments.iter().any(|l| l.contains(form)),
+                "{name} unit has no commented {form:?} example"
+            );
+        }
+        // The unix: form's directory is writable under ProtectSystem=strict.
+        assert!(
+            text.lines()
+                .any(|l| l == format!("RuntimeDirectory={runtime_dir}")),
+            "{name} unit lacks RuntimeDirectory={runtime_dir}"
+        );
+        let unix_example = comments
+            .iter()
+            .find(|l| l.contains("--metrics-listen unix:"))
+            .unwrap();
+        let in_runtime_dir = format!("unix:/run/{}/", runtime_dir.replace("%i", "NAME"));
+        assert!(
+            unix_example.contains(&in_runtime_dir),
+            "{name}: {unix_example:?} is not in {in_runtime_dir}"
+        );
+    }
+    assert!(
+        socket.contains("--metrics-listen"),
+        "the socket unit says where metrics are set"
+    );
     assert!(service.contains("Conflicts=nitro-enclaves-vsock-proxy.service"));
     assert!(template.contains("EnvironmentFile=/etc/nitro-vsock-proxy/%i.env"));
     assert!(template.contains("--config /etc/nitro-vsock-proxy/%i.yaml"));

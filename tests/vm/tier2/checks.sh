@@ -6,9 +6,10 @@
 #   package    rpm -i of the release-1 RPM (the one `make rpm` builds), as on Amazon Linux 2023
 #   workshop   systemctl enable --now nitro-vsock-proxy@workshop (the RPM's workshop.env/.yaml);
 #              the enclave-app chain over vsock gets its answer; sandbox facts of the process
-#   reload     DNS re-pointed at a loopback address: denied (WARN in journalctl -u); the allowlist
-#              edited + systemctl reload: allowed; an invalid edit: refused, previous kept; the
-#              stock file again + reload: denied again
+#   reload     DNS re-pointed at a loopback address: denied (WARN in journalctl -u, and found by
+#              journalctl -u ... NVP_REASON=denied); the allowlist edited + systemctl reload:
+#              allowed; an invalid edit: systemctl reload fails, the daemon keeps its PID and the
+#              previous allowlist; the stock file again + reload: denied again
 #   sandbox    no permission errors in the journal; a soft open-file limit raised under
 #              ~@resources (second instance with a drop-in); the watchdog fed, no restart
 #   stop       systemctl stop while a connection is open: new ones refused, the open one
@@ -264,6 +265,17 @@ check "journalctl -u $INSTANCE -p warning shows the denial (127.0.0.10, loopback
   wait_log 10 "$INSTANCE" 'connection refused: no allowed address: 127\.0\.0\.10 denied \(loopback' 1 -p warning
 check "the denied connection never reached the stand-in" \
   eval '(($(jcount nvp-https.service served) == served_before))'
+# The journal format sends each event's and span's fields as journal fields (NVP_<NAME>), over the
+# journal's native protocol.
+journalctl -q --no-pager -o export -u "$INSTANCE" NVP_REASON=denied >"$W/denied.export" 2>&1
+check "journalctl -u $INSTANCE NVP_REASON=denied finds the denial, with NVP_ROUTE, NVP_PEER, PRIORITY=4" \
+  eval 'grep -q "^MESSAGE=.*connection refused: no allowed address: 127\.0\.0\.10 denied" "$W/denied.export" &&
+    grep -qx "NVP_ROUTE=vsock:8001" "$W/denied.export" && grep -Eqx "NVP_PEER=vsock:1:[0-9]+" "$W/denied.export" &&
+    grep -qx "PRIORITY=4" "$W/denied.export" && grep -qx "SYSLOG_IDENTIFIER=nitro-vsock-proxy" "$W/denied.export"'
+note "the denial's fields: $(grep -a -e '^NVP_' -e '^PRIORITY=' "$W/denied.export" | tr '\n' ' ')"
+check "the daemon's entries come over the native protocol (_TRANSPORT=journal), not the stderr stream" \
+  eval 'grep -qx "_TRANSPORT=journal" "$W/denied.export" &&
+    [ -z "$(journalctl -q --no-pager -o cat -u "$INSTANCE" _TRANSPORT=stdout _PID="$started_pid")" ]'
 
 reloads=$(jcount "$INSTANCE" 'allowlist reloaded')
 { cat "$W/workshop.yaml.stock"; echo "  - {address: 127.0.0.10, port: 443}"; } >"$CONF"
@@ -277,12 +289,26 @@ check "after the reload the same query is answered" answered allowed 5005
 check "... through the proxy to 127.0.0.10:443" \
   wait_log 10 "$INSTANCE" 'upstream=127\.0\.0\.10:443\}: connection closed .*end=completed' 1
 
+# An invalid edit: ExecReload='s --check-config fails first, so systemctl reload fails, says why,
+# and the daemon never gets the SIGHUP.
 printf 'allowlist:\n  - {address: ip-ranges.amazonaws.com, port: 443x}\n' >"$CONF"
-systemctl reload "$INSTANCE"
-check "an invalid allowlist is refused at reload: ERROR with file and line in journalctl -p err" \
-  wait_log 10 "$INSTANCE" "reload failed, keeping the previous allowlist: .*$CONF, line 2" 1 -p err
+# shellcheck disable=SC2034 # read by the eval below
+sighups=$(jcount "$INSTANCE" 'SIGHUP: reloading')
+rc=0
+systemctl reload "$INSTANCE" 2>"$W/reload-invalid.err" || rc=$?
+note "systemctl reload: exit $rc: $(cat "$W/reload-invalid.err")"
+check "systemctl reload of an invalid allowlist fails (--check-config in ExecReload=)" eval '((rc != 0))'
+check "the journal says why: the file and the line" \
+  wait_log 10 "$INSTANCE" "configuration file $CONF, line 2" 1
+systemctl status --no-pager -l -n 20 "$INSTANCE" >"$W/reload-invalid.status" 2>&1
+check "systemctl status shows the failed check and why" \
+  eval 'grep -q -- "--check-config (code=exited, status=2" "$W/reload-invalid.status" &&
+    grep -q "configuration file $CONF, line 2" "$W/reload-invalid.status"'
+check "... the daemon got no SIGHUP (no reload attempt logged)" \
+  eval '(($(jcount "$INSTANCE" "SIGHUP: reloading") == sighups))'
+check "... and keeps its process (same MainPID) and stays active" \
+  eval '[ "$(pid_of "$INSTANCE")" = "$started_pid" ] && state_is "$INSTANCE" active'
 check "... and the previous allowlist stays: still answered" answered kept 5005
-check "... and the unit stays active" state_is "$INSTANCE" active
 
 cp "$W/workshop.yaml.stock" "$CONF"
 reloads=$(jcount "$INSTANCE" 'allowlist reloaded')
@@ -301,9 +327,10 @@ section "sandbox: the hardened unit works (vsock, DNS, journal, sd_notify, watch
 # would break shows as an error in the daemon's own log.
 check "no permission error in the daemon's log (EPERM/EACCES from the sandbox)" \
   eval '! jlog "$INSTANCE" | grep -Ei "operation not permitted|permission denied|os error (1|13)\b|cannot raise"'
-check "its only warnings and errors are the expected denials and the refused reload" \
-  eval '! jlog "$INSTANCE" -p warning | grep -v -e "no allowed address: 127\.0\.0\.10 denied" -e "reload failed, keeping the previous allowlist" | grep -v "^$"'
-check "the journal has the daemon's messages at their priorities (<4> WARN -> priority 4)" \
+# systemd itself notes the reload refused by --check-config ("Reload failed for ...") at warning.
+check "its only warnings and errors are the expected denials and systemd's note of the refused reload" \
+  eval '! jlog "$INSTANCE" -p warning | grep -v -e "no allowed address: 127\.0\.0\.10 denied" -e "^Reload failed for $INSTANCE" | grep -v "^$"'
+check "the journal has the daemon's messages at their priorities (WARN -> PRIORITY=4)" \
   eval '(($(journalctl -q -u "$INSTANCE" -p warning..warning -o cat | grep -c "denied") >= 2))'
 # ~@resources takes setrlimit(2) out of the filter; the daemon raises its soft open-file limit to
 # the hard one at start (glibc does that with prlimit64, which @system-service keeps). A second
