@@ -134,7 +134,7 @@ fn units_carry_the_issue_s_contract() {
             "RestrictAddressFamilies=AF_VSOCK AF_INET AF_INET6 AF_UNIX",
             "SystemCallFilter=@system-service",
             "WatchdogSec=20s",
-            "LimitNOFILE=4096",
+            "LimitNOFILE=8192",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

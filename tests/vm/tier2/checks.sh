@@ -336,7 +336,7 @@ check "the journal has the daemon's messages at their priorities (WARN -> PRIORI
 # the hard one at start (glibc does that with prlimit64, which @system-service keeps). A second
 # instance with a drop-in giving a lower soft limit, as `systemctl edit` would, must come up with
 # the limit raised and without the "cannot raise the open-file limit" warning. The units' own
-# LimitNOFILE=4096 sets both limits, so the workshop instance does not exercise this.
+# LimitNOFILE=8192 sets both limits, so the workshop instance does not exercise this.
 sed 's/^LISTEN=.*/LISTEN=8002/' /etc/nitro-vsock-proxy/workshop.env >/etc/nitro-vsock-proxy/limits.env
 cp "$W/workshop.yaml.stock" /etc/nitro-vsock-proxy/limits.yaml
 mkdir -p /etc/systemd/system/nitro-vsock-proxy@limits.service.d
