@@ -133,7 +133,9 @@ async fn start_routes_daemon(dir: &tempfile::TempDir, yaml: &str, ports: &[u32])
 
 /// The vsock ports of the CID-1 peers a daemon log line names (`peer=vsock:1:PORT`).
 fn vsock_peer_ports(line: &str) -> impl Iterator<Item = u32> + '_ {
-    line.split("peer=vsock:1:").skip(1).filter_map(|rest| {
+    // Span fields are bare (`peer=vsock:1:P`); audit events quote theirs (`peer="vsock:1:P"`).
+    line.split("peer=").skip(1).filter_map(|rest| {
+        let rest = rest.trim_start_matches('"').strip_prefix("vsock:1:")?;
         let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
         rest[..digits].parse().ok()
     })
