@@ -234,11 +234,12 @@ sandbox_facts "$INSTANCE"
 # where an enclave has the parent's CID 3) port 8001, then the server on vsock port 5005. The
 # server is pinned to the forwarder with --connect-to (the enclave does that with /etc/hosts;
 # here /etc/hosts is the proxy's too). --cache-ttl 100ms: every query downloads again, through
-# the proxy.
+# the proxy; --max-stale 0s: a download the proxy refuses is an error reply, not the last good
+# copy (the server's default serves that for 24h, which would hide the proxy's decision).
 systemd-run --quiet --collect --unit=nvp-enclave \
   --setenv=ENCLAVE_APP="$APP" --setenv=PARENT_CID=1 --setenv=PROXY_PORT=8001 \
   --setenv=FORWARDER_PORT=443 --setenv=SERVER_PORT=5005 --setenv=HOSTS_FILE="$W/enclave-hosts" \
-  --setenv=SERVER_ARGS="--ca-file $W/ca.pem --connect-to 127.0.0.1:443 --cache-ttl 100ms" \
+  --setenv=SERVER_ARGS="--ca-file $W/ca.pem --connect-to 127.0.0.1:443 --cache-ttl 100ms --max-stale 0s" \
   /usr/local/bin/enclave-run.sh
 check "the enclave side (run.sh: forwarder, then server on vsock 5005) is up" wait_for 20 vsock_listening 5005
 served_before=$(jcount nvp-https.service 'served')
@@ -497,7 +498,7 @@ systemd-run --quiet --collect --unit=nvp-enclave-kms \
   --setenv=ENCLAVE_APP="$APP" --setenv=PARENT_CID=1 --setenv=PROXY_PORT=8000 \
   --setenv=REMOTE_HOST=kms.us-east-1.amazonaws.com \
   --setenv=FORWARDER_PORT=8444 --setenv=SERVER_PORT=5006 --setenv=HOSTS_FILE="$W/enclave-hosts-kms" \
-  --setenv=SERVER_ARGS="--url https://kms.us-east-1.amazonaws.com/ip-ranges.json --ca-file $W/ca.pem --connect-to 127.0.0.1:8444 --cache-ttl 100ms" \
+  --setenv=SERVER_ARGS="--url https://kms.us-east-1.amazonaws.com/ip-ranges.json --ca-file $W/ca.pem --connect-to 127.0.0.1:8444 --cache-ttl 100ms --max-stale 0s" \
   /usr/local/bin/enclave-run.sh
 check "the second enclave server (vsock 5006, via vsock 8000) is up" wait_for 20 vsock_listening 5006
 check "the service is still not started (nothing connected to 8000)" state_is "$DEFAULT" inactive
