@@ -1,0 +1,466 @@
+//! `make bench` (`cargo bench --bench relay`): the relay's figures, through the real proxy binary
+//! and over a direct connection, measured in one run on this machine, as one table with the
+//! ratios and the targets.
+//!
+//! Everything is loopback TCP: the proxy listens on a `tcp:` stand-in for vsock and relays to an
+//! upstream in this process, so every relayed byte crosses loopback twice. The figures:
+//!
+//! * throughput, 1 stream and 64 streams at once, upload and download, every byte counted (and
+//!   a SHA-256 check of one transfer each way before anything is timed) — [`throughput`];
+//! * the proxy's CPU seconds per GiB relayed (user + system, from `/proc/PID/stat`);
+//! * connections per second from 32 clients (connect, one byte there and back, close), with
+//!   errors counted by kind — [`echo`];
+//! * 64-byte round trips, p50 and p99: unpinned (the median of 5 interleaved runs, since
+//!   unpinned round trips here are bimodal) and with client, proxy and echo server all on CPU 0
+//!   (the stable latency figure);
+//! * the proxy's resident memory per idle relayed connection at 1,000 and 9,000 connections
+//!   (each carried a byte end to end), and after they all closed.
+//!
+//! Rounds alternate direct and proxy so drift in machine load hits both alike. The machine is
+//! shared and noisy: compare ratios within one run, never absolute figures across runs
+//! (`shared/notes/benchmarking.md`). It takes about a minute. `BENCH_BYTES=128M` changes
+//! the bytes per single-stream transfer (default 512 MiB; 64 streams move 4× that in all);
+//! `BENCH_RELAY=copy` runs the proxy with `--relay copy`, to compare with splice;
+//! `BENCH_VERBOSE=1` prints every throughput sample.
+//!
+//! Under `cargo test` (no `--bench` argument) it runs as a smoke test: small sizes, one round,
+//! a debug build, every check made, no meaningful numbers.
+
+mod echo;
+mod proxy;
+mod throughput;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proxy::Proxy;
+use throughput::{median, Direction, GIB};
+
+/// How much of each figure to measure.
+struct Scale {
+    full: bool,
+    /// Bytes per single-stream transfer; the many-stream transfers move as much in all.
+    bytes: u64,
+    rounds: usize,
+    streams: usize,
+    connection_clients: usize,
+    connection_time: Duration,
+    connection_rounds: usize,
+    round_trips: usize,
+    latency_runs: usize,
+    idle_steps: Vec<usize>,
+}
+
+impl Scale {
+    fn from_args() -> Scale {
+        // cargo passes --bench under `cargo bench`; under `cargo test --all-targets` it does not.
+        let full = std::env::args().any(|a| a == "--bench");
+        let bytes = match std::env::var("BENCH_BYTES") {
+            Ok(s) => throughput::parse_size(&s).unwrap_or_else(|| {
+                panic!("BENCH_BYTES={s:?}: expected a size like 536870912, 512M or 1G")
+            }),
+            Err(_) if full => throughput::DEFAULT_BYTES,
+            Err(_) => throughput::SMOKE_BYTES,
+        };
+        if full {
+            Scale {
+                full,
+                bytes,
+                rounds: throughput::ROUNDS,
+                streams: 64,
+                connection_clients: 32,
+                connection_time: Duration::from_secs(3),
+                connection_rounds: 2,
+                round_trips: 5_000,
+                latency_runs: 5,
+                idle_steps: vec![1_000, 9_000],
+            }
+        } else {
+            Scale {
+                full,
+                bytes,
+                rounds: 1,
+                streams: 8,
+                connection_clients: 4,
+                connection_time: Duration::from_millis(300),
+                connection_rounds: 1,
+                round_trips: 100,
+                latency_runs: 1,
+                idle_steps: vec![20, 50],
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Direct,
+    Proxy,
+}
+
+/// The two paths in the order of round `round`: direct first in even rounds, proxy first in odd.
+fn paths(round: usize) -> [Path; 2] {
+    if round.is_multiple_of(2) {
+        [Path::Direct, Path::Proxy]
+    } else {
+        [Path::Proxy, Path::Direct]
+    }
+}
+
+/// What a figure should be, as issue 12 set it.
+#[derive(Clone, Copy)]
+enum Target {
+    None,
+    /// proxy / direct at least this.
+    RatioAtLeast(f64),
+    /// proxy at most this.
+    AtMost(f64),
+    /// proxy at most direct + this.
+    DirectPlus(f64),
+}
+
+struct Row {
+    figure: String,
+    direct: Option<f64>,
+    proxy: f64,
+    target: Target,
+}
+
+impl Row {
+    fn new(figure: impl Into<String>, direct: Option<f64>, proxy: f64, target: Target) -> Row {
+        Row {
+            figure: figure.into(),
+            direct,
+            proxy,
+            target,
+        }
+    }
+
+    fn target_text(&self) -> String {
+        let (text, met) = match self.target {
+            Target::None => return String::new(),
+            Target::RatioAtLeast(r) => (
+                format!("≥ {r:.2}× direct"),
+                self.direct.is_some_and(|d| self.proxy / d >= r),
+            ),
+            Target::AtMost(v) => (format!("≤ {v}"), self.proxy <= v),
+            Target::DirectPlus(v) => (
+                format!("≤ direct + {v}"),
+                self.direct.is_some_and(|d| self.proxy <= d + v),
+            ),
+        };
+        format!("{text} ({})", if met { "met" } else { "missed" })
+    }
+}
+
+fn main() {
+    let scale = Scale::from_args();
+    let nofile = proxy::raise_open_file_limit();
+    let pattern = Arc::new(throughput::pattern());
+    let relay_args: Vec<&str> = match std::env::var("BENCH_RELAY").as_deref() {
+        Ok("copy") => vec!["--relay", "copy"],
+        Ok("auto") | Err(_) => vec![],
+        Ok(other) => panic!("BENCH_RELAY={other:?}: expected auto or copy"),
+    };
+    let sink = throughput::start_sink().expect("start the sink server");
+    let echo_addr = echo::start_echo(None).expect("start the echo server");
+    let pinned_echo_addr = echo::start_echo(Some(0)).expect("start the pinned echo server");
+    let sink_proxy = Proxy::start(sink, None, &relay_args).expect("start the proxy to the sink");
+    let ticks_per_second = proxy::clock_ticks_per_second();
+
+    for path in [Path::Direct, Path::Proxy] {
+        let addr = pick(path, sink, sink_proxy.addr);
+        for dir in [Direction::Upload, Direction::Download] {
+            throughput::transfer(addr, dir, throughput::VERIFY_BYTES, &pattern, true)
+                .unwrap_or_else(|e| {
+                    panic!("integrity check, {} {}: {e}", dir.name(), path_name(path))
+                });
+        }
+    }
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "relay bench{}: {cpus} CPU(s), relay {}, {} per single-stream transfer, {} round(s); \
+         integrity check (SHA-256, {} bytes each way, direct and proxy): OK",
+        if scale.full {
+            ""
+        } else {
+            " (smoke run under cargo test; numbers meaningless)"
+        },
+        if relay_args.is_empty() {
+            "auto (splice)"
+        } else {
+            "copy"
+        },
+        throughput::human_bytes(scale.bytes),
+        scale.rounds,
+        throughput::VERIFY_BYTES,
+    );
+    let started = Instant::now();
+    let mut rows = Vec::new();
+
+    // Throughput, 1 stream and many.
+    let mut proxy_ticks = 0u64;
+    let mut proxy_bytes = 0u64;
+    for streams in [1, scale.streams] {
+        // Many streams move 4× as much in all, so that each stream's share is well beyond what
+        // the socket buffers absorb (else the figure measures thread start-up).
+        let total = if streams == 1 {
+            scale.bytes
+        } else {
+            4 * scale.bytes
+        };
+        for dir in [Direction::Upload, Direction::Download] {
+            let mut rates = [Vec::new(), Vec::new()];
+            for round in 0..scale.rounds {
+                for path in paths(round) {
+                    let addr = pick(path, sink, sink_proxy.addr);
+                    let before = sink_proxy.cpu_ticks();
+                    let seconds =
+                        throughput::parallel_transfer(addr, dir, streams, total, &pattern)
+                            .unwrap_or_else(|e| {
+                                panic!(
+                                    "{streams} stream(s), {} {}, round {}: {e}",
+                                    dir.name(),
+                                    path_name(path),
+                                    round + 1
+                                )
+                            });
+                    if path == Path::Proxy && streams == 1 {
+                        proxy_ticks += sink_proxy.cpu_ticks().saturating_sub(before);
+                        proxy_bytes += scale.bytes;
+                    }
+                    if verbose() {
+                        println!(
+                            "  {streams} stream(s) {} {} round {}: {seconds:.4} s",
+                            dir.name(),
+                            path_name(path),
+                            round + 1
+                        );
+                    }
+                    rates[path as usize].push(total as f64 / GIB / seconds);
+                }
+            }
+            rows.push(Row::new(
+                format!(
+                    "{streams} stream{} {}, GiB/s",
+                    if streams == 1 { "" } else { "s" },
+                    dir.name()
+                ),
+                Some(median(&rates[Path::Direct as usize])),
+                median(&rates[Path::Proxy as usize]),
+                Target::RatioAtLeast(0.60),
+            ));
+        }
+    }
+    rows.push(Row::new(
+        "proxy CPU s per GiB, 1 stream",
+        None,
+        proxy_ticks as f64 / ticks_per_second / (proxy_bytes as f64 / GIB),
+        Target::AtMost(0.30),
+    ));
+    drop(sink_proxy);
+
+    // Connections per second.
+    let echo_proxy = Proxy::start(
+        echo_addr,
+        None,
+        &[&["--max-connections", "10000"], relay_args.as_slice()].concat(),
+    )
+    .expect("start the proxy to the echo server");
+    let mut rates = [Vec::new(), Vec::new()];
+    let mut errors = [0u64, 0u64];
+    let mut error_kinds = std::collections::BTreeMap::new();
+    for round in 0..scale.connection_rounds {
+        for path in paths(round) {
+            let rate = echo::connection_rate(
+                pick(path, echo_addr, echo_proxy.addr),
+                scale.connection_clients,
+                scale.connection_time,
+            );
+            errors[path as usize] += rate.error_count();
+            for (kind, n) in &rate.errors {
+                *error_kinds
+                    .entry(format!("{} {kind}", path_name(path)))
+                    .or_insert(0) += n;
+            }
+            rates[path as usize].push(rate.per_second);
+        }
+    }
+    rows.push(Row::new(
+        format!("conn/s, {} clients, 1-byte echo", scale.connection_clients),
+        Some(median(&rates[Path::Direct as usize])),
+        median(&rates[Path::Proxy as usize]),
+        Target::RatioAtLeast(0.80),
+    ));
+    rows.push(Row::new(
+        "  connection errors (count)",
+        Some(errors[Path::Direct as usize] as f64),
+        errors[Path::Proxy as usize] as f64,
+        Target::None,
+    ));
+
+    // 64-byte round trips: unpinned, then everything on CPU 0.
+    let pinned_proxy = Proxy::start(pinned_echo_addr, Some(0), &relay_args)
+        .expect("start the proxy pinned to CPU 0");
+    for (label, upstream, via, pin) in [
+        ("unpinned", echo_addr, &echo_proxy, None),
+        ("all on CPU 0", pinned_echo_addr, &pinned_proxy, Some(0)),
+    ] {
+        let mut p50 = [Vec::new(), Vec::new()];
+        let mut p99 = [Vec::new(), Vec::new()];
+        for run in 0..scale.latency_runs {
+            for path in paths(run) {
+                let rtt = echo::round_trips(pick(path, upstream, via.addr), scale.round_trips, pin);
+                p50[path as usize].push(rtt.p50_us);
+                p99[path as usize].push(rtt.p99_us);
+            }
+        }
+        let p50_target = if pin.is_some() {
+            Target::AtMost(28.0)
+        } else {
+            Target::DirectPlus(10.0)
+        };
+        for (quantile, values, target) in [("p50", &p50, p50_target), ("p99", &p99, Target::None)] {
+            rows.push(Row::new(
+                format!(
+                    "64 B RTT {quantile} {label}, µs (median of {})",
+                    scale.latency_runs
+                ),
+                Some(median(&values[Path::Direct as usize])),
+                median(&values[Path::Proxy as usize]),
+                target,
+            ));
+        }
+    }
+    drop(pinned_proxy);
+    drop(echo_proxy);
+
+    // Memory per idle relayed connection, in a proxy of its own.
+    let idle_proxy = Proxy::start(
+        echo_addr,
+        None,
+        &[&["--max-connections", "10000"], relay_args.as_slice()].concat(),
+    )
+    .expect("start the proxy for idle connections");
+    // This process holds both ends' sockets (client and echo server): two descriptors each.
+    let affordable = (nofile.saturating_sub(256) / 2) as usize;
+    let steps: Vec<usize> = scale
+        .idle_steps
+        .iter()
+        .map(|&n| n.min(affordable))
+        .collect();
+    if steps != scale.idle_steps {
+        println!(
+            "note: the open-file limit ({nofile}) allows {affordable} idle connections here, not {:?}",
+            scale.idle_steps
+        );
+    }
+    let memory = echo::idle_memory(&idle_proxy, &steps);
+    for &n in &steps {
+        if let Some(kib) = memory.kib_per_connection(n) {
+            rows.push(Row::new(
+                format!("KiB per idle relayed connection, {n} open"),
+                None,
+                kib,
+                Target::AtMost(2.0),
+            ));
+        }
+    }
+    let most = memory.steps.last().map_or(0, |s| s.1);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    rows.push(Row::new(
+        "proxy RSS MiB at start",
+        None,
+        mib(memory.start_kib),
+        Target::None,
+    ));
+    rows.push(Row::new(
+        format!(
+            "proxy RSS MiB with {} open",
+            steps.last().copied().unwrap_or(0)
+        ),
+        None,
+        mib(most),
+        Target::None,
+    ));
+    rows.push(Row::new(
+        "proxy RSS MiB after they close",
+        None,
+        mib(memory.after_close_kib),
+        Target::AtMost((2.0 * mib(memory.start_kib) * 100.0).round() / 100.0),
+    ));
+    drop(idle_proxy);
+
+    print_table(&rows);
+    for (kind, n) in &error_kinds {
+        println!("  {n} × {kind}");
+    }
+    println!(
+        "(measured in {:.0} s; proxy logs at RUST_LOG=warn, i.e. without the per-connection INFO line)",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// `BENCH_VERBOSE=1` prints every sample.
+fn verbose() -> bool {
+    std::env::var_os("BENCH_VERBOSE").is_some()
+}
+
+fn pick(path: Path, direct: SocketAddr, proxy: SocketAddr) -> SocketAddr {
+    match path {
+        Path::Direct => direct,
+        Path::Proxy => proxy,
+    }
+}
+
+fn path_name(path: Path) -> &'static str {
+    match path {
+        Path::Direct => "direct",
+        Path::Proxy => "proxy",
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let width = rows
+        .iter()
+        .map(|r| r.figure.chars().count())
+        .max()
+        .unwrap_or(0);
+    println!();
+    println!(
+        "| {:<width$} | {:>9} | {:>9} | {:>12} | target |",
+        "figure", "direct", "proxy", "proxy/direct"
+    );
+    println!(
+        "|{}|{}|{}|{}|{}|",
+        "-".repeat(width + 2),
+        "-".repeat(11),
+        "-".repeat(11),
+        "-".repeat(14),
+        "-".repeat(8)
+    );
+    for row in rows {
+        let number = |v: f64| {
+            if v.abs() >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        };
+        let direct = row.direct.map_or("–".to_owned(), number);
+        let ratio = match row.direct {
+            Some(d) if d > 0.0 => format!("{:.2}", row.proxy / d),
+            _ => "–".to_owned(),
+        };
+        println!(
+            "| {:<width$} | {:>9} | {:>9} | {:>12} | {} |",
+            row.figure,
+            direct,
+            number(row.proxy),
+            ratio,
+            row.target_text()
+        );
+    }
+    println!();
+}

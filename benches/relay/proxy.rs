@@ -1,0 +1,184 @@
+//! The proxy under test: the real `nitro-vsock-proxy` binary, listening on a `tcp:` stand-in for
+//! vsock, with one fixed route to a loopback upstream; and what the bench reads of the process
+//! (CPU time, resident memory, open descriptors) from `/proc`.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The running proxy; killed when dropped, including while a panic unwinds.
+pub struct Proxy {
+    pub child: Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Starts `nitro-vsock-proxy tcp:127.0.0.1:P <upstream ip> <upstream port>` with an allowlist
+    /// naming exactly the upstream, and `extra` arguments; with `pin_cpu`, the whole process
+    /// (every thread it starts) runs on that CPU only. Returns once it accepts connections.
+    pub fn start(upstream: SocketAddr, pin_cpu: Option<usize>, extra: &[&str]) -> io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("allowlist.yaml");
+        // Loopback is denied unless an entry names the IP explicitly.
+        std::fs::write(
+            &config,
+            format!(
+                "allowlist:\n- {{address: {}, port: {}}}\n",
+                upstream.ip(),
+                upstream.port()
+            ),
+        )?;
+        // A free port for the proxy to listen on (it could be taken in between; unlikely).
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nitro-vsock-proxy"));
+        command
+            .arg(format!("tcp:{addr}"))
+            .arg(upstream.ip().to_string())
+            .arg(upstream.port().to_string())
+            .arg("--config")
+            .arg(&config)
+            .args(extra)
+            // As deployed but without the per-connection INFO line, which costs ≈ 10 % of
+            // connections per second (the bench measures the relay, not the logger).
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(cpu) = pin_cpu {
+            // SAFETY: between fork and exec only sched_setaffinity(2), which is async-signal-safe,
+            // runs, on a set built before the fork.
+            let set = cpu_set(cpu);
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn()?;
+        let mut proxy = Proxy {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = proxy.child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "the proxy exited at start-up ({status}); see its messages above"
+                )));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(proxy);
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "the proxy did not accept connections on {addr} within {START_TIMEOUT:?}"
+                )));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The proxy's user + system CPU time so far, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let path = format!("/proc/{}/stat", self.pid());
+        let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // The command name (field 2) may contain spaces; the fields after its ')' are fixed.
+        let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // rest starts at field 3 (state); utime is field 14, stime field 15.
+        let field = |n: usize| -> u64 {
+            fields
+                .get(n - 3)
+                .and_then(|f| f.parse().ok())
+                .unwrap_or_else(|| panic!("{path}: no field {n} in {stat:?}"))
+        };
+        field(14) + field(15)
+    }
+
+    /// The proxy's resident set (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{path}: no VmRSS line in {status:?}"))
+    }
+
+    /// How many descriptors the proxy holds open now.
+    pub fn open_descriptors(&self) -> usize {
+        let path = format!("/proc/{}/fd", self.pid());
+        std::fs::read_dir(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .count()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(ticks > 0, "sysconf(_SC_CLK_TCK) failed");
+    ticks as f64
+}
+
+fn cpu_set(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (the bench only pins to CPU 0).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
+
+/// Runs the calling thread on `cpu` only.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    let set = cpu_set(cpu);
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Raises this process's soft open-file limit to its hard limit; returns the limit in force.
+pub fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct passed, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        }
+    }
+    limit.rlim_cur
+}
