@@ -24,6 +24,7 @@ pub mod connect;
 pub mod current;
 pub mod dns;
 pub mod endpoint;
+pub mod heap;
 pub mod host;
 pub mod imds;
 pub mod journal;

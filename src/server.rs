@@ -306,7 +306,8 @@ fn spawn_connection(
     for counters in [&shared.counters, &route.counters] {
         counters.accepted.fetch_add(1, Ordering::Relaxed);
     }
-    shared.counters.open.fetch_add(1, Ordering::Relaxed);
+    let open_now = shared.counters.open.fetch_add(1, Ordering::Relaxed) + 1;
+    crate::heap::opened(open_now as usize);
     route.metrics.open.inc();
     if let Stream::Tcp(tcp) = &stream {
         // The tcp: stand-in's client can vanish as silently as an upstream (vsock cannot).
@@ -326,8 +327,13 @@ fn spawn_connection(
             };
             crate::metrics::global().connection_ended(&route.metrics, outcome);
             route.metrics.open.dec();
-            shared.counters.open.fetch_sub(1, Ordering::Relaxed);
+            let open_now = shared
+                .counters
+                .open
+                .fetch_sub(1, Ordering::Relaxed)
+                .saturating_sub(1);
             drop(slots);
+            crate::heap::closed(open_now as usize);
         }
         .instrument(span),
     );
@@ -456,19 +462,12 @@ async fn handle(mut client: Stream, peer: &str, route: &Route, shared: &Shared) 
     let started = Instant::now();
     let settings = route.settings();
     let route_name = route.listen.to_string();
-    // Boxed: the set-up's state (DNS lookups, connect attempts) is freed once it is done,
-    // instead of being part of every idle connection's task.
-    let setup = tokio::time::timeout(
+    // Boxed with its timer: the set-up's state (DNS lookups, connect attempts, the deadline)
+    // is freed once it is done, instead of being part of every idle connection's task.
+    let setup = Box::pin(tokio::time::timeout(
         shared.lifetimes.setup_timeout,
-        Box::pin(set_up(
-            &mut client,
-            peer,
-            &route_name,
-            route,
-            &settings,
-            shared,
-        )),
-    )
+        set_up(&mut client, peer, &route_name, route, &settings, shared),
+    ))
     .await;
     let ready = match setup {
         Ok(Ok(ready)) => ready,
@@ -504,7 +503,8 @@ async fn handle(mut client: Stream, peer: &str, route: &Route, shared: &Shared) 
     };
     let lifetime = async {
         match shared.lifetimes.max_lifetime {
-            Some(max) => tokio::time::sleep_until(started + max).await,
+            // Boxed, so that a connection without --max-lifetime carries no timer.
+            Some(max) => Box::pin(tokio::time::sleep_until(started + max)).await,
             None => std::future::pending().await,
         }
     };

@@ -7,8 +7,10 @@
 //! `&Side` at once — reading is one direction's, writing the other's — so no `split` (and no
 //! lock taken on every poll) is needed.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::task::{Context, Poll};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -71,13 +73,25 @@ impl Side {
         }
     }
 
-    /// Waits until the socket may be ready for `interest` (it may still say EAGAIN).
-    pub async fn ready(&self, interest: Interest) -> io::Result<()> {
+    /// Waits until the socket may be ready for `interest`, READABLE or WRITABLE (it may still
+    /// say EAGAIN). The waker goes into the socket's own reader or writer slot (tokio's
+    /// `poll_read_ready`/`poll_write_ready`), so waiting costs the caller's future nothing:
+    /// an idle connection's two waits would otherwise be most of its task's memory. Each
+    /// direction of a relay reads one socket and writes the other, so no slot has two waiters.
+    pub fn ready(&self, interest: Interest) -> impl Future<Output = io::Result<()>> + '_ {
+        std::future::poll_fn(move |cx| self.poll_ready(cx, interest))
+    }
+
+    fn poll_ready(&self, cx: &mut Context<'_>, interest: Interest) -> Poll<io::Result<()>> {
+        let readable = interest.is_readable();
         match self {
-            Side::Tcp(s) => s.ready(interest).await.map(drop),
-            Side::Unix(s) => s.ready(interest).await.map(drop),
+            Side::Tcp(s) if readable => s.poll_read_ready(cx),
+            Side::Tcp(s) => s.poll_write_ready(cx),
+            Side::Unix(s) if readable => s.poll_read_ready(cx),
+            Side::Unix(s) => s.poll_write_ready(cx),
             // Dropping the guard without clearing it keeps the readiness for `try_io`.
-            Side::Fd(a) => a.ready(interest).await.map(drop),
+            Side::Fd(a) if readable => a.poll_read_ready(cx).map_ok(drop),
+            Side::Fd(a) => a.poll_write_ready(cx).map_ok(drop),
         }
     }
 
