@@ -20,8 +20,10 @@
 //! shared and noisy: compare ratios within one run, never absolute figures across runs
 //! (`shared/notes/benchmarking.md`). It takes about a minute. `BENCH_BYTES=128M` changes
 //! the bytes per single-stream transfer (default 512 MiB; 64 streams move 4× that in all);
-//! `BENCH_RELAY=copy` runs the proxy with `--relay copy`, to compare with splice;
-//! `BENCH_VERBOSE=1` prints every throughput sample.
+//! `BENCH_RELAY=copy` runs the proxy with `--relay copy`, to compare with splice, and
+//! `BENCH_PROXY_ARGS="-w 1"` gives it more arguments;
+//! `BENCH_VERBOSE=1` prints every throughput sample; `BENCH_ONLY=latency` (or a comma-separated
+//! list of throughput, connections, latency, idle) measures only those.
 //!
 //! Under `cargo test` (no `--bench` argument) it runs as a smoke test: small sizes, one round,
 //! a debug build, every check made, no meaningful numbers.
@@ -154,51 +156,114 @@ impl Row {
     }
 }
 
+/// What every section needs.
+struct Bench {
+    scale: Scale,
+    relay_args: Vec<&'static str>,
+    pattern: Arc<Vec<u8>>,
+    nofile: u64,
+}
+
+impl Bench {
+    /// The proxy's arguments besides the route: `extra`, then `BENCH_RELAY`'s.
+    fn proxy_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        [extra, self.relay_args.as_slice()].concat()
+    }
+}
+
 fn main() {
     let scale = Scale::from_args();
     let nofile = proxy::raise_open_file_limit();
-    let pattern = Arc::new(throughput::pattern());
-    let relay_args: Vec<&str> = match std::env::var("BENCH_RELAY").as_deref() {
+    let mut relay_args: Vec<&'static str> = match std::env::var("BENCH_RELAY").as_deref() {
         Ok("copy") => vec!["--relay", "copy"],
         Ok("auto") | Err(_) => vec![],
         Ok(other) => panic!("BENCH_RELAY={other:?}: expected auto or copy"),
     };
-    let sink = throughput::start_sink().expect("start the sink server");
+    // BENCH_PROXY_ARGS="-w 1": more of the proxy's options, to compare settings in one run.
+    if let Ok(more) = std::env::var("BENCH_PROXY_ARGS") {
+        relay_args.extend(
+            more.split_whitespace()
+                .map(|a| &*String::leak(a.to_owned())),
+        );
+    }
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let wanted = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
+    let bench = Bench {
+        scale,
+        relay_args,
+        pattern: Arc::new(throughput::pattern()),
+        nofile,
+    };
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "relay bench{}: {cpus} CPU(s), relay {}, {} per single-stream transfer, {} round(s), \
+         proxy arguments {:?}",
+        if bench.scale.full {
+            ""
+        } else {
+            " (smoke run under cargo test; numbers meaningless)"
+        },
+        if bench.relay_args.contains(&"copy") {
+            "copy"
+        } else {
+            "auto (splice)"
+        },
+        throughput::human_bytes(bench.scale.bytes),
+        bench.scale.rounds,
+        bench.relay_args,
+    );
     let echo_addr = echo::start_echo(None).expect("start the echo server");
-    let pinned_echo_addr = echo::start_echo(Some(0)).expect("start the pinned echo server");
-    let sink_proxy = Proxy::start(sink, None, &relay_args).expect("start the proxy to the sink");
-    let ticks_per_second = proxy::clock_ticks_per_second();
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    if wanted("throughput") {
+        rows.extend(throughput_rows(&bench));
+    }
+    if wanted("connections") {
+        let (more, errors) = connection_rows(&bench, echo_addr);
+        rows.extend(more);
+        notes.extend(errors);
+    }
+    if wanted("latency") {
+        rows.extend(latency_rows(&bench, echo_addr));
+    }
+    if wanted("idle") {
+        rows.extend(idle_rows(&bench, echo_addr));
+    }
+    print_table(&rows);
+    for note in notes {
+        println!("{note}");
+    }
+    println!(
+        "(measured in {:.0} s; the proxy logs at RUST_LOG=warn, i.e. without the per-connection \
+         INFO line)",
+        started.elapsed().as_secs_f64()
+    );
+}
 
+/// Throughput, 1 stream and many, each way, and the proxy's CPU per GiB (after an integrity
+/// check of both paths).
+fn throughput_rows(bench: &Bench) -> Vec<Row> {
+    let scale = &bench.scale;
+    let pattern = &bench.pattern;
+    let sink = throughput::start_sink().expect("start the sink server");
+    let sink_proxy =
+        Proxy::start(sink, None, &bench.relay_args).expect("start the proxy to the sink");
+    let ticks_per_second = proxy::clock_ticks_per_second();
     for path in [Path::Direct, Path::Proxy] {
         let addr = pick(path, sink, sink_proxy.addr);
         for dir in [Direction::Upload, Direction::Download] {
-            throughput::transfer(addr, dir, throughput::VERIFY_BYTES, &pattern, true)
+            throughput::transfer(addr, dir, throughput::VERIFY_BYTES, pattern, true)
                 .unwrap_or_else(|e| {
                     panic!("integrity check, {} {}: {e}", dir.name(), path_name(path))
                 });
         }
     }
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "relay bench{}: {cpus} CPU(s), relay {}, {} per single-stream transfer, {} round(s); \
-         integrity check (SHA-256, {} bytes each way, direct and proxy): OK",
-        if scale.full {
-            ""
-        } else {
-            " (smoke run under cargo test; numbers meaningless)"
-        },
-        if relay_args.is_empty() {
-            "auto (splice)"
-        } else {
-            "copy"
-        },
-        throughput::human_bytes(scale.bytes),
-        scale.rounds,
-        throughput::VERIFY_BYTES,
+        "integrity check (SHA-256, {} bytes each way, direct and proxy): OK",
+        throughput::VERIFY_BYTES
     );
-    let started = Instant::now();
     let mut rows = Vec::new();
-
     // Throughput, 1 stream and many.
     let mut proxy_ticks = 0u64;
     let mut proxy_bytes = 0u64;
@@ -216,16 +281,15 @@ fn main() {
                 for path in paths(round) {
                     let addr = pick(path, sink, sink_proxy.addr);
                     let before = sink_proxy.cpu_ticks();
-                    let seconds =
-                        throughput::parallel_transfer(addr, dir, streams, total, &pattern)
-                            .unwrap_or_else(|e| {
-                                panic!(
-                                    "{streams} stream(s), {} {}, round {}: {e}",
-                                    dir.name(),
-                                    path_name(path),
-                                    round + 1
-                                )
-                            });
+                    let seconds = throughput::parallel_transfer(addr, dir, streams, total, pattern)
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "{streams} stream(s), {} {}, round {}: {e}",
+                                dir.name(),
+                                path_name(path),
+                                round + 1
+                            )
+                        });
                     if path == Path::Proxy && streams == 1 {
                         proxy_ticks += sink_proxy.cpu_ticks().saturating_sub(before);
                         proxy_bytes += scale.bytes;
@@ -259,13 +323,19 @@ fn main() {
         proxy_ticks as f64 / ticks_per_second / (proxy_bytes as f64 / GIB),
         Target::AtMost(0.30),
     ));
-    drop(sink_proxy);
 
+    rows
+}
+
+/// Connections per second from many clients, with errors counted by kind.
+fn connection_rows(bench: &Bench, echo_addr: SocketAddr) -> (Vec<Row>, Vec<String>) {
+    let scale = &bench.scale;
+    let mut rows = Vec::new();
     // Connections per second.
     let echo_proxy = Proxy::start(
         echo_addr,
         None,
-        &[&["--max-connections", "10000"], relay_args.as_slice()].concat(),
+        &bench.proxy_args(&["--max-connections", "10000"]),
     )
     .expect("start the proxy to the echo server");
     let mut rates = [Vec::new(), Vec::new()];
@@ -300,8 +370,22 @@ fn main() {
         Target::None,
     ));
 
+    let notes = error_kinds
+        .iter()
+        .map(|(kind, n)| format!("  {n} × {kind}"))
+        .collect();
+    (rows, notes)
+}
+
+/// 64-byte round trips: unpinned, then client, proxy and echo server all on CPU 0.
+fn latency_rows(bench: &Bench, echo_addr: SocketAddr) -> Vec<Row> {
+    let scale = &bench.scale;
+    let mut rows = Vec::new();
+    let pinned_echo_addr = echo::start_echo(Some(0)).expect("start the pinned echo server");
+    let echo_proxy = Proxy::start(echo_addr, None, &bench.relay_args)
+        .expect("start the proxy to the echo server");
     // 64-byte round trips: unpinned, then everything on CPU 0.
-    let pinned_proxy = Proxy::start(pinned_echo_addr, Some(0), &relay_args)
+    let pinned_proxy = Proxy::start(pinned_echo_addr, Some(0), &bench.relay_args)
         .expect("start the proxy pinned to CPU 0");
     for (label, upstream, via, pin) in [
         ("unpinned", echo_addr, &echo_proxy, None),
@@ -333,14 +417,20 @@ fn main() {
             ));
         }
     }
-    drop(pinned_proxy);
-    drop(echo_proxy);
 
+    rows
+}
+
+/// The proxy's memory per idle relayed connection, in a proxy of its own, and after they close.
+fn idle_rows(bench: &Bench, echo_addr: SocketAddr) -> Vec<Row> {
+    let scale = &bench.scale;
+    let nofile = bench.nofile;
+    let mut rows = Vec::new();
     // Memory per idle relayed connection, in a proxy of its own.
     let idle_proxy = Proxy::start(
         echo_addr,
         None,
-        &[&["--max-connections", "10000"], relay_args.as_slice()].concat(),
+        &bench.proxy_args(&["--max-connections", "10000"]),
     )
     .expect("start the proxy for idle connections");
     // This process holds both ends' sockets (client and echo server): two descriptors each.
@@ -390,16 +480,8 @@ fn main() {
         mib(memory.after_close_kib),
         Target::AtMost((2.0 * mib(memory.start_kib) * 100.0).round() / 100.0),
     ));
-    drop(idle_proxy);
 
-    print_table(&rows);
-    for (kind, n) in &error_kinds {
-        println!("  {n} × {kind}");
-    }
-    println!(
-        "(measured in {:.0} s; proxy logs at RUST_LOG=warn, i.e. without the per-connection INFO line)",
-        started.elapsed().as_secs_f64()
-    );
+    rows
 }
 
 /// `BENCH_VERBOSE=1` prints every sample.
