@@ -26,7 +26,7 @@
 //!
 //! **Budget per connection.** Idle (nothing moving): no buffer and no pipe — the two sockets
 //! (2 descriptors), the connection's task and the kernel's socket buffers. While a direction
-//! moves bytes: one pipe (2 descriptors, up to 256 KiB of pipe pages, see [`pipes`]) or one buffer (up to 256
+//! moves bytes: one pipe (2 descriptors, up to 1 MiB of pipe pages, see [`pipes`]) or one buffer (up to 256
 //! KiB). So a connection needs at most 6 descriptors (2 sockets + 2 pipes), plus [`pipes::MAX_IDLE`]
 //! pooled pipes (2 descriptors each) for the whole process; the start-up file-limit check counts
 //! that.
@@ -329,6 +329,9 @@ impl Direction<'_> {
             };
             first = false;
             self.activity.touch();
+            // A burst from a fast source could run for ever: let tokio's budget say when to
+            // give the worker to other connections.
+            tokio::task::consume_budget().await;
             let mut left = n;
             while left > 0 {
                 let put = self.to.try_io(Interest::WRITABLE, || {
@@ -375,6 +378,7 @@ impl Direction<'_> {
             // SAFETY: the kernel initialised the first `n <= cap` bytes.
             unsafe { buf.set_len(n) };
             self.activity.touch();
+            tokio::task::consume_budget().await;
             let mut sent = 0;
             while sent < n {
                 let rest = &buf[sent..];
