@@ -797,3 +797,119 @@ fn a_burst_of_connects_while_the_daemon_is_busy_is_queued_not_reset() {
         assert_eq!(up.accepted(), N);
     });
 }
+
+/// Moves `size` bytes each way at once over `conn` (send a pattern, half-close, read to the
+/// end); returns the bytes received and the seconds it took.
+async fn both_ways(conn: VsockStream, size: usize) -> (usize, f64) {
+    let start = std::time::Instant::now();
+    let (mut rd, mut wr) = conn.into_split();
+    let sender = tokio::spawn(async move {
+        let chunk = common::upstream::pattern(7, 256 * 1024);
+        let mut sent = 0;
+        while sent < size {
+            let n = chunk.len().min(size - sent);
+            wr.write_all(&chunk[..n]).await.unwrap();
+            sent += n;
+        }
+        wr.shutdown().await.unwrap();
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0;
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(120), rd.read(&mut buf))
+            .await
+            .expect("the transfer stalled")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        received += n;
+    }
+    sender.await.unwrap();
+    (received, start.elapsed().as_secs_f64())
+}
+
+#[test]
+fn throughput_shape_over_vsock_proxy_against_a_direct_vsock_connection() {
+    // A shape check, not a speed test (software emulation, shared machines): the same
+    // transfer over vsock straight to a vsock server and through the daemon to a TCP server,
+    // every byte counted; the figures are printed to the console log for the README's
+    // performance table. It fails only if bytes go missing.
+    if !in_vm("vsock_vm") {
+        return;
+    }
+    run_in_netns(|| async {
+        const PORT: u32 = 8009;
+        const DIRECT_PORT: u32 = 7009;
+        const SIZE: usize = 32 * 1024 * 1024;
+        add_lo_addr(ip("192.0.2.10"));
+        let up = sink_source_server("192.0.2.10:443".parse().unwrap(), SIZE).await;
+        let dir = tempfile::tempdir().unwrap();
+        let _proxy = start_daemon(
+            &dir,
+            &format!("vsock:{PORT}"),
+            PORT,
+            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
+            "192.0.2.10",
+            &[],
+        )
+        .await;
+        // The direct peer: a vsock server doing what the TCP sink/source does.
+        let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, DIRECT_PORT)).unwrap();
+        let direct_server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (mut rd, mut wr) = s.into_split();
+            let sender = tokio::spawn(async move {
+                let chunk = common::upstream::pattern(9, 256 * 1024);
+                let mut sent = 0;
+                while sent < SIZE {
+                    let n = chunk.len().min(SIZE - sent);
+                    wr.write_all(&chunk[..n]).await.unwrap();
+                    sent += n;
+                }
+                wr.shutdown().await.unwrap();
+            });
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut received = 0;
+            loop {
+                let n = rd.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                received += n;
+            }
+            sender.await.unwrap();
+            received
+        });
+        let (direct_conn, _) = vsock_connect(DIRECT_PORT).await;
+        let (direct_received, direct_seconds) = both_ways(direct_conn, SIZE).await;
+        assert_eq!(direct_received, SIZE, "direct: bytes to the client");
+        assert_eq!(
+            direct_server.await.unwrap(),
+            SIZE,
+            "direct: bytes to the server"
+        );
+
+        let (proxy_conn, _) = vsock_connect(PORT).await;
+        let (proxy_received, proxy_seconds) = both_ways(proxy_conn, SIZE).await;
+        assert_eq!(proxy_received, SIZE, "proxy: bytes to the client");
+        let upstream = up.wait_result(Duration::from_secs(30)).await;
+        assert_eq!(
+            upstream.received, SIZE as u64,
+            "proxy: bytes to the upstream"
+        );
+
+        let mib_s = |seconds: f64| 2.0 * SIZE as f64 / (1024.0 * 1024.0) / seconds;
+        // Straight to stderr, past libtest's capture, so the console log always has it.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "vsock shape check: {} MiB each way at once: direct vsock {:.0} MiB/s, through the \
+             proxy (vsock -> TCP) {:.0} MiB/s, ratio {:.2}",
+            SIZE >> 20,
+            mib_s(direct_seconds),
+            mib_s(proxy_seconds),
+            direct_seconds / proxy_seconds
+        );
+    });
+}
