@@ -486,7 +486,7 @@ fn idle_rows(bench: &Bench, echo_addr: SocketAddr) -> Vec<Row> {
 
 /// `BENCH_VERBOSE=1` prints every sample.
 fn verbose() -> bool {
-    std::env::var_os("BENCH_VERBOSE").is_some()
+    std::env::var_os("BENCH_VERBOSE").is_some_and(|v| !v.is_empty())
 }
 
 fn pick(path: Path, direct: SocketAddr, proxy: SocketAddr) -> SocketAddr {
