@@ -128,3 +128,44 @@ pub fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
     };
     super::side::cvt(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capacity(pipe: &Pipe) -> usize {
+        // SAFETY: fcntl on a descriptor the pipe owns.
+        let size = unsafe { libc::fcntl(pipe.write_fd(), libc::F_GETPIPE_SZ) };
+        assert!(size > 0, "F_GETPIPE_SZ: {}", io::Error::last_os_error());
+        size as usize
+    }
+
+    #[test]
+    fn an_enlarged_pipe_has_the_capacity_and_is_counted_until_dropped() {
+        // Other tests in this process open pipes too, so this holds at most a few and checks
+        // what each says of itself rather than the exact global count.
+        let pipes: Vec<Pipe> = (0..4).map(|_| Pipe::open().unwrap()).collect();
+        for pipe in &pipes {
+            if pipe.enlarged {
+                assert_eq!(capacity(pipe), ENLARGED_CAPACITY);
+                assert!(ENLARGED.load(Ordering::Relaxed) >= 1);
+            } else {
+                assert!(capacity(pipe) < ENLARGED_CAPACITY);
+            }
+        }
+        assert!(
+            pipes.iter().any(|p| p.enlarged),
+            "none of 4 pipes was enlarged although at most {MAX_ENLARGED} may be"
+        );
+        // The kernel takes a whole capacity's worth in one non-blocking call.
+        let pipe = pipes.iter().find(|p| p.enlarged).unwrap();
+        let data = vec![0x5au8; ENLARGED_CAPACITY];
+        // SAFETY: writes from a live buffer into the pipe's write end.
+        let wrote = unsafe { libc::write(pipe.write_fd(), data.as_ptr().cast(), data.len()) };
+        assert_eq!(
+            wrote as usize, ENLARGED_CAPACITY,
+            "the pipe took less than its capacity"
+        );
+        drop(pipes);
+    }
+}
