@@ -290,16 +290,19 @@ fn throughput_rows(bench: &Bench) -> Vec<Row> {
                                 round + 1
                             )
                         });
+                    let ticks = sink_proxy.cpu_ticks().saturating_sub(before);
                     if path == Path::Proxy && streams == 1 {
-                        proxy_ticks += sink_proxy.cpu_ticks().saturating_sub(before);
+                        proxy_ticks += ticks;
                         proxy_bytes += scale.bytes;
                     }
                     if verbose() {
                         println!(
-                            "  {streams} stream(s) {} {} round {}: {seconds:.4} s",
+                            "  {streams} stream(s) {} {} round {}: {seconds:.4} s, proxy CPU \
+                             {:.2} cores",
                             dir.name(),
                             path_name(path),
-                            round + 1
+                            round + 1,
+                            ticks as f64 / ticks_per_second / seconds
                         );
                     }
                     rates[path as usize].push(total as f64 / GIB / seconds);
