@@ -799,7 +799,8 @@ fn a_burst_of_connects_while_the_daemon_is_busy_is_queued_not_reset() {
 }
 
 /// Moves `size` bytes each way at once over `conn` (send a pattern, half-close, read to the
-/// end); returns the bytes received and the seconds it took.
+/// end; either end of a connection may run it); returns the bytes received and the seconds it
+/// took.
 async fn both_ways(conn: VsockStream, size: usize) -> (usize, f64) {
     let start = std::time::Instant::now();
     let (mut rd, mut wr) = conn.into_split();
@@ -858,28 +859,7 @@ fn throughput_shape_over_vsock_proxy_against_a_direct_vsock_connection() {
         let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, DIRECT_PORT)).unwrap();
         let direct_server = tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();
-            let (mut rd, mut wr) = s.into_split();
-            let sender = tokio::spawn(async move {
-                let chunk = common::upstream::pattern(9, 256 * 1024);
-                let mut sent = 0;
-                while sent < SIZE {
-                    let n = chunk.len().min(SIZE - sent);
-                    wr.write_all(&chunk[..n]).await.unwrap();
-                    sent += n;
-                }
-                wr.shutdown().await.unwrap();
-            });
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut received = 0;
-            loop {
-                let n = rd.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                received += n;
-            }
-            sender.await.unwrap();
-            received
+            both_ways(s, SIZE).await.0
         });
         let (direct_conn, _) = vsock_connect(DIRECT_PORT).await;
         let (direct_received, direct_seconds) = both_ways(direct_conn, SIZE).await;

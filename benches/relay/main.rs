@@ -165,9 +165,11 @@ struct Bench {
 }
 
 impl Bench {
-    /// The proxy's arguments besides the route: `extra`, then `BENCH_RELAY`'s.
-    fn proxy_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
-        [extra, self.relay_args.as_slice()].concat()
+    /// A proxy of its own to `upstream` that takes up to 10,000 connections at once.
+    fn many_connections_proxy(&self, upstream: SocketAddr) -> Proxy {
+        let args = [&["--max-connections", "10000"], self.relay_args.as_slice()].concat();
+        Proxy::start(upstream, None, &args)
+            .unwrap_or_else(|e| panic!("start a proxy to {upstream}: {e}"))
     }
 }
 
@@ -334,13 +336,7 @@ fn throughput_rows(bench: &Bench) -> Vec<Row> {
 fn connection_rows(bench: &Bench, echo_addr: SocketAddr) -> (Vec<Row>, Vec<String>) {
     let scale = &bench.scale;
     let mut rows = Vec::new();
-    // Connections per second.
-    let echo_proxy = Proxy::start(
-        echo_addr,
-        None,
-        &bench.proxy_args(&["--max-connections", "10000"]),
-    )
-    .expect("start the proxy to the echo server");
+    let echo_proxy = bench.many_connections_proxy(echo_addr);
     let mut rates = [Vec::new(), Vec::new()];
     let mut errors = [0u64, 0u64];
     let mut error_kinds = std::collections::BTreeMap::new();
@@ -429,13 +425,7 @@ fn idle_rows(bench: &Bench, echo_addr: SocketAddr) -> Vec<Row> {
     let scale = &bench.scale;
     let nofile = bench.nofile;
     let mut rows = Vec::new();
-    // Memory per idle relayed connection, in a proxy of its own.
-    let idle_proxy = Proxy::start(
-        echo_addr,
-        None,
-        &bench.proxy_args(&["--max-connections", "10000"]),
-    )
-    .expect("start the proxy for idle connections");
+    let idle_proxy = bench.many_connections_proxy(echo_addr);
     // This process holds both ends' sockets (client and echo server): two descriptors each.
     let affordable = (nofile.saturating_sub(256) / 2) as usize;
     let steps: Vec<usize> = scale
