@@ -329,9 +329,6 @@ impl Direction<'_> {
             };
             first = false;
             self.activity.touch();
-            // A burst from a fast source could run for ever: let tokio's budget say when to
-            // give the worker to other connections.
-            tokio::task::consume_budget().await;
             let mut left = n;
             while left > 0 {
                 let put = self.to.try_io(Interest::WRITABLE, || {
@@ -352,6 +349,9 @@ impl Direction<'_> {
                     Err(e) => return Err(self.writing(e)),
                 }
             }
+            // A burst from a fast source could run for ever: with the pipe empty, let tokio's
+            // budget say when to give the worker to other connections.
+            tokio::task::consume_budget().await;
         }
     }
 
@@ -378,7 +378,6 @@ impl Direction<'_> {
             // SAFETY: the kernel initialised the first `n <= cap` bytes.
             unsafe { buf.set_len(n) };
             self.activity.touch();
-            tokio::task::consume_budget().await;
             let mut sent = 0;
             while sent < n {
                 let rest = &buf[sent..];
@@ -413,6 +412,8 @@ impl Direction<'_> {
                 buf = Vec::with_capacity(next);
             }
             *size = buf.capacity();
+            // As in the splice burst: a fast source shares the worker when the budget says.
+            tokio::task::consume_budget().await;
         }
     }
 }
