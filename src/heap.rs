@@ -5,19 +5,26 @@
 //! owns the one remedy, `malloc_trim(0)` (which returns every whole free page of every arena),
 //! and when to use it: once the number of open connections has fallen to half its peak since
 //! the last trim, by at least [`TRIM_STEP`] connections, or to zero after at least
-//! [`TRIM_STEP_AT_ZERO`]. The trim runs on a blocking thread, one at a time, so it never stalls
-//! the accept loop or a relay. On other C libraries it does nothing.
+//! [`TRIM_STEP_AT_ZERO`]. The trim runs [`SETTLE`] later — after the rest of the wave has
+//! closed and its log lines have been written, which are freed only then — on a blocking
+//! thread, one at a time, so it never stalls the accept loop or a relay. On other C libraries
+//! it does nothing.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// A fall in open connections smaller than this is ordinary churn, not a wave ending.
 const TRIM_STEP: usize = 256;
 /// When the last connection closes, a peak at least this high is worth a trim.
 const TRIM_STEP_AT_ZERO: usize = 32;
 
+/// How long after a wave's end a trim waits for the rest of it.
+pub const SETTLE: Duration = Duration::from_millis(500);
+
 /// The most connections open at once since the last trim.
 static PEAK: AtomicUsize = AtomicUsize::new(0);
-static TRIMMING: AtomicBool = AtomicBool::new(false);
+/// A trim is on its way (it also covers what closes before it runs).
+static PENDING: AtomicBool = AtomicBool::new(false);
 
 /// A connection opened; `open_now` are open, this one included.
 pub fn opened(open_now: usize) {
@@ -27,13 +34,18 @@ pub fn opened(open_now: usize) {
 /// A connection ended; `open_now` are still open. Must be called within the tokio runtime.
 pub fn closed(open_now: usize) {
     let peak = PEAK.load(Ordering::Relaxed);
-    if !worth_a_trim(peak, open_now) || TRIMMING.swap(true, Ordering::AcqRel) {
+    if !worth_a_trim(peak, open_now) {
         return;
     }
     PEAK.store(open_now, Ordering::Relaxed);
-    tokio::task::spawn_blocking(|| {
-        trim();
-        TRIMMING.store(false, Ordering::Release);
+    if PENDING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(async {
+        tokio::time::sleep(SETTLE).await;
+        // Cleared first: a wave that ends while this trim runs gets a trim of its own.
+        PENDING.store(false, Ordering::Release);
+        let _ = tokio::task::spawn_blocking(trim).await;
     });
 }
 

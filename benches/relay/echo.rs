@@ -236,7 +236,8 @@ pub fn idle_memory(proxy: &Proxy, steps: &[usize]) -> IdleMemory {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    thread::sleep(Duration::from_millis(500));
+    // The proxy gives freed memory back half a second after a wave of connections ends.
+    thread::sleep(Duration::from_millis(1500));
     IdleMemory {
         start_kib,
         steps: measured,

@@ -45,8 +45,12 @@ impl Proxy {
             .arg(&config)
             .args(extra)
             // As deployed but without the per-connection INFO line, which costs ≈ 10 % of
-            // connections per second (the bench measures the relay, not the logger).
-            .env("RUST_LOG", "warn")
+            // connections per second (the bench measures the relay, not the logger);
+            // BENCH_RUST_LOG=info measures with it.
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
