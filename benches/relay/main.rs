@@ -21,7 +21,8 @@
 //! (`shared/notes/benchmarking.md`). It takes about a minute. `BENCH_BYTES=128M` changes
 //! the bytes per single-stream transfer (default 512 MiB; 64 streams move 4× that in all);
 //! `BENCH_RELAY=copy` runs the proxy with `--relay copy`, to compare with splice, and
-//! `BENCH_PROXY_ARGS="-w 1"` gives it more arguments;
+//! `BENCH_PROXY_ARGS="-w 1"` gives it more arguments, `BENCH_RUST_LOG=info` its log level
+//! (default `warn`: no per-connection span or line);
 //! `BENCH_VERBOSE=1` prints every throughput sample; `BENCH_ONLY=latency` (or a comma-separated
 //! list of throughput, connections, latency, idle) measures only those.
 //!
