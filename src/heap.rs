@@ -19,7 +19,7 @@ const TRIM_STEP: usize = 256;
 const TRIM_STEP_AT_ZERO: usize = 32;
 
 /// How long after a wave's end a trim waits for the rest of it.
-pub const SETTLE: Duration = Duration::from_millis(500);
+const SETTLE: Duration = Duration::from_millis(500);
 
 /// The most connections open at once since the last trim.
 static PEAK: AtomicUsize = AtomicUsize::new(0);

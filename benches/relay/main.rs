@@ -160,7 +160,8 @@ impl Row {
 /// What every section needs.
 struct Bench {
     scale: Scale,
-    relay_args: Vec<&'static str>,
+    /// The proxy's arguments besides the route (`BENCH_RELAY`, `BENCH_PROXY_ARGS`).
+    proxy_args: Vec<String>,
     pattern: Arc<Vec<u8>>,
     nofile: u64,
 }
@@ -168,7 +169,8 @@ struct Bench {
 impl Bench {
     /// A proxy of its own to `upstream` that takes up to 10,000 connections at once.
     fn many_connections_proxy(&self, upstream: SocketAddr) -> Proxy {
-        let args = [&["--max-connections", "10000"], self.relay_args.as_slice()].concat();
+        let limit = ["--max-connections".to_owned(), "10000".to_owned()];
+        let args = [limit.as_slice(), self.proxy_args.as_slice()].concat();
         Proxy::start(upstream, None, &args)
             .unwrap_or_else(|e| panic!("start a proxy to {upstream}: {e}"))
     }
@@ -177,23 +179,20 @@ impl Bench {
 fn main() {
     let scale = Scale::from_args();
     let nofile = proxy::raise_open_file_limit();
-    let mut relay_args: Vec<&'static str> = match std::env::var("BENCH_RELAY").as_deref() {
-        Ok("copy") => vec!["--relay", "copy"],
+    let mut proxy_args: Vec<String> = match std::env::var("BENCH_RELAY").as_deref() {
+        Ok("copy") => vec!["--relay".into(), "copy".into()],
         Ok("auto") | Err(_) => vec![],
         Ok(other) => panic!("BENCH_RELAY={other:?}: expected auto or copy"),
     };
     // BENCH_PROXY_ARGS="-w 1": more of the proxy's options, to compare settings in one run.
     if let Ok(more) = std::env::var("BENCH_PROXY_ARGS") {
-        relay_args.extend(
-            more.split_whitespace()
-                .map(|a| &*String::leak(a.to_owned())),
-        );
+        proxy_args.extend(more.split_whitespace().map(str::to_owned));
     }
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let wanted = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
     let bench = Bench {
         scale,
-        relay_args,
+        proxy_args,
         pattern: Arc::new(throughput::pattern()),
         nofile,
     };
@@ -206,14 +205,14 @@ fn main() {
         } else {
             " (smoke run under cargo test; numbers meaningless)"
         },
-        if bench.relay_args.contains(&"copy") {
+        if bench.proxy_args.iter().any(|a| a == "copy") {
             "copy"
         } else {
             "auto (splice)"
         },
         throughput::human_bytes(bench.scale.bytes),
         bench.scale.rounds,
-        bench.relay_args,
+        bench.proxy_args,
     );
     let echo_addr = echo::start_echo(None).expect("start the echo server");
     let started = Instant::now();
@@ -251,7 +250,7 @@ fn throughput_rows(bench: &Bench) -> Vec<Row> {
     let pattern = &bench.pattern;
     let sink = throughput::start_sink().expect("start the sink server");
     let sink_proxy =
-        Proxy::start(sink, None, &bench.relay_args).expect("start the proxy to the sink");
+        Proxy::start(sink, None, &bench.proxy_args).expect("start the proxy to the sink");
     let ticks_per_second = proxy::clock_ticks_per_second();
     for path in [Path::Direct, Path::Proxy] {
         let addr = pick(path, sink, sink_proxy.addr);
@@ -382,10 +381,10 @@ fn latency_rows(bench: &Bench, echo_addr: SocketAddr) -> Vec<Row> {
     let scale = &bench.scale;
     let mut rows = Vec::new();
     let pinned_echo_addr = echo::start_echo(Some(0)).expect("start the pinned echo server");
-    let echo_proxy = Proxy::start(echo_addr, None, &bench.relay_args)
+    let echo_proxy = Proxy::start(echo_addr, None, &bench.proxy_args)
         .expect("start the proxy to the echo server");
     // 64-byte round trips: unpinned, then everything on CPU 0.
-    let pinned_proxy = Proxy::start(pinned_echo_addr, Some(0), &bench.relay_args)
+    let pinned_proxy = Proxy::start(pinned_echo_addr, Some(0), &bench.proxy_args)
         .expect("start the proxy pinned to CPU 0");
     for (label, upstream, via, pin) in [
         ("unpinned", echo_addr, &echo_proxy, None),

@@ -22,7 +22,11 @@ impl Proxy {
     /// Starts `nitro-vsock-proxy tcp:127.0.0.1:P <upstream ip> <upstream port>` with an allowlist
     /// naming exactly the upstream, and `extra` arguments; with `pin_cpu`, the whole process
     /// (every thread it starts) runs on that CPU only. Returns once it accepts connections.
-    pub fn start(upstream: SocketAddr, pin_cpu: Option<usize>, extra: &[&str]) -> io::Result<Self> {
+    pub fn start(
+        upstream: SocketAddr,
+        pin_cpu: Option<usize>,
+        extra: &[impl AsRef<std::ffi::OsStr>],
+    ) -> io::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("allowlist.yaml");
         // Loopback is denied unless an entry names the IP explicitly.

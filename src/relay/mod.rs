@@ -10,8 +10,9 @@
 //! **How bytes move.** Each direction waits for its source to be readable (tokio's readiness,
 //! see [`side`]), then moves a burst until the source has nothing more for now:
 //! - with splice(2) ([`RelayMode::Auto`], the default): socket → pipe → socket in the kernel,
-//!   no copy through user space and two system calls per chunk of up to the pipe's capacity. The pipe comes
-//!   from a bounded pool ([`pipes`]) at the start of a burst and goes back, empty, at its end.
+//!   no copy through user space and two system calls per chunk of up to the pipe's capacity.
+//!   The pipe comes from a bounded pool ([`pipes`]) at the start of a burst and goes back,
+//!   empty, at its end.
 //!   Where the kernel refuses to splice from a socket (EINVAL: a socket type without
 //!   `splice_read`, e.g. AF_VSOCK on some kernels) that direction copies from then on; where no
 //!   pipe can be had (EMFILE/ENFILE) that burst copies. Both are logged once per process, never
@@ -26,10 +27,10 @@
 //!
 //! **Budget per connection.** Idle (nothing moving): no buffer and no pipe — the two sockets
 //! (2 descriptors), the connection's task and the kernel's socket buffers. While a direction
-//! moves bytes: one pipe (2 descriptors, up to 1 MiB of pipe pages, see [`pipes`]) or one buffer (up to 256
-//! KiB). So a connection needs at most 6 descriptors (2 sockets + 2 pipes), plus [`pipes::MAX_IDLE`]
-//! pooled pipes (2 descriptors each) for the whole process; the start-up file-limit check counts
-//! that.
+//! moves bytes: one pipe (2 descriptors, up to 1 MiB of pipe pages, see [`pipes`]) or one
+//! buffer (up to 256 KiB). So a connection needs at most 6 descriptors (2 sockets + 2 pipes),
+//! plus [`pipes::MAX_IDLE`] pooled pipes (2 descriptors each) for the whole process; the
+//! start-up file-limit check counts that.
 
 pub mod pipes;
 pub mod side;
@@ -438,12 +439,13 @@ async fn idle_watch(activity: &Activity, timeout: Option<Duration>) {
     // Boxed, and only with a timeout: a timer is a fifth of an idle connection's task.
     let mut sleep = Box::pin(tokio::time::sleep_until(activity.last() + timeout));
     loop {
+        sleep.as_mut().await;
+        // Activity since the timer was set moves the deadline on.
         let deadline = activity.last() + timeout;
         if Instant::now() >= deadline {
             return;
         }
         sleep.as_mut().reset(deadline);
-        sleep.as_mut().await;
     }
 }
 
