@@ -450,11 +450,21 @@ fn connect_and_sni_routes_over_vsock() {
 
 #[test]
 fn half_close_over_vsock_lets_the_response_through() {
+    half_close_over_vsock(8003, "auto");
+}
+
+#[test]
+fn half_close_over_vsock_lets_the_response_through_copy() {
+    half_close_over_vsock(8033, "copy");
+}
+
+/// A request, a half-close, then the whole response, through the daemon on vsock `port` with
+/// `--relay relay`.
+fn half_close_over_vsock(port: u32, relay: &'static str) {
     if !in_vm("vsock_vm") {
         return;
     }
-    run_in_netns(|| async {
-        const PORT: u32 = 8003;
+    run_in_netns(move || async move {
         add_lo_addr(ip("192.0.2.10"));
         // Answers only after it reads the client's EOF: the half-close must be passed on.
         let up = response_server(
@@ -465,14 +475,14 @@ fn half_close_over_vsock_lets_the_response_through() {
         let dir = tempfile::tempdir().unwrap();
         let proxy = start_daemon(
             &dir,
-            &format!("vsock:{PORT}"),
-            PORT,
+            &format!("vsock:{port}"),
+            port,
             "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
             "192.0.2.10",
-            &[],
+            &["--relay", relay],
         )
         .await;
-        let (mut conn, local_port) = vsock_connect(PORT).await;
+        let (mut conn, local_port) = vsock_connect(port).await;
         conn.write_all(b"GET /ip-ranges.json").await.unwrap();
         conn.shutdown(Shutdown::Write).unwrap();
         let mut reply = Vec::new();
@@ -497,11 +507,21 @@ fn half_close_over_vsock_lets_the_response_through() {
 
 #[test]
 fn sixty_four_mib_each_way_over_vsock_arrive_intact() {
+    sixty_four_mib_each_way_over_vsock(8004, "auto");
+}
+
+#[test]
+fn sixty_four_mib_each_way_over_vsock_arrive_intact_copy() {
+    sixty_four_mib_each_way_over_vsock(8034, "copy");
+}
+
+/// 64 MiB each way at once through the daemon on vsock `port` with `--relay relay`, each
+/// direction checked with SHA-256.
+fn sixty_four_mib_each_way_over_vsock(port: u32, relay: &'static str) {
     if !in_vm("vsock_vm") {
         return;
     }
-    run_in_netns(|| async {
-        const PORT: u32 = 8004;
+    run_in_netns(move || async move {
         const SIZE: usize = 64 * 1024 * 1024;
         const CLIENT_SEED: u64 = 0xC11E_4700;
         add_lo_addr(ip("192.0.2.10"));
@@ -509,14 +529,14 @@ fn sixty_four_mib_each_way_over_vsock_arrive_intact() {
         let dir = tempfile::tempdir().unwrap();
         let proxy = start_daemon(
             &dir,
-            &format!("vsock:{PORT}"),
-            PORT,
+            &format!("vsock:{port}"),
+            port,
             "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
             "192.0.2.10",
-            &[],
+            &["--relay", relay],
         )
         .await;
-        let (conn, local_port) = vsock_connect(PORT).await;
+        let (conn, local_port) = vsock_connect(port).await;
         let (mut rd, mut wr) = conn.into_split();
 
         let sender = tokio::spawn(async move {
