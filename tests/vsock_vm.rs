@@ -73,6 +73,24 @@ async fn vsock_connect(port: u32) -> (VsockStream, u32) {
     (stream, local.port())
 }
 
+/// The usual daemon of these tests: vsock `port` to 192.0.2.10:443, with an allowlist naming
+/// exactly that and `extra` arguments.
+async fn start_daemon_to_test_upstream(
+    dir: &tempfile::TempDir,
+    port: u32,
+    extra: &[&str],
+) -> Proxy {
+    start_daemon(
+        dir,
+        &format!("vsock:{port}"),
+        port,
+        "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
+        "192.0.2.10",
+        extra,
+    )
+    .await
+}
+
 /// Starts the daemon listening on `listen` (a vsock listen address) for `remote`:443 with
 /// `yaml` as its allowlist, asking the test's DNS server, and waits until it logs that it
 /// listens on vsock port `port` of any CID.
@@ -473,15 +491,7 @@ fn half_close_over_vsock(port: u32, relay: &'static str) {
         )
         .await;
         let dir = tempfile::tempdir().unwrap();
-        let proxy = start_daemon(
-            &dir,
-            &format!("vsock:{port}"),
-            port,
-            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
-            "192.0.2.10",
-            &["--relay", relay],
-        )
-        .await;
+        let proxy = start_daemon_to_test_upstream(&dir, port, &["--relay", relay]).await;
         let (mut conn, local_port) = vsock_connect(port).await;
         conn.write_all(b"GET /ip-ranges.json").await.unwrap();
         conn.shutdown(Shutdown::Write).unwrap();
@@ -527,15 +537,7 @@ fn sixty_four_mib_each_way_over_vsock(port: u32, relay: &'static str) {
         add_lo_addr(ip("192.0.2.10"));
         let up = sink_source_server("192.0.2.10:443".parse().unwrap(), SIZE).await;
         let dir = tempfile::tempdir().unwrap();
-        let proxy = start_daemon(
-            &dir,
-            &format!("vsock:{port}"),
-            port,
-            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
-            "192.0.2.10",
-            &["--relay", relay],
-        )
-        .await;
+        let proxy = start_daemon_to_test_upstream(&dir, port, &["--relay", relay]).await;
         let (conn, local_port) = vsock_connect(port).await;
         let (mut rd, mut wr) = conn.into_split();
 
@@ -617,15 +619,7 @@ fn two_hundred_concurrent_vsock_connections() {
         add_lo_addr(ip("192.0.2.10"));
         let up = echo_server("192.0.2.10:443".parse().unwrap()).await;
         let dir = tempfile::tempdir().unwrap();
-        let proxy = start_daemon(
-            &dir,
-            &format!("vsock:{PORT}"),
-            PORT,
-            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
-            "192.0.2.10",
-            &[],
-        )
-        .await;
+        let proxy = start_daemon_to_test_upstream(&dir, PORT, &[]).await;
         // All of them are open at once: each gets its echo, then waits for every other. At
         // most CONNECTING connections are waiting to be accepted at a time, below the daemon's
         // listen backlog (see `a_burst_of_connects_while_the_daemon_is_busy_is_queued_not_reset`).
@@ -698,15 +692,7 @@ fn max_connections_closes_excess_vsock_connections_at_once_and_recovers() {
         add_lo_addr(ip("192.0.2.10"));
         let up = echo_server("192.0.2.10:443".parse().unwrap()).await;
         let dir = tempfile::tempdir().unwrap();
-        let proxy = start_daemon(
-            &dir,
-            &format!("vsock:{PORT}"),
-            PORT,
-            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
-            "192.0.2.10",
-            &["--max-connections", "2"],
-        )
-        .await;
+        let proxy = start_daemon_to_test_upstream(&dir, PORT, &["--max-connections", "2"]).await;
         let mut held = Vec::new();
         for i in 0..2u8 {
             let (mut c, _) = vsock_connect(PORT).await;
@@ -778,15 +764,7 @@ fn a_burst_of_connects_while_the_daemon_is_busy_is_queued_not_reset() {
         add_lo_addr(ip("192.0.2.10"));
         let up = echo_server("192.0.2.10:443".parse().unwrap()).await;
         let dir = tempfile::tempdir().unwrap();
-        let proxy = start_daemon(
-            &dir,
-            &format!("vsock:{PORT}"),
-            PORT,
-            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
-            "192.0.2.10",
-            &[],
-        )
-        .await;
+        let proxy = start_daemon_to_test_upstream(&dir, PORT, &[]).await;
         proxy.signal(libc::SIGSTOP);
         let connects: Vec<_> = (0..N)
             .map(|_| tokio::spawn(VsockStream::connect(VsockAddr::new(VMADDR_CID_LOCAL, PORT))))
@@ -866,15 +844,7 @@ fn throughput_shape_over_vsock_proxy_against_a_direct_vsock_connection() {
         add_lo_addr(ip("192.0.2.10"));
         let up = sink_source_server("192.0.2.10:443".parse().unwrap(), SIZE).await;
         let dir = tempfile::tempdir().unwrap();
-        let _proxy = start_daemon(
-            &dir,
-            &format!("vsock:{PORT}"),
-            PORT,
-            "allowlist:\n- {address: 192.0.2.10, port: 443}\n",
-            "192.0.2.10",
-            &[],
-        )
-        .await;
+        let _proxy = start_daemon_to_test_upstream(&dir, PORT, &[]).await;
         // The direct peer: a vsock server doing what the TCP sink/source does.
         let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, DIRECT_PORT)).unwrap();
         let direct_server = tokio::spawn(async move {
