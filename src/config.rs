@@ -7,21 +7,21 @@
 //! It does no I/O besides reading the one file and knows nothing about DNS or connections;
 //! decisions live in [`crate::policy`], what a route is in [`crate::route`].
 //!
-//! serde_yaml reports where a value is only when deserializing it fails, so [`locate`] finds the
-//! line of an item that parsed fine (for `--check-config` and for errors found after parsing,
-//! such as two routes on one listen address) by deserializing the text again with a seed that
-//! fails on purpose at that item.
+//! serde_yaml reports where a value is only when deserializing it fails, so the lines of items
+//! that parsed fine (for `--check-config` and for errors found after parsing, such as two routes
+//! on one listen address) come from [`crate::locate`], one pass over the same text.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use std::time::Duration;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use crate::endpoint::Endpoint;
 use crate::host::HostPattern;
+use crate::locate::Locations;
 use crate::remote::Remote;
 
 /// One `{address, port}` item of the allowlist.
@@ -151,8 +151,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             })
         }
     };
+    let locations = Locations::find(text);
     let allowlist_lines = (0..entries.len())
-        .map(|i| locate(text, "allowlist", i, None).map(|(line, _)| line))
+        .map(|i| locations.line("allowlist", i))
         .collect();
     let allowlist = Allowlist {
         entries: entries
@@ -166,7 +167,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let mut routes: Vec<RouteConfig> = Vec::new();
     for (i, r) in file.routes.unwrap_or_default().into_iter().enumerate() {
         if let Some(first) = routes.iter().position(|seen| seen.listen == r.listen.0) {
-            let (line, column) = locate(text, "routes", i, Some("listen")).unzip();
+            let (line, column) = locations.get("routes", i, Some("listen")).unzip();
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
                 line,
@@ -182,7 +183,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             });
         }
         let kind = route_kind(&r).map_err(|(key, message)| {
-            let (line, column) = locate(text, "routes", i, key).unzip();
+            let (line, column) = locations.get("routes", i, key).unzip();
             ConfigError::Invalid {
                 path: path.to_owned(),
                 line,
@@ -198,7 +199,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             kind,
             max_connections: r.max_connections,
             idle_timeout: r.idle_timeout.map(|d| d.0),
-            line: locate(text, "routes", i, None).map(|(line, _)| line),
+            line: locations.line("routes", i),
         });
     }
     let metrics_listen = match file.metrics_listen {
@@ -565,182 +566,11 @@ impl Visitor<'_> for AddressVisitor {
     }
 }
 
-/// The error text [`locate`] makes serde_yaml stop at.
-const LOCATE_MARK: &str = "\u{1}nvp-locate";
-
-/// Where `section[index]` (or its `key`) is in `text`, as (line, column): `None` if it is not
-/// there. `text` must be the text that parsed.
-pub fn locate(
-    text: &str,
-    section: &str,
-    index: usize,
-    key: Option<&str>,
-) -> Option<(usize, usize)> {
-    let target = Locate {
-        section,
-        index,
-        key,
-    };
-    match target.deserialize(serde_yaml::Deserializer::from_str(text)) {
-        Err(e) if e.to_string().contains(LOCATE_MARK) => {
-            e.location().map(|l| (l.line(), l.column()))
-        }
-        _ => None,
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Locate<'a> {
-    section: &'a str,
-    index: usize,
-    key: Option<&'a str>,
-}
-
-impl<'de> DeserializeSeed<'de> for Locate<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(LocateTop(self))
-    }
-}
-
-struct LocateTop<'a>(Locate<'a>);
-
-impl<'de> Visitor<'de> for LocateTop<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a map")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<String>()? {
-            if key == self.0.section {
-                map.next_value_seed(LocateSeq(self.0))?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-struct LocateSeq<'a>(Locate<'a>);
-
-impl<'de> DeserializeSeed<'de> for LocateSeq<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for LocateSeq<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a list")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut i = 0;
-        loop {
-            let more = if i == self.0.index {
-                match self.0.key {
-                    None => seq.next_element_seed(StopHere)?,
-                    Some(key) => seq.next_element_seed(LocateKey(key))?,
-                }
-            } else {
-                seq.next_element::<IgnoredAny>()?.map(|_| ())
-            };
-            if more.is_none() {
-                return Ok(());
-            }
-            i += 1;
-        }
-    }
-}
-
-struct LocateKey<'a>(&'a str);
-
-impl<'de> DeserializeSeed<'de> for LocateKey<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for LocateKey<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a map")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<String>()? {
-            if key == self.0 {
-                map.next_value_seed(StopHere)?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Fails at whatever value it is given, so that serde_yaml reports that value's location.
-struct StopHere;
-
-impl<'de> DeserializeSeed<'de> for StopHere {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for StopHere {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("anything")
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Err(E::custom(LOCATE_MARK))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Err(E::custom(LOCATE_MARK))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Err(E::custom(LOCATE_MARK))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Err(E::custom(LOCATE_MARK))
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Err(E::custom(LOCATE_MARK))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Err(E::custom(LOCATE_MARK))
-    }
-    fn visit_none<E: de::Error>(self) -> Result<(), E> {
-        Err(E::custom(LOCATE_MARK))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Err(de::Error::custom(LOCATE_MARK))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Err(de::Error::custom(LOCATE_MARK))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::host::HostName;
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess};
 
     fn parse_str(text: &str) -> Result<Allowlist, ConfigError> {
         parse_config(text).map(|c| c.allowlist)
@@ -968,11 +798,65 @@ mod tests {
     #[test]
     fn locate_finds_items_and_keys_in_block_and_flow_style() {
         let text = "allowlist:\n  - {address: a.example, port: 443}\n  - address: b.example\n    port: 443\nroutes: [{listen: 1, remote: 'a.example:443'}]\n";
-        assert_eq!(locate(text, "allowlist", 0, None), Some((2, 5)));
-        assert_eq!(locate(text, "allowlist", 1, Some("port")), Some((4, 11)));
-        assert_eq!(locate(text, "routes", 0, Some("remote")), Some((5, 30)));
-        assert_eq!(locate(text, "routes", 1, None), None);
-        assert_eq!(locate(text, "nothing", 0, None), None);
+        let found = Locations::find(text);
+        assert_eq!(found.get("allowlist", 0, None), Some((2, 5)));
+        assert_eq!(found.get("allowlist", 1, Some("port")), Some((4, 11)));
+        assert_eq!(found.get("routes", 0, Some("remote")), Some((5, 30)));
+        assert_eq!(found.get("routes", 1, None), None);
+        assert_eq!(found.get("nothing", 0, None), None);
+    }
+
+    /// The one-pass walk finds every item and key exactly where serde_yaml itself reports it.
+    #[test]
+    fn one_pass_locations_agree_with_serde_yaml_everywhere() {
+        let texts = [
+            "allowlist:\n  - {address: a.example, port: 443}\n  - address: b.example\n    port: 443\nroutes: [{listen: 1, remote: 'a.example:443'}]\n",
+            "# AWS's file\nallowlist:\n- {address: kms.us-east-1.amazonaws.com, port: 443}\n-   { address: \"10.0.0.0/8\" , port: 80 }\n\n-\n  address: '*.example.com'\n  port: 443\n",
+            "routes:\n  - listen: 8000\n    remote: kms.example.com:443\n    sni: require\n    max_connections: 5\n  - {listen: 'tcp:127.0.0.1:9000', mode: connect, idle_timeout: 5m}\n  - listen: 8011\n    mode: sni\n    port: 443\nallowlist:\n  - address: x.example\n    port: 1\nmetrics_listen: tcp:127.0.0.1:9100\n",
+            "allowlist: [{address: a, port: 1}, {address: b, port: 2},\n  {address: c,\n   port: 3}]\n",
+            "allowlist:\n  - address: >-\n      folded.example\n    port: 443\n  - address: \"quoted\\u0041.example\"\n    port: 443\n  - {port: 9, address: [nested, list]}\n",
+            "---\nallowlist:\n  - &first {address: a.example, port: 1}\n  - ünïcödé: x\n    port: 2\n",
+            "allowlist:\r\n  - address: crlf.example\r\n    port: 443\r\n  - address:\r\n      next-line.example\r\n    port: |\r\n      443\r\n",
+            "allowlist:\n  # a comment\n  - address: !!str tagged.example   # trailing\n    port: >  # why\n      443\n  - address: multi\n      line.example\n    port:\n\n      443\n",
+            "allowlist:\n- address: a\n  port: 1\n- ? address\n  : b\n  port: 2\n",
+        ];
+        for text in texts {
+            let found = Locations::find(text);
+            for section in ["allowlist", "routes"] {
+                for index in 0..5 {
+                    for key in [
+                        None,
+                        Some("address"),
+                        Some("port"),
+                        Some("listen"),
+                        Some("remote"),
+                        Some("mode"),
+                        Some("sni"),
+                    ] {
+                        assert_eq!(
+                            found.get(section, index, key),
+                            locate(text, section, index, key),
+                            "{section}[{index}] {key:?} in {text:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_entry_of_a_large_allowlist_gets_its_line() {
+        let mut text = String::from("allowlist:\n");
+        for i in 0..3000 {
+            text.push_str(&format!(
+                "  - {{address: 10.{}.{}.0/24, port: 443}}\n",
+                i / 256,
+                i % 256
+            ));
+        }
+        let config = parse_config(&text).unwrap();
+        assert_eq!(config.allowlist_lines.len(), 3000);
+        assert_eq!(config.allowlist_lines[2999], Some(3001));
     }
 
     #[test]
@@ -992,5 +876,179 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    // The seeds below are the way lines were found before [`Locations`]: serde_yaml itself,
+    // made to fail at the item. They stay as the oracle that the one-pass walk must agree with.
+    /// The error text [`locate`] makes serde_yaml stop at.
+    const LOCATE_MARK: &str = "\u{1}nvp-locate";
+
+    /// Where `section[index]` (or its `key`) is in `text`, as (line, column): `None` if it is not
+    /// there. `text` must be the text that parsed.
+    fn locate(
+        text: &str,
+        section: &str,
+        index: usize,
+        key: Option<&str>,
+    ) -> Option<(usize, usize)> {
+        let target = Locate {
+            section,
+            index,
+            key,
+        };
+        match target.deserialize(serde_yaml::Deserializer::from_str(text)) {
+            Err(e) if e.to_string().contains(LOCATE_MARK) => {
+                e.location().map(|l| (l.line(), l.column()))
+            }
+            _ => None,
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Locate<'a> {
+        section: &'a str,
+        index: usize,
+        key: Option<&'a str>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Locate<'_> {
+        type Value = ();
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_map(LocateTop(self))
+        }
+    }
+
+    struct LocateTop<'a>(Locate<'a>);
+
+    impl<'de> Visitor<'de> for LocateTop<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                if key == self.0.section {
+                    map.next_value_seed(LocateSeq(self.0))?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    struct LocateSeq<'a>(Locate<'a>);
+
+    impl<'de> DeserializeSeed<'de> for LocateSeq<'_> {
+        type Value = ();
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for LocateSeq<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0;
+            loop {
+                let more = if i == self.0.index {
+                    match self.0.key {
+                        None => seq.next_element_seed(StopHere)?,
+                        Some(key) => seq.next_element_seed(LocateKey(key))?,
+                    }
+                } else {
+                    seq.next_element::<IgnoredAny>()?.map(|_| ())
+                };
+                if more.is_none() {
+                    return Ok(());
+                }
+                i += 1;
+            }
+        }
+    }
+
+    struct LocateKey<'a>(&'a str);
+
+    impl<'de> DeserializeSeed<'de> for LocateKey<'_> {
+        type Value = ();
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for LocateKey<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                if key == self.0 {
+                    map.next_value_seed(StopHere)?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Fails at whatever value it is given, so that serde_yaml reports that value's location.
+    struct StopHere;
+
+    impl<'de> DeserializeSeed<'de> for StopHere {
+        type Value = ();
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for StopHere {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("anything")
+        }
+
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+            Err(E::custom(LOCATE_MARK))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+            Err(E::custom(LOCATE_MARK))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+            Err(E::custom(LOCATE_MARK))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+            Err(E::custom(LOCATE_MARK))
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+            Err(E::custom(LOCATE_MARK))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+            Err(E::custom(LOCATE_MARK))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<(), E> {
+            Err(E::custom(LOCATE_MARK))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+            Err(de::Error::custom(LOCATE_MARK))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+            Err(de::Error::custom(LOCATE_MARK))
+        }
     }
 }

@@ -28,6 +28,7 @@ pub mod heap;
 pub mod host;
 pub mod imds;
 pub mod journal;
+pub mod locate;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_server;

@@ -16,6 +16,11 @@
 //! * the proxy's resident memory per idle relayed connection at 1,000 and 9,000 connections
 //!   (each carried a byte end to end), and after they all closed.
 //!
+//! * the policy: `--check-config` on a generated allowlist of 100,000 CIDR entries and 10,000
+//!   names (target: under 1 s), and policy decisions per second at 10 and 100,000 entries (the
+//!   "direct" column holds the 10-entry figure: the ratio shows whether a decision grows with the
+//!   list) — [`policy`].
+//!
 //! Rounds alternate direct and proxy so drift in machine load hits both alike. The machine is
 //! shared and noisy: compare ratios within one run, never absolute figures across runs
 //! (`shared/notes/benchmarking.md`). It takes about a minute. `BENCH_BYTES=128M` changes
@@ -24,12 +29,13 @@
 //! `BENCH_PROXY_ARGS="-w 1"` gives it more arguments, `BENCH_RUST_LOG=info` its log level
 //! (default `warn`: no per-connection span or line);
 //! `BENCH_VERBOSE=1` prints every throughput sample; `BENCH_ONLY=latency` (or a comma-separated
-//! list of throughput, connections, latency, idle) measures only those.
+//! list of throughput, connections, latency, idle, policy) measures only those.
 //!
 //! Under `cargo test` (no `--bench` argument) it runs as a smoke test: small sizes, one round,
 //! a debug build, every check made, no meaningful numbers.
 
 mod echo;
+mod policy;
 mod proxy;
 mod throughput;
 
@@ -232,6 +238,9 @@ fn main() {
     if wanted("idle") {
         rows.extend(idle_rows(&bench, echo_addr));
     }
+    if wanted("policy") {
+        rows.extend(policy_rows(&bench));
+    }
     print_table(&rows);
     for note in notes {
         println!("{note}");
@@ -241,6 +250,32 @@ fn main() {
          INFO line)",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Loading a large allowlist, and a decision's cost at 10 and at 100,000 entries.
+fn policy_rows(bench: &Bench) -> Vec<Row> {
+    let (cidrs, names, time) = if bench.scale.full {
+        (100_000, 10_000, Duration::from_secs(1))
+    } else {
+        (2_000, 200, Duration::from_millis(50))
+    };
+    let load = policy::check_config_seconds(cidrs, names);
+    let small = policy::decisions_per_second(10, time);
+    let large = policy::decisions_per_second(cidrs, time);
+    vec![
+        Row::new(
+            format!("--check-config, {cidrs} CIDRs + {names} names, s"),
+            None,
+            load,
+            Target::AtMost(1.0),
+        ),
+        Row::new(
+            format!("policy decisions/s, {cidrs} entries (direct: 10)"),
+            Some(small),
+            large,
+            Target::RatioAtLeast(0.5),
+        ),
+    ]
 }
 
 /// Throughput, 1 stream and many, each way, and the proxy's CPU per GiB (after an integrity
