@@ -52,11 +52,14 @@ pub fn run(options: Options) -> ExitCode {
     };
     if options.check_config {
         let status = runtime.block_on(check::check_config(&options));
+        // Not joined: a read that missed its deadline may still be stuck on a blocking thread.
         runtime.shutdown_background();
         return ExitCode::from(status);
     }
     let result = runtime.block_on(serve(options, notifier.clone()));
-    // Connections still open after the drain timeout must not hold the process up.
+    // Connections still open after the drain timeout must not hold the process up, nor a
+    // configuration read stuck in the kernel on a blocking thread (dropping the runtime would
+    // join the blocking pool; a stop must not wait for a hung file system).
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use tracing::info;
 
@@ -87,11 +88,12 @@ pub struct Loaded {
     pub routes: Vec<Settings>,
 }
 
-/// Reads the file and builds the routes. Errors in the file or the arguments are
-/// [`Fatal::Config`]; an unreachable metadata service is [`Fatal::Runtime`].
+/// Reads the file (off the async workers, within [`CONFIG_READ_TIMEOUT`]) and builds the
+/// routes. Errors in the file or the arguments are [`Fatal::Config`]; an unreachable metadata
+/// service or a read that missed its deadline is [`Fatal::Runtime`].
 pub async fn load(options: &Options, metadata: &mut Metadata) -> Result<Loaded, Fatal> {
     let path = &options.config;
-    let config = config::load(path).map_err(|e| Fatal::Config(e.to_string()))?;
+    let config = load_file(path).await?;
     let specs = route::specs(options.positional_route(), &config, path).map_err(Fatal::Config)?;
     let mut routes = Vec::with_capacity(specs.len());
     for spec in specs {
@@ -147,6 +149,57 @@ pub async fn load(options: &Options, metadata: &mut Metadata) -> Result<Loaded, 
         policy,
         routes,
     })
+}
+
+/// How long reading and parsing the configuration file may take, at start-up, on reload and in
+/// `--check-config`. A local file takes milliseconds; this only bounds a file system that stopped
+/// answering (a hung network mount), where even stat() can block.
+pub const CONFIG_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`config::load`] on a blocking thread within [`CONFIG_READ_TIMEOUT`]: it does blocking I/O,
+/// and on an async worker it would stall every connection that worker serves (with `-w 1`, all
+/// of them, and the signal handling with them).
+async fn load_file(path: &Path) -> Result<Config, Fatal> {
+    let owned = path.to_owned();
+    match off_runtime(CONFIG_READ_TIMEOUT, move || config::load(&owned)).await {
+        Ok(Ok(config)) => Ok(config),
+        Ok(Err(e)) => Err(Fatal::Config(e.to_string())),
+        // Not the file's content that is wrong, so exit status 1: systemd tries again later.
+        Err(OffRuntime::TimedOut) => Err(Fatal::Runtime(format!(
+            "cannot read configuration file {}: reading and parsing it took longer than {}, so \
+             it was given up; check that the file system it is on answers (a hung network mount?)",
+            path.display(),
+            humantime::format_duration(CONFIG_READ_TIMEOUT)
+        ))),
+        Err(OffRuntime::Failed(e)) => Err(Fatal::Runtime(format!(
+            "cannot read configuration file {}: the thread reading it failed: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Why [`off_runtime`] has no result.
+#[derive(Debug)]
+enum OffRuntime {
+    /// The deadline passed; the thread is left to finish (or not) on its own.
+    TimedOut,
+    /// The work panicked or the runtime is shutting down.
+    Failed(tokio::task::JoinError),
+}
+
+/// Runs blocking `work` on tokio's blocking pool and waits for it at most `deadline`. On timeout
+/// the thread is abandoned, not joined: nothing here can interrupt a blocked system call, and
+/// the caller (a reload, or SIGTERM's handling waiting behind it) must go on. Exiting does not
+/// wait for it either: the runtime is shut down with `shutdown_background` (see `app::run`).
+async fn off_runtime<T: Send + 'static>(
+    deadline: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, OffRuntime> {
+    match tokio::time::timeout(deadline, tokio::task::spawn_blocking(work)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(OffRuntime::Failed(e)),
+        Err(_) => Err(OffRuntime::TimedOut),
+    }
 }
 
 /// The resolver settings the command line asks for.
@@ -408,5 +461,39 @@ pub async fn check_config(options: &Options) -> u8 {
             if problems == 1 { "" } else { "s" }
         );
         2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn blocking_work_past_the_deadline_is_given_up_without_blocking_the_worker() {
+        let started = std::time::Instant::now();
+        // Stands for a read stuck in the kernel; the one worker must stay free meanwhile.
+        let stuck = off_runtime(Duration::from_millis(100), || {
+            std::thread::sleep(Duration::from_secs(1))
+        });
+        let worker_free = tokio::spawn(async { 42 });
+        assert!(matches!(stuck.await, Err(OffRuntime::TimedOut)));
+        assert_eq!(worker_free.await.unwrap(), 42);
+        assert!(started.elapsed() < Duration::from_millis(800));
+        assert_eq!(off_runtime(Duration::from_secs(5), || 7).await.unwrap(), 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_fifo_as_the_configuration_file_is_a_configuration_error_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        let c = std::ffi::CString::new(path.display().to_string()).unwrap();
+        // SAFETY: a plain system call on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let started = std::time::Instant::now();
+        match load_file(&path).await {
+            Err(Fatal::Config(m)) => assert!(m.contains("is a FIFO (named pipe)"), "{m}"),
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

@@ -121,12 +121,16 @@ impl ConfigError {
     }
 }
 
-/// Reads and parses the configuration file at `path`.
+mod read;
+
+pub use read::MAX_FILE_SIZE;
+
+/// Reads and parses the configuration file at `path`. Blocking (reads a file, parses up to
+/// [`MAX_FILE_SIZE`] of YAML): async callers run it off the runtime's workers, see
+/// [`crate::check::load`]. Only a regular file is read (see [`read::read_text`]), so a FIFO or
+/// a device named by `--config` is an error instead of a hang or an unbounded read.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = read::read_text(path)?;
     parse(&text, path)
 }
 
