@@ -239,3 +239,36 @@ fn a_symlink_to_a_regular_file_is_a_fine_config() {
         }
     });
 }
+
+/// An allowlist the size of a large published prefix list loads, and every entry keeps its line:
+/// the check of a route allowed by the very last CIDR entry names that entry's index and line.
+/// (How long it takes is `make bench`'s figure, not asserted here.)
+#[test]
+fn check_config_on_100000_cidrs_and_10000_names_finishes_and_names_the_last_entrys_line() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("large.yaml");
+        let mut text = String::from("allowlist:\n");
+        for i in 0..10_000 {
+            text.push_str(&format!(
+                "  - {{address: name{i}.example.com, port: 443}}\n"
+            ));
+        }
+        for i in 0..100_000u32 {
+            let [w, x, y, z] = (0x0a00_0000 + (i << 8)).to_be_bytes();
+            text.push_str(&format!("  - {{address: {w}.{x}.{y}.{z}/24, port: 443}}\n"));
+        }
+        std::fs::write(&path, text).unwrap();
+        let config = path.display().to_string();
+        // The last block, 11.134.159.0/24, is entry 10,000 + 99,999 = 109,999, on line 110,001.
+        let remote = "11.134.159.7";
+        let out = run_to_exit(
+            &[LISTEN, remote, "443", "--config", &config, "--check-config"],
+            Duration::from_secs(300),
+        );
+        assert_eq!(out.status.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("configuration OK"), "{}", out.stdout);
+        let entry = "11.134.159.0/24:443 (allowlist[109999], line 110001)";
+        assert!(out.stdout.contains(entry), "names {entry}: {}", out.stdout);
+    });
+}
