@@ -235,8 +235,12 @@ fn name_in(body: &[u8]) -> Result<HostName, HelloError> {
     }
     let mut types = HashSet::new();
     if let Some((kind, _)) = names.iter().find(|(kind, _)| !types.insert(kind.0)) {
+        let kind = match *kind {
+            SNIType::HostName => "host_name".to_owned(),
+            other => format!("type {}", other.0),
+        };
         return Err(HelloError::Malformed(format!(
-            "two server names of type {kind} (RFC 6066 allows one)"
+            "two {kind} entries in the server_name extension (RFC 6066 allows one name of each type)"
         )));
     }
     let name = names
