@@ -3,17 +3,30 @@
 //! This module owns reading the first bytes of a connection until they hold a whole ClientHello
 //! (which may span reads and TLS records; at most [`MAX_HELLO`] bytes within [`HELLO_TIMEOUT`])
 //! and taking its `server_name` (host_name), normalised as allowlist names are. The TLS parsing
-//! is `tls-parser`'s: records with `parse_tls_raw_record`, the handshake message with
-//! `parse_tls_message_handshake`, the extensions with `parse_tls_client_hello_extensions`. The
-//! bytes read are handed back so they can be sent on to the upstream unchanged: TLS stays end to
-//! end, the proxy only looks.
+//! is `tls-parser`'s: record headers with `parse_tls_record_header` and records with
+//! `parse_tls_raw_record`, the ClientHello body with `parse_tls_handshake_client_hello`, each
+//! extension's raw type and data with `parse_tls_extension_unknown`, the server name list with
+//! `parse_tls_extension_sni_content`.
+//!
+//! Only the handshake records that carry the ClientHello are parsed, and only until the hello
+//! message is whole: a TLS 1.3 client may send a ChangeCipherSpec record and early data in the
+//! same write, and whatever follows the hello is not inspected. The bytes read, those included,
+//! are handed back so they can be sent on to the upstream unchanged: TLS stays end to end, the
+//! proxy only looks.
+//!
+//! A hello that could name two servers is refused as malformed, so no upstream can read a name
+//! other than the one the policy judged: two `host_name` entries (RFC 6066 allows one name of
+//! each type), or any extension type twice, two `server_name` extensions among them (RFC 8446
+//! forbids duplicates). So is a hello whose lengths do not add up (bytes after the extensions,
+//! a server name list with bytes left over), for the same reason.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
 use tls_parser::{
-    parse_tls_client_hello_extensions, parse_tls_message_handshake, parse_tls_raw_record,
-    parse_tls_record_header, Err as NomErr, SNIType, TlsExtension, TlsMessage, TlsMessageHandshake,
+    parse_tls_extension_sni_content, parse_tls_extension_unknown, parse_tls_handshake_client_hello,
+    parse_tls_raw_record, parse_tls_record_header, Err as NomErr, SNIType, TlsExtension,
     TlsRecordType,
 };
 use tokio::io::AsyncRead;
@@ -102,81 +115,225 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(
 }
 
 /// What the bytes so far say: `Ok(None)` while the ClientHello is not whole yet. Pure.
+///
+/// Bytes after the ClientHello message (in its last record or in later records) are not looked
+/// at: the name comes from the hello alone.
 pub fn server_name(bytes: &[u8]) -> Result<Option<HostName>, HelloError> {
+    match client_hello_message(bytes)? {
+        Some(body) => name_in(&body).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The handshake message type of a ClientHello.
+const CLIENT_HELLO: u8 = 1;
+/// A handshake message's header: its type and a 24-bit length.
+const HANDSHAKE_HEADER: usize = 4;
+/// The extension type of `server_name` (RFC 6066).
+const SERVER_NAME: u16 = 0;
+
+/// The ClientHello message's body, reassembled from the handshake records at the start of
+/// `bytes`, once it is whole; `Ok(None)` until then.
+fn client_hello_message(bytes: &[u8]) -> Result<Option<Vec<u8>>, HelloError> {
     let mut handshake = Vec::new();
     let mut rest = bytes;
-    while !rest.is_empty() {
+    let mut first_record = true;
+    loop {
+        // Checked before each record, so that no record after the one that completes the hello
+        // is parsed: a TLS 1.3 client's ChangeCipherSpec and early data follow in the same
+        // write, and they are the upstream's to judge.
+        if let Some(len) = hello_len(&handshake)? {
+            handshake.truncate(len);
+            handshake.drain(..HANDSHAKE_HEADER);
+            return Ok(Some(handshake));
+        }
+        if rest.is_empty() {
+            return Ok(None);
+        }
         // The header alone tells a TLS handshake from anything else.
         match parse_tls_record_header(rest) {
             Ok((_, header)) if header.record_type != TlsRecordType::Handshake => {
-                return Err(HelloError::NotTls)
+                return Err(if first_record {
+                    HelloError::NotTls
+                } else {
+                    // RFC 8446 5.1: a handshake message is not interleaved with other records.
+                    HelloError::Malformed(format!(
+                        "a {:?} record inside the ClientHello",
+                        header.record_type
+                    ))
+                });
             }
             Ok(_) => {}
-            Err(NomErr::Incomplete(_)) => break,
+            Err(NomErr::Incomplete(_)) => return Ok(None),
             Err(_) => return Err(HelloError::NotTls),
         }
         match parse_tls_raw_record(rest) {
             Ok((after, record)) => {
                 handshake.extend_from_slice(record.data);
                 rest = after;
+                first_record = false;
             }
-            Err(NomErr::Incomplete(_)) => break,
-            Err(e) => return Err(HelloError::Malformed(format!("bad TLS record: {e:?}"))),
+            Err(NomErr::Incomplete(_)) => return Ok(None),
+            Err(e) => {
+                return Err(HelloError::Malformed(format!(
+                    "bad TLS record: {}",
+                    why(&e)
+                )))
+            }
         }
     }
-    if handshake.is_empty() {
-        return Ok(None);
+}
+
+/// The length of the first handshake message (header included) once `handshake` holds all of
+/// it. A first message that is not a ClientHello is refused as soon as its type byte is in.
+fn hello_len(handshake: &[u8]) -> Result<Option<usize>, HelloError> {
+    match handshake {
+        [] => Ok(None),
+        [kind, ..] if *kind != CLIENT_HELLO => Err(HelloError::Malformed(
+            "the first handshake message is not a ClientHello".into(),
+        )),
+        [_, a, b, c, ..] => {
+            let len = HANDSHAKE_HEADER + u32::from_be_bytes([0, *a, *b, *c]) as usize;
+            Ok((handshake.len() >= len).then_some(len))
+        }
+        _ => Ok(None),
     }
-    let hello = match parse_tls_message_handshake(&handshake) {
-        Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) => hello,
+}
+
+/// The server name of a whole ClientHello body.
+fn name_in(body: &[u8]) -> Result<HostName, HelloError> {
+    let hello = match parse_tls_handshake_client_hello(body) {
+        Ok(([], hello)) => hello,
+        // The body is whole, so anything left is not part of a ClientHello (and with it the
+        // extensions, when their length runs past the end).
         Ok(_) => {
             return Err(HelloError::Malformed(
-                "the first handshake message is not a ClientHello".into(),
+                "the ClientHello's lengths do not add up".into(),
             ))
         }
-        Err(NomErr::Incomplete(_)) => return Ok(None),
-        Err(e) => return Err(HelloError::Malformed(format!("{e:?}"))),
+        Err(e) => return Err(HelloError::Malformed(why(&e))),
     };
-    let extensions = match hello.ext {
-        Some(ext) => {
-            parse_tls_client_hello_extensions(ext)
-                .map_err(|e| HelloError::Malformed(format!("bad extensions: {e:?}")))?
-                .1
+    let extensions = hello.ext.ok_or(HelloError::NoServerName)?;
+    let list = server_name_extension(extensions)?.ok_or(HelloError::NoServerName)?;
+    let names = match parse_tls_extension_sni_content(list) {
+        Ok((_, TlsExtension::SNI(names))) => names,
+        Ok(_) => return Err(HelloError::Malformed("bad server_name extension".into())),
+        Err(e) => {
+            return Err(HelloError::Malformed(format!(
+                "bad server_name extension: {}",
+                why(&e)
+            )))
         }
-        None => return Err(HelloError::NoServerName),
     };
-    let name = extensions.iter().find_map(|ext| match ext {
-        TlsExtension::SNI(names) => names
-            .iter()
-            .find(|(kind, _)| *kind == SNIType::HostName)
-            .map(|(_, name)| *name),
-        _ => None,
-    });
-    let name = name.ok_or(HelloError::NoServerName)?;
+    // tls-parser stops at the first entry it cannot read and ignores bytes after the list: an
+    // upstream that reads them differently must not see a name that was not judged.
+    let read: usize = names.iter().map(|(_, name)| 3 + name.len()).sum();
+    if !list.is_empty() && 2 + read != list.len() {
+        return Err(HelloError::Malformed(
+            "the server_name list's length does not match its names".into(),
+        ));
+    }
+    let mut types = HashSet::new();
+    if let Some((kind, _)) = names.iter().find(|(kind, _)| !types.insert(kind.0)) {
+        let kind = match *kind {
+            SNIType::HostName => "host_name".to_owned(),
+            other => format!("type {}", other.0),
+        };
+        return Err(HelloError::Malformed(format!(
+            "two {kind} entries in the server_name extension (RFC 6066 allows one name of each type)"
+        )));
+    }
+    let name = names
+        .iter()
+        .find(|(kind, _)| *kind == SNIType::HostName)
+        .map(|(_, name)| *name)
+        .ok_or(HelloError::NoServerName)?;
     let name =
         std::str::from_utf8(name).map_err(|_| HelloError::BadServerName("not UTF-8".into()))?;
-    HostName::parse(name)
-        .map(Some)
-        .map_err(HelloError::BadServerName)
+    HostName::parse(name).map_err(HelloError::BadServerName)
+}
+
+/// The data of the one `server_name` extension, if any, in a ClientHello's extension block.
+/// Every extension is read by its raw type (GREASE values stay distinct), so that any type seen
+/// twice is refused (RFC 8446 4.2), and an extension tls-parser cannot interpret does not hide
+/// the ones after it.
+fn server_name_extension(mut extensions: &[u8]) -> Result<Option<&[u8]>, HelloError> {
+    let mut seen = HashSet::new();
+    let mut server_name = None;
+    while !extensions.is_empty() {
+        let (after, (kind, data)) = match parse_tls_extension_unknown(extensions) {
+            Ok((after, TlsExtension::Unknown(kind, data))) => (after, (kind.0, data)),
+            // parse_tls_extension_unknown makes nothing else; refused rather than guessed at.
+            Ok(_) => return Err(HelloError::Malformed("unreadable extension".into())),
+            Err(e) => {
+                return Err(HelloError::Malformed(format!(
+                    "bad extension list: {}",
+                    why(&e)
+                )))
+            }
+        };
+        if !seen.insert(kind) {
+            return Err(HelloError::Malformed(format!(
+                "extension {kind} appears twice (RFC 8446 forbids it)"
+            )));
+        }
+        if kind == SERVER_NAME {
+            server_name = Some(data);
+        }
+        extensions = after;
+    }
+    Ok(server_name)
+}
+
+/// A nom error in a few words: its kind, not the (possibly 16 KiB) input it stopped at.
+fn why(e: &NomErr<tls_parser::nom::error::Error<&[u8]>>) -> String {
+    match e {
+        NomErr::Incomplete(_) => "truncated".into(),
+        NomErr::Error(e) | NomErr::Failure(e) => format!("{:?}", e.code),
+    }
 }
 
 /// A minimal ClientHello (one TLS record, one cipher suite, SNI `name`), built field by field:
 /// for tests of this parser and of SNI routes where no TLS client can run (the test VM).
 #[doc(hidden)]
 pub fn example_client_hello(name: &str) -> Vec<u8> {
-    let sni_entry = [
-        &[0u8][..],
-        &(name.len() as u16).to_be_bytes(),
-        name.as_bytes(),
-    ]
-    .concat();
-    let sni_list = [&(sni_entry.len() as u16).to_be_bytes()[..], &sni_entry].concat();
-    let ext = [
-        &[0u8, 0][..],
-        &(sni_list.len() as u16).to_be_bytes(),
-        &sni_list,
-    ]
-    .concat();
+    let list = example_server_name_list(&[(0, name)]);
+    example_client_hello_with(&[(SERVER_NAME, &list)])
+}
+
+/// A `server_name` extension's data: a list of (name type, name) entries, as RFC 6066 lays it
+/// out, with no check of what is in it (tests need the malformed ones too).
+#[doc(hidden)]
+pub fn example_server_name_list(entries: &[(u8, &str)]) -> Vec<u8> {
+    let entries: Vec<u8> = entries
+        .iter()
+        .flat_map(|(kind, name)| {
+            [
+                &[*kind][..],
+                &(name.len() as u16).to_be_bytes(),
+                name.as_bytes(),
+            ]
+            .concat()
+        })
+        .collect();
+    [&(entries.len() as u16).to_be_bytes()[..], &entries].concat()
+}
+
+/// A minimal ClientHello in one TLS record with the given (type, data) extensions in order, as
+/// [`example_client_hello`] but with no check of what they are (tests need duplicates too).
+#[doc(hidden)]
+pub fn example_client_hello_with(extensions: &[(u16, &[u8])]) -> Vec<u8> {
+    let ext: Vec<u8> = extensions
+        .iter()
+        .flat_map(|(kind, data)| {
+            [
+                &kind.to_be_bytes()[..],
+                &(data.len() as u16).to_be_bytes(),
+                data,
+            ]
+            .concat()
+        })
+        .collect();
     let body = [
         &[3u8, 3][..],
         &[7u8; 32],
@@ -188,7 +345,7 @@ pub fn example_client_hello(name: &str) -> Vec<u8> {
     ]
     .concat();
     let len = body.len() as u32;
-    let handshake = [&[1u8][..], &len.to_be_bytes()[1..], &body].concat();
+    let handshake = [&[CLIENT_HELLO][..], &len.to_be_bytes()[1..], &body].concat();
     [
         &[22u8, 3, 1][..],
         &(handshake.len() as u16).to_be_bytes(),
@@ -203,6 +360,26 @@ mod tests {
 
     fn client_hello(name: &str) -> Vec<u8> {
         example_client_hello(name)
+    }
+
+    /// A TLS 1.3 middlebox-compatibility ChangeCipherSpec record.
+    const CCS: &[u8] = &[0x14, 3, 3, 0, 1, 1];
+
+    /// An application data record (what 0-RTT early data looks like on the wire).
+    fn early_data() -> Vec<u8> {
+        [&[0x17u8, 3, 3, 0, 32][..], &[0xe0; 32]].concat()
+    }
+
+    /// `hello`'s handshake message split into two handshake records at `at`.
+    fn two_records(hello: &[u8], at: usize) -> Vec<u8> {
+        let (a, b) = hello[5..].split_at(at);
+        let record =
+            |part: &[u8]| [&[22u8, 3, 1][..], &(part.len() as u16).to_be_bytes(), part].concat();
+        [record(a), record(b)].concat()
+    }
+
+    fn malformed(bytes: &[u8]) -> bool {
+        matches!(server_name(bytes), Err(HelloError::Malformed(_)))
     }
 
     #[test]
@@ -220,16 +397,166 @@ mod tests {
     #[test]
     fn a_hello_split_across_records_is_reassembled() {
         let hello = client_hello("split.example.com");
-        let handshake = &hello[5..];
-        let (a, b) = handshake.split_at(10);
-        let record =
-            |part: &[u8]| [&[22u8, 3, 1][..], &(part.len() as u16).to_be_bytes(), part].concat();
-        let two = [record(a), record(b)].concat();
-        assert_eq!(server_name(&record(a)), Ok(None));
+        let two = two_records(&hello, 10);
+        assert_eq!(server_name(&two[..15 + 5]), Ok(None));
         assert_eq!(
             server_name(&two).unwrap().unwrap().as_str(),
             "split.example.com"
         );
+    }
+
+    #[test]
+    fn records_after_the_hello_are_not_inspected() {
+        // A TLS 1.3 first flight in one write: ClientHello, ChangeCipherSpec, early data.
+        let hello = client_hello("zero.example.com");
+        let flight = [&hello[..], CCS, &early_data()].concat();
+        for cut in hello.len()..=flight.len() {
+            assert_eq!(
+                server_name(&flight[..cut]).unwrap().unwrap().as_str(),
+                "zero.example.com",
+                "cut at {cut}"
+            );
+        }
+        // Whatever follows, even bytes that are no TLS at all or a record tls-parser refuses.
+        let two = two_records(&hello, 30);
+        for after in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            &[0x17, 3, 3, 0xff, 0xff],
+            &[0x16, 3, 3, 0, 4, 2, 0, 0, 0],
+            CCS,
+        ] {
+            for hello in [&hello, &two] {
+                let bytes = [&hello[..], after].concat();
+                assert_eq!(
+                    server_name(&bytes).unwrap().unwrap().as_str(),
+                    "zero.example.com",
+                    "{after:?}"
+                );
+            }
+        }
+        // Bytes after the hello message in its own last record are not looked at either.
+        let handshake = [&hello[5..], &[20, 0, 0, 1, 9]].concat();
+        let record = [
+            &[22u8, 3, 1][..],
+            &(handshake.len() as u16).to_be_bytes(),
+            &handshake,
+        ]
+        .concat();
+        assert_eq!(
+            server_name(&record).unwrap().unwrap().as_str(),
+            "zero.example.com"
+        );
+    }
+
+    #[test]
+    fn another_record_inside_the_hello_is_malformed() {
+        let hello = client_hello("a.example");
+        let two = two_records(&hello, 10);
+        let first = 5 + 10;
+        let interleaved = [&two[..first], CCS, &two[first..]].concat();
+        assert!(malformed(&interleaved), "{:?}", server_name(&interleaved));
+    }
+
+    #[test]
+    fn a_first_record_that_is_not_a_handshake_is_not_tls() {
+        let hello = client_hello("a.example");
+        for first in [CCS, &early_data()[..]] {
+            let bytes = [first, &hello[..]].concat();
+            assert_eq!(server_name(&bytes), Err(HelloError::NotTls));
+        }
+    }
+
+    #[test]
+    fn two_server_names_are_malformed() {
+        let name = |entries: &[(u8, &str)]| example_server_name_list(entries);
+        // Two host_name entries in one server_name extension, in either order of "good" name.
+        for entries in [
+            [(0, "a.example"), (0, "b.example")],
+            [(0, "b.example"), (0, "a.example")],
+            [(0, "a.example"), (0, "a.example")],
+        ] {
+            let hello = example_client_hello_with(&[(0, &name(&entries))]);
+            assert!(malformed(&hello), "{entries:?}: {:?}", server_name(&hello));
+        }
+        // Two server_name extensions, next to each other or not.
+        let a = name(&[(0, "a.example")]);
+        let b = name(&[(0, "b.example")]);
+        for extensions in [
+            vec![(0, &a[..]), (0, &b[..])],
+            vec![(0, &a[..]), (23, &[][..]), (0, &b[..])],
+            vec![(0, &a[..]), (0, &a[..])],
+        ] {
+            let hello = example_client_hello_with(&extensions);
+            assert!(malformed(&hello), "{:?}", server_name(&hello));
+        }
+        // Two names of another type, too: RFC 6066 allows one of each.
+        let hello =
+            example_client_hello_with(&[(0, &name(&[(0, "a.example"), (7, "x"), (7, "y")]))]);
+        assert!(malformed(&hello));
+        // One host_name and one name of another (unknown) type is allowed.
+        let hello = example_client_hello_with(&[(0, &name(&[(7, "x"), (0, "a.example")]))]);
+        assert_eq!(server_name(&hello).unwrap().unwrap().as_str(), "a.example");
+        assert_eq!(
+            HelloError::Malformed(String::new()).kind(),
+            "malformed_hello"
+        );
+    }
+
+    #[test]
+    fn any_extension_twice_is_malformed_but_distinct_grease_values_are_not() {
+        let sni = example_server_name_list(&[(0, "a.example")]);
+        let twice = example_client_hello_with(&[(23, &[]), (0, &sni), (23, &[])]);
+        assert!(malformed(&twice), "{:?}", server_name(&twice));
+        let grease = example_client_hello_with(&[(0x0a0a, &[]), (0, &sni), (0x1a1a, &[0])]);
+        assert_eq!(server_name(&grease).unwrap().unwrap().as_str(), "a.example");
+        let grease_twice = example_client_hello_with(&[(0x0a0a, &[]), (0, &sni), (0x0a0a, &[])]);
+        assert!(malformed(&grease_twice));
+    }
+
+    #[test]
+    fn a_name_hidden_by_lengths_that_do_not_add_up_is_malformed() {
+        // Bytes after the server name list's entries, inside or after its own length.
+        let mut list = example_server_name_list(&[(0, "a.example")]);
+        list.extend_from_slice(&[0, 0, 9]);
+        let hello = example_client_hello_with(&[(0, &list)]);
+        assert!(malformed(&hello), "{:?}", server_name(&hello));
+        let mut list = example_server_name_list(&[(0, "a.example")]);
+        let inner = u16::from_be_bytes([list[0], list[1]]) + 3;
+        list[..2].copy_from_slice(&inner.to_be_bytes());
+        list.extend_from_slice(&[0, 0, 9]);
+        let hello = example_client_hello_with(&[(0, &list)]);
+        assert!(malformed(&hello), "{:?}", server_name(&hello));
+        // An extension tls-parser would refuse to interpret (extended_master_secret with data)
+        // does not hide a second server_name after it.
+        let a = example_server_name_list(&[(0, "a.example")]);
+        let b = example_server_name_list(&[(0, "b.example")]);
+        let hello = example_client_hello_with(&[(0, &a), (23, &[1, 2]), (0, &b)]);
+        assert!(malformed(&hello), "{:?}", server_name(&hello));
+        // Bytes after the extension block, inside the hello message.
+        let hello = client_hello("a.example");
+        let mut handshake = hello[5..].to_vec();
+        handshake.extend_from_slice(&[0, 0, 0, 0]);
+        let len = (handshake.len() - 4) as u32;
+        handshake[1..4].copy_from_slice(&len.to_be_bytes()[1..]);
+        let record = [
+            &[22u8, 3, 1][..],
+            &(handshake.len() as u16).to_be_bytes(),
+            &handshake,
+        ]
+        .concat();
+        assert!(malformed(&record), "{:?}", server_name(&record));
+    }
+
+    #[test]
+    fn a_whole_message_too_short_for_a_hello_is_malformed_not_waited_for() {
+        for body in [&[][..], &[3, 3], &[3, 3, 0, 0]] {
+            let mut handshake = vec![CLIENT_HELLO, 0, 0, body.len() as u8];
+            handshake.extend_from_slice(body);
+            let record = [&[22u8, 3, 1, 0, handshake.len() as u8][..], &handshake].concat();
+            assert!(malformed(&record), "{body:?}: {:?}", server_name(&record));
+        }
+        // Another handshake message first: refused at its type byte, not once it is whole.
+        assert!(malformed(&[22, 3, 1, 0, 1, 2]));
     }
 
     #[test]
@@ -249,5 +576,14 @@ mod tests {
         no_sni[at] = 0xfa;
         no_sni[at + 1] = 0xfa;
         assert_eq!(server_name(&no_sni), Err(HelloError::NoServerName));
+        // No extensions at all; an empty server_name extension.
+        assert_eq!(
+            server_name(&example_client_hello_with(&[])),
+            Err(HelloError::NoServerName)
+        );
+        assert_eq!(
+            server_name(&example_client_hello_with(&[(0, &[])])),
+            Err(HelloError::NoServerName)
+        );
     }
 }

@@ -1,19 +1,29 @@
 //! `mode: connect`, `mode: sni` and `sni: require` through the real binary, with real clients
 //! (curl through the CONNECT route, `openssl s_client` for SNI) and a real TLS upstream. Each
 //! test has its own network namespace, DNS server and a trap listener on the instance metadata
-//! address, which must never see a connection.
+//! address, which must never see a connection. A recording raw TCP upstream (`raw.test`) shows
+//! byte for byte what an SNI route sent on.
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::dns::TestDns;
+use common::hello::{
+    application_data, client_hello_naming, client_hello_with_extension_per_name, CHANGE_CIPHER_SPEC,
+};
 use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::{connect, Proxy};
 use common::tls::{tls_server, TlsServer};
-use common::upstream::{echo_server, UpstreamHandle};
+use common::upstream::{echo_server, response_server, UpstreamHandle};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -29,14 +39,18 @@ struct Setup {
     proxy: Proxy,
     tls: TlsServer,
     trap: UpstreamHandle,
+    /// `raw.test`: records what it receives until EOF, then answers `recorded` and closes.
+    raw: UpstreamHandle,
     _dns: TestDns,
     _dir: tempfile::TempDir,
 }
 
 /// The TLS upstream on 192.0.2.10:443 for every test name; DNS: api.test, bucket.s3.test and
-/// evil.test there, rebind.test at the instance metadata address (a trap listens there).
+/// evil.test there, rebind.test at the instance metadata address (a trap listens there),
+/// raw.test at 192.0.2.11 (a recording raw TCP upstream listens there).
 async fn setup() -> Setup {
     add_lo_addr(ip("192.0.2.10"));
+    add_lo_addr(ip("192.0.2.11"));
     add_lo_addr(ip("169.254.169.254"));
     let names = [
         "api.test",
@@ -48,6 +62,7 @@ async fn setup() -> Setup {
     ];
     let tls = tls_server("192.0.2.10:443".parse().unwrap(), &names).await;
     let trap = echo_server("169.254.169.254:443".parse().unwrap()).await;
+    let raw = response_server("192.0.2.11:443".parse().unwrap(), b"recorded".to_vec()).await;
     let dns = TestDns::start("127.0.0.1:53".parse().unwrap()).await;
     for name in [
         "api.test",
@@ -59,6 +74,7 @@ async fn setup() -> Setup {
         dns.set(name, &[ip("192.0.2.10")], 60);
     }
     dns.set("rebind.test", &[ip("169.254.169.254")], 60);
+    dns.set("raw.test", &[ip("192.0.2.11")], 60);
     let dir = tempfile::tempdir().unwrap();
     let config = common::write_allowlist(
         &dir,
@@ -67,6 +83,7 @@ async fn setup() -> Setup {
              - {{address: api.test, port: 443}}\n\
              - {{address: '*.s3.test', port: 443}}\n\
              - {{address: rebind.test, port: 443}}\n\
+             - {{address: raw.test, port: 443}}\n\
              - {{address: 192.0.2.10, port: 443}}\n\
              routes:\n\
              - {{listen: '{CONNECT}', mode: connect}}\n\
@@ -82,6 +99,7 @@ async fn setup() -> Setup {
         proxy,
         tls,
         trap,
+        raw,
         _dns: dns,
         _dir: dir,
     }
@@ -396,5 +414,201 @@ fn sni_require_checks_the_server_name_against_the_fixed_remote() {
             "{}",
             s.proxy.logs()
         );
+    });
+}
+
+/// Trusts any certificate (its signatures still checked): these tests are about the path the
+/// bytes take, not about the test upstream's throwaway certificate.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A rustls TLS 1.3 client connection to `name`, not yet started.
+fn rustls_tls13_client(name: &str) -> rustls::ClientConnection {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    rustls::ClientConnection::new(Arc::new(config), name).unwrap()
+}
+
+/// The ClientHello a real rustls TLS 1.3 client sends first.
+fn rustls_client_hello(client: &mut rustls::ClientConnection) -> Vec<u8> {
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    assert_eq!(hello.first(), Some(&0x16), "{hello:?}");
+    assert_eq!(
+        nitro_vsock_proxy::sni::server_name(&hello).map(|n| n.is_some()),
+        Ok(true),
+        "not one whole ClientHello: {hello:?}"
+    );
+    hello
+}
+
+#[test]
+fn sni_route_relays_a_tls13_first_flight_sent_in_one_write() {
+    run_in_netns(|| async {
+        let s = setup().await;
+        // ClientHello, ChangeCipherSpec and an early-data record in one write, as a TLS 1.3
+        // client sending 0-RTT data does. The recording upstream gets all of it, unchanged.
+        let hello = rustls_client_hello(&mut rustls_tls13_client("raw.test"));
+        let flight = [
+            &hello[..],
+            &CHANGE_CIPHER_SPEC,
+            &application_data(64, 0xee),
+            &application_data(3, 0x01),
+        ]
+        .concat();
+        let mut conn = connect(SNI).await;
+        assert_eq!(conn.write(&flight).await.unwrap(), flight.len());
+        conn.shutdown().await.unwrap();
+        let reply = conn.read_to_eof(WAIT).await.unwrap();
+        assert_eq!(reply, b"recorded", "{}", s.proxy.logs());
+        let report = s.raw.wait_result(WAIT).await;
+        assert_eq!(report.received, flight.len() as u64, "{}", s.proxy.logs());
+        assert_eq!(report.head, flight, "not relayed byte for byte");
+        assert!(report.error.is_none(), "{report:?}");
+
+        // A real TLS 1.3 server behind the route: the hello and a ChangeCipherSpec (which TLS
+        // 1.3 servers drop) in one write, then the rest of the handshake and a request.
+        let (reply, version) = tokio::task::spawn_blocking(|| {
+            let mut client = rustls_tls13_client("api.test");
+            let mut tcp = std::net::TcpStream::connect(SNI.strip_prefix("tcp:").unwrap()).unwrap();
+            tcp.set_read_timeout(Some(WAIT)).unwrap();
+            let flight = [
+                rustls_client_hello(&mut client),
+                CHANGE_CIPHER_SPEC.to_vec(),
+            ]
+            .concat();
+            assert_eq!(tcp.write(&flight).unwrap(), flight.len());
+            let mut tls = rustls::Stream::new(&mut client, &mut tcp);
+            tls.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+            let mut reply = Vec::new();
+            let _ = tls.read_to_end(&mut reply);
+            (
+                String::from_utf8_lossy(&reply).to_string(),
+                client.protocol_version(),
+            )
+        })
+        .await
+        .unwrap();
+        assert!(
+            reply.contains("hello api.test"),
+            "{reply:?} {}",
+            s.proxy.logs()
+        );
+        assert_eq!(version, Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(s.tls.names_seen(), ["api.test"]);
+        assert!(!s.proxy.logs().contains("not_tls"), "{}", s.proxy.logs());
+        assert_eq!(s.trap.accepted(), 0);
+    });
+}
+
+/// Waits until one line of the daemon's logs holds every needle.
+async fn wait_for_line(proxy: &Proxy, needles: &[&str]) -> bool {
+    common::wait_until(WAIT, || {
+        proxy
+            .logs()
+            .lines()
+            .any(|line| needles.iter().all(|n| line.contains(n)))
+    })
+    .await
+}
+
+#[test]
+fn sni_routes_refuse_a_hello_with_two_server_names() {
+    run_in_netns(|| async {
+        let s = setup().await;
+        // The allowlisted or required name first, then another, and the other way round: in
+        // one server_name extension (two host_name entries) or in two server_name extensions.
+        type Build = fn(&[&str]) -> Vec<u8>;
+        let forms: [(Build, &str); 2] = [
+            (
+                client_hello_naming,
+                "two host_name entries in the server_name extension",
+            ),
+            (
+                client_hello_with_extension_per_name,
+                "extension 0 appears twice",
+            ),
+        ];
+        for (hello, why) in forms {
+            for (route, names) in [
+                (SNI, ["raw.test", "api.test"]),
+                (SNI, ["api.test", "raw.test"]),
+                (REQUIRE, ["api.test", "raw.test"]),
+                (REQUIRE, ["raw.test", "api.test"]),
+            ] {
+                let hello = hello(&names);
+                assert_eq!(raw(route, &hello).await, "", "{route} {names:?}");
+            }
+            for route in [SNI, REQUIRE] {
+                let needles = [
+                    &format!("route={route}")[..],
+                    "reason=\"malformed_hello\"",
+                    why,
+                ];
+                assert!(
+                    wait_for_line(&s.proxy, &needles).await,
+                    "{needles:?}: {}",
+                    s.proxy.logs()
+                );
+            }
+            // Refusals per route, peer and reason are logged once a second: let the next
+            // form's be written too.
+            tokio::time::sleep(audit_window()).await;
+        }
+        // Nothing connected anywhere: not the TLS upstream, not the recording one.
+        assert_eq!(s.tls.accepted(), 0, "{}", s.proxy.logs());
+        assert_eq!(s.raw.accepted(), 0, "{}", s.proxy.logs());
+        assert_eq!(s.trap.accepted(), 0);
+        // The same hellos with one name each still connect.
+        for hello in [
+            client_hello_naming(&["raw.test"]),
+            client_hello_with_extension_per_name(&["raw.test"]),
+        ] {
+            let reply = connect(SNI).await.round_trip(&hello, WAIT).await;
+            assert_eq!(reply.unwrap(), b"recorded", "{}", s.proxy.logs());
+        }
     });
 }

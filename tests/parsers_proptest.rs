@@ -5,10 +5,19 @@
 //! names, an IPv4 address carried in IPv6 is judged as that IPv4 address, and a CIDR entry opens
 //! a special address only when every address of it is special.
 //!
-//! The IPv6 forms are built here by hand from the RFCs' layouts, not with the code under test.
+//! The IPv6 forms and the ClientHellos are built here by hand from the RFCs' layouts, not with
+//! the code under test. A ClientHello the parser accepts names exactly one server, and every byte
+//! after a whole hello (a TLS 1.3 client's ChangeCipherSpec and early data, or anything) is handed
+//! on byte for byte.
 
+#[path = "common/hello.rs"]
+mod hello;
+
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use ipnet::IpNet;
 use nitro_vsock_proxy::config::{self, Allowlist, Entry};
@@ -18,8 +27,9 @@ use nitro_vsock_proxy::host::{
     HostPattern, Ipv4Embedding, SpecialKind,
 };
 use nitro_vsock_proxy::policy::{Denial, Policy};
-use nitro_vsock_proxy::sni::server_name;
+use nitro_vsock_proxy::sni::{read_client_hello, server_name, HelloError};
 use proptest::prelude::*;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 fn policy() -> Policy {
     let yaml = "allowlist:\n- {address: api.example.com, port: 443}\n- {address: '*.s3.example.com', port: 443}\n";
@@ -90,6 +100,169 @@ proptest! {
         if let Ok(HostPattern::Wildcard(s)) = pattern.parse::<HostPattern>() {
             prop_assert!(!s.as_str().contains('*'));
         }
+    }
+}
+
+/// One extension of a generated ClientHello.
+#[derive(Clone, Debug)]
+enum Extension {
+    /// `server_name`, with these (name type, name) entries (0 is host_name).
+    ServerName(Vec<(u8, &'static str)>),
+    /// Any other type, with data the parser never interprets.
+    Other(u16, Vec<u8>),
+}
+
+/// Names the parser accepts, distinct once normalised but for the second.
+const HELLO_NAMES: &[&str] = &[
+    "api.example.com",
+    "API.Example.com.",
+    "b.s3.example.com",
+    "evil.example",
+];
+
+/// Other extension types: supported_groups, signature_algorithms, extended_master_secret,
+/// supported_versions, key_share and three GREASE values.
+const OTHER_TYPES: &[u16] = &[10, 13, 23, 43, 51, 0x0a0a, 0x1a1a, 0xfafa];
+
+fn extension() -> impl Strategy<Value = Extension> {
+    let entry = (
+        prop_oneof![3 => Just(0u8), 1 => Just(7u8)],
+        proptest::sample::select(HELLO_NAMES),
+    );
+    prop_oneof![
+        proptest::collection::vec(entry, 0..4).prop_map(Extension::ServerName),
+        (
+            proptest::sample::select(OTHER_TYPES),
+            proptest::collection::vec(any::<u8>(), 0..8)
+        )
+            .prop_map(|(kind, data)| Extension::Other(kind, data)),
+    ]
+}
+
+/// The (type, data) pairs of `extensions`, for [`hello::client_hello_message`].
+fn raw_extensions(extensions: &[Extension]) -> Vec<(u16, Vec<u8>)> {
+    extensions
+        .iter()
+        .map(|ext| match ext {
+            Extension::ServerName(entries) => {
+                let entries: Vec<(u8, &[u8])> =
+                    entries.iter().map(|(k, n)| (*k, n.as_bytes())).collect();
+                (0, hello::server_name_list(&entries))
+            }
+            Extension::Other(kind, data) => (*kind, data.clone()),
+        })
+        .collect()
+}
+
+/// The one server name `extensions` give, by hand: one `server_name` extension, no extension
+/// type twice, no name type twice in its list, one host_name in it.
+fn the_one_name(extensions: &[Extension]) -> Option<&'static str> {
+    let types: Vec<u16> = raw_extensions(extensions).iter().map(|(t, _)| *t).collect();
+    if types.iter().collect::<HashSet<_>>().len() != types.len() {
+        return None;
+    }
+    let lists: Vec<&Vec<(u8, &'static str)>> = extensions
+        .iter()
+        .filter_map(|ext| match ext {
+            Extension::ServerName(entries) => Some(entries),
+            Extension::Other(..) => None,
+        })
+        .collect();
+    let [entries] = lists.as_slice() else {
+        return None;
+    };
+    let kinds: HashSet<u8> = entries.iter().map(|(k, _)| *k).collect();
+    if kinds.len() != entries.len() {
+        return None;
+    }
+    entries.iter().find(|(k, _)| *k == 0).map(|(_, n)| *n)
+}
+
+/// A client that sends `data` in reads of the given sizes (cycled), then closes.
+struct Chunked {
+    data: Vec<u8>,
+    at: usize,
+    sizes: Vec<usize>,
+    reads: usize,
+}
+
+impl AsyncRead for Chunked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let size = this.sizes[this.reads % this.sizes.len()];
+        let n = size.min(buf.remaining()).min(this.data.len() - this.at);
+        buf.put_slice(&this.data[this.at..this.at + n]);
+        this.at += n;
+        this.reads += 1;
+        Poll::Ready(Ok(()))
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn an_accepted_client_hello_has_exactly_one_server_name(
+        extensions in proptest::collection::vec(extension(), 0..5),
+        cuts in proptest::collection::vec(0usize..200, 0..3),
+        after in proptest::collection::vec(any::<u8>(), 0..40),
+    ) {
+        let message = hello::client_hello_message(&raw_extensions(&extensions));
+        let bytes = [hello::in_records(&message, &cuts), after].concat();
+        let expected = the_one_name(&extensions).map(|n| HostName::parse(n).unwrap());
+        let got = server_name(&bytes);
+        match &expected {
+            Some(name) => prop_assert_eq!(got, Ok(Some(name.clone()))),
+            None => prop_assert!(got.is_err(), "{:?} accepted: {:?}", extensions, got),
+        }
+        // Two host names anywhere, in one list or in two extensions, are malformed.
+        let host_names = extensions
+            .iter()
+            .map(|ext| match ext {
+                Extension::ServerName(entries) => entries.iter().filter(|(k, _)| *k == 0).count(),
+                Extension::Other(..) => 0,
+            })
+            .sum::<usize>();
+        if host_names > 1 {
+            prop_assert!(
+                matches!(server_name(&bytes), Err(HelloError::Malformed(_))),
+                "{:?}: {:?}", extensions, server_name(&bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn bytes_after_a_whole_client_hello_are_handed_on_byte_for_byte(
+        cuts in proptest::collection::vec(0usize..200, 0..3),
+        first_flight in any::<bool>(),
+        after in proptest::collection::vec(any::<u8>(), 0..3000),
+        sizes in proptest::collection::vec(1usize..700, 1..6),
+    ) {
+        let sni = hello::server_name_list(&[(0, b"api.example.com")]);
+        let hello = hello::in_records(&hello::client_hello_message(&[(0, sni)]), &cuts);
+        let mut input = hello.clone();
+        if first_flight {
+            input.extend_from_slice(&hello::CHANGE_CIPHER_SPEC);
+            input.extend_from_slice(&hello::application_data(100, 0xee));
+        }
+        input.extend_from_slice(&after);
+        let mut client = Chunked { data: input.clone(), at: 0, sizes, reads: 0 };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let (read, rest) = runtime.block_on(async {
+            let read = read_client_hello(&mut client).await;
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            (read, rest)
+        });
+        let read = read.unwrap();
+        prop_assert_eq!(read.server_name.as_str(), "api.example.com");
+        prop_assert!(read.bytes.len() >= hello.len());
+        // What the route sends upstream first, then what it relays: the input, byte for byte.
+        prop_assert_eq!([read.bytes, rest].concat(), input);
     }
 }
 

@@ -4,6 +4,7 @@
 //! * [`netns`]: a private network namespace per test ([`run_in_netns`]), so fixed
 //!   addresses and ports never collide;
 //! * [`dns`]: an in-process authoritative DNS server with mutable answers ([`TestDns`]);
+//! * [`hello`]: TLS ClientHellos built by hand (two server names, an extension twice);
 //! * [`upstream`]: echo / request-response / bulk upstream servers ([`UpstreamHandle`]);
 //! * [`metrics`]: scraping `/metrics` through Prometheus' own OpenMetrics parser;
 //! * [`proxy`]: the real `nitro-vsock-proxy` binary ([`Proxy`], [`run_to_exit`]) and the
@@ -14,6 +15,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod dns;
+pub mod hello;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;

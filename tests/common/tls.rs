@@ -3,9 +3,11 @@
 //! Owns [`tls_server`]: rustls on a caller-given address with a throwaway self-signed
 //! certificate for the given names. Each connection is a TLS handshake, then a request read up
 //! to its blank line (or EOF), then `hello <server name>` and a close. The handle counts
-//! handshakes and keeps the server names clients sent, so a test can tell which name reached it.
+//! connections accepted and keeps the server names of the handshakes completed, so a test can
+//! tell which name reached it and that a refused one never even connected.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -16,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 /// A running TLS upstream; stops when dropped.
 pub struct TlsServer {
     names_seen: Arc<Mutex<Vec<String>>>,
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -23,6 +26,11 @@ impl TlsServer {
     /// The server names of the handshakes completed so far ("-" for none).
     pub fn names_seen(&self) -> Vec<String> {
         self.names_seen.lock().unwrap().clone()
+    }
+
+    /// TCP connections accepted so far, whether or not their handshake completed.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 }
 
@@ -51,11 +59,14 @@ pub async fn tls_server(addr: SocketAddr, names: &[&str]) -> TlsServer {
         .unwrap_or_else(|e| panic!("cannot bind the TLS upstream on {addr}: {e}"));
     let names_seen = Arc::new(Mutex::new(Vec::new()));
     let seen = names_seen.clone();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
+            count.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
             let seen = seen.clone();
             tokio::spawn(async move {
@@ -82,5 +93,9 @@ pub async fn tls_server(addr: SocketAddr, names: &[&str]) -> TlsServer {
             });
         }
     });
-    TlsServer { names_seen, task }
+    TlsServer {
+        names_seen,
+        accepted,
+        task,
+    }
 }
