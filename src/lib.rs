@@ -1,46 +1,24 @@
 //! nitro-vsock-proxy: a drop-in replacement for AWS Nitro Enclaves' `vsock-proxy` that enforces
 //! its YAML allowlist on every connection.
 //!
-//! The binary (`src/main.rs`) is a thin shell over these modules:
-//! - [`cli`]: the command line; [`config`]: the configuration file; [`host`]: names, patterns
-//!   and special addresses; [`policy`]: the pure allow/deny decision;
-//! - [`route`]: what a route is, built from the command line and `routes:`, and the reload diff;
-//!   [`remote`]: a route's `HOST:PORT`;
-//! - [`dns`]: the shared resolver; [`upstream`]: resolve, decide and connect for one connection;
-//! - [`endpoint`]: vsock and its `unix:`/`tcp:` stand-ins; [`relay`]: the data path;
-//! - [`accept`]: the one accept loop (the daemon's and enclave-app's); [`server`]: the
-//!   daemon's listeners, limits and draining; [`app`]: start-up, reload and shutdown;
-//! - [`logging`]: the subscriber, never blocking; [`journal`]: entries with fields for journald;
-//! - [`systemd`]: readiness, status, watchdog, socket activation and journal detection;
-//!   [`imds`]: `{region}` in a remote from the EC2 instance metadata service.
+//! The folders are layers; each imports only from the ones below it (`tests/layers.rs` checks):
+//! - [`daemon`]: start-up, reload, `--check-config`, shutdown and exit statuses;
+//! - [`proxy`]: listeners, one connection's life, routes, requests, upstream connects;
+//! - [`config`]: the configuration file, the command line, remotes and `{region}`;
+//! - [`policy`]: names and addresses, the allowlist, the pure decision, the resolver;
+//! - [`ops`]: logs, the journal, metrics, the audit trail, systemd, the heap;
+//! - [`net`]: vsock and its stand-ins, the accept loop, the relay.
+//!
+//! Without the default `daemon` feature only [`net`] and the logging half of [`ops`] are built:
+//! what enclave-app needs, without the resolver, YAML, HTTP server or metrics crates.
 
-pub mod accept;
-pub mod app;
-pub mod audit;
-pub mod check;
-pub mod cli;
+#[cfg(feature = "daemon")]
 pub mod config;
-pub mod connect;
-pub mod current;
-pub mod dns;
-pub mod endpoint;
-pub mod heap;
-pub mod host;
-pub mod imds;
-pub mod journal;
-pub mod locate;
-pub mod logging;
-pub mod metrics;
-pub mod metrics_server;
-pub mod peers;
+#[cfg(feature = "daemon")]
+pub mod daemon;
+pub mod net;
+pub mod ops;
+#[cfg(feature = "daemon")]
 pub mod policy;
-pub mod prefix;
-pub mod relay;
-pub mod remote;
-pub mod revoke;
-pub mod rlimit;
-pub mod route;
-pub mod server;
-pub mod sni;
-pub mod systemd;
-pub mod upstream;
+#[cfg(feature = "daemon")]
+pub mod proxy;

@@ -3,10 +3,10 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let options = match nitro_vsock_proxy::cli::Options::try_parse() {
+    let options = match nitro_vsock_proxy::config::cli::Options::try_parse() {
         Ok(options) => options,
         // A usage error under systemd goes to the journal as an error, not at the default level.
-        Err(e) if e.use_stderr() && nitro_vsock_proxy::systemd::stderr_is_journal() => {
+        Err(e) if e.use_stderr() && nitro_vsock_proxy::ops::systemd::stderr_is_journal() => {
             for line in e.render().to_string().lines() {
                 eprintln!("<3>{line}");
             }
@@ -14,5 +14,5 @@ fn main() -> std::process::ExitCode {
         }
         Err(e) => e.exit(),
     };
-    nitro_vsock_proxy::app::run(options)
+    nitro_vsock_proxy::daemon::run::run(options)
 }

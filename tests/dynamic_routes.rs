@@ -161,7 +161,7 @@ async fn raw(listen: &str, bytes: &[u8]) -> String {
 
 /// A little over the audit trail's rate-limit window.
 fn audit_window() -> Duration {
-    nitro_vsock_proxy::audit::WINDOW + Duration::from_millis(100)
+    nitro_vsock_proxy::ops::audit::WINDOW + Duration::from_millis(100)
 }
 
 #[test]
@@ -340,7 +340,7 @@ async fn captured_client_hello(name: &str) -> Vec<u8> {
     let (mut conn, _) = listener.accept().await.unwrap();
     let mut hello = Vec::new();
     let mut chunk = [0u8; 4096];
-    while nitro_vsock_proxy::sni::server_name(&hello) == Ok(None) {
+    while nitro_vsock_proxy::proxy::request::sni::server_name(&hello) == Ok(None) {
         let n = tokio::time::timeout(WAIT, conn.read(&mut chunk))
             .await
             .unwrap()
@@ -478,7 +478,7 @@ fn rustls_client_hello(client: &mut rustls::ClientConnection) -> Vec<u8> {
     client.write_tls(&mut hello).unwrap();
     assert_eq!(hello.first(), Some(&0x16), "{hello:?}");
     assert_eq!(
-        nitro_vsock_proxy::sni::server_name(&hello).map(|n| n.is_some()),
+        nitro_vsock_proxy::proxy::request::sni::server_name(&hello).map(|n| n.is_some()),
         Ok(true),
         "not one whole ClientHello: {hello:?}"
     );

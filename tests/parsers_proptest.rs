@@ -20,14 +20,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use ipnet::IpNet;
-use nitro_vsock_proxy::config::{self, Allowlist, Entry};
-use nitro_vsock_proxy::connect::parse_head;
-use nitro_vsock_proxy::host::{
+use nitro_vsock_proxy::config;
+use nitro_vsock_proxy::policy::host::{
     cidr_is_wholly_special, embedded_ipv4, ipv4_embedding, special_kind, Host, HostName,
     HostPattern, Ipv4Embedding, SpecialKind,
 };
+use nitro_vsock_proxy::policy::{Allowlist, Entry};
 use nitro_vsock_proxy::policy::{Denial, Policy};
-use nitro_vsock_proxy::sni::{read_client_hello, server_name, HelloError};
+use nitro_vsock_proxy::proxy::request::connect::parse_head;
+use nitro_vsock_proxy::proxy::request::sni::{read_client_hello, server_name, HelloError};
 use proptest::prelude::*;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 

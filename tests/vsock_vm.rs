@@ -439,7 +439,7 @@ fn connect_and_sni_routes_over_vsock() {
             String::from_utf8_lossy(&reply)
         );
         // SNI: the ClientHello is read, checked and sent on unchanged.
-        let hello = nitro_vsock_proxy::sni::example_client_hello("bucket.s3.test");
+        let hello = nitro_vsock_proxy::proxy::request::sni::example_client_hello("bucket.s3.test");
         let (reply, sni_port) = round_trip(SNI, &hello).await;
         assert!(reply == hello, "the ClientHello did not arrive unchanged");
         assert_log_line(
@@ -454,7 +454,7 @@ fn connect_and_sni_routes_over_vsock() {
         .await;
         let (reply, _) = round_trip(
             SNI,
-            &nitro_vsock_proxy::sni::example_client_hello("evil.test"),
+            &nitro_vsock_proxy::proxy::request::sni::example_client_hello("evil.test"),
         )
         .await;
         assert_eq!(reply, b"");

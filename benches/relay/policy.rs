@@ -12,8 +12,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nitro_vsock_proxy::config::{Allowlist, Entry};
-use nitro_vsock_proxy::host::{Host, HostPattern};
+use nitro_vsock_proxy::policy::host::{Host, HostPattern};
+use nitro_vsock_proxy::policy::{Allowlist, Entry};
 use nitro_vsock_proxy::policy::{Policy, Resolutions};
 
 /// The `i`th /24 block of 10.0.0.0/8 (i < 65,536).

@@ -4,7 +4,7 @@
 //! the graceful stop: [`serve_until_stopped`] accepts until the stop signal, then closes the
 //! listener (new connections are refused) and waits, at most the drain timeout, for the open
 //! connections to finish. Accepting itself is the daemon's own loop
-//! ([`nitro_vsock_proxy::accept::serve`]): every connection runs in its own task inside a
+//! ([`nitro_vsock_proxy::net::accept::serve`]): every connection runs in its own task inside a
 //! `conn{id peer}` span, at most `max_connections` at once (any beyond that are closed at once
 //! and logged at most once a second), and accept errors such as EMFILE are retried with a
 //! growing pause instead of spinning or exiting.
@@ -13,7 +13,7 @@ use std::future::Future;
 use std::io;
 use std::time::Duration;
 
-use nitro_vsock_proxy::endpoint::{Endpoint, Listener, Stream};
+use nitro_vsock_proxy::net::endpoint::{Endpoint, Listener, Stream};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -38,8 +38,8 @@ pub async fn bind(endpoint: &Endpoint) -> Result<Listener, String> {
 }
 
 /// Accepts connections forever, running `handle(stream, peer)` for each in its own task: the
-/// daemon's own accept loop ([`nitro_vsock_proxy::accept::serve`]).
-pub use nitro_vsock_proxy::accept::serve;
+/// daemon's own accept loop ([`nitro_vsock_proxy::net::accept::serve`]).
+pub use nitro_vsock_proxy::net::accept::serve;
 
 /// Serves `listener` like [`serve`] until `stop` resolves; then closes the listener and waits
 /// up to `drain_timeout` for the open connections. Returns how many were still open when the

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use nitro_vsock_proxy::endpoint::Endpoint;
+use nitro_vsock_proxy::net::endpoint::Endpoint;
 use reqwest::Url;
 
 use crate::fetch::FetchSettings;

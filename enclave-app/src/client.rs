@@ -12,7 +12,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use nitro_vsock_proxy::endpoint::Endpoint;
+use nitro_vsock_proxy::net::endpoint::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 

@@ -3,7 +3,7 @@
 //! This module owns the forwarder's per-connection behaviour: for each TCP connection accepted
 //! on LOCAL_IP:LOCAL_PORT it opens a stream to the target (vsock REMOTE_CID:REMOTE_PORT, or a
 //! `--stand-in`) within the connect timeout and relays both ways with the daemon's
-//! [`relay_streams`](nitro_vsock_proxy::relay::relay_streams) (half-closes passed through, optional idle
+//! [`relay_streams`](nitro_vsock_proxy::net::relay::relay_streams) (half-closes passed through, optional idle
 //! timeout). When the target cannot be reached, that one connection is closed and logged with
 //! what to check; the listener keeps accepting, and the next connection tries again. On
 //! SIGTERM/SIGINT it stops accepting and lets open connections finish (`--drain-timeout`).
@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nitro_vsock_proxy::endpoint::{Endpoint, Stream};
-use nitro_vsock_proxy::relay::{relay_streams, RelayEnd};
+use nitro_vsock_proxy::net::endpoint::{Endpoint, Stream};
+use nitro_vsock_proxy::net::relay::{relay_streams, RelayEnd};
 use tracing::{info, warn};
 
 use crate::accept;

@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use nitro_vsock_proxy::cli::LogFormat;
+use nitro_vsock_proxy::ops::logging::LogFormat;
 use tracing::{error, info, warn};
 
 use crate::cache::Cache;
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
 /// Runs a long-lived command on a multi-thread runtime until it returns (after SIGTERM/SIGINT
 /// and its drain) or fails.
 fn run_service(service: impl Future<Output = Result<(), String>>) -> ExitCode {
-    let _log = nitro_vsock_proxy::logging::init(LogFormat::Text);
+    let _log = nitro_vsock_proxy::ops::logging::init(LogFormat::Text);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nitro_vsock_proxy::endpoint::{Endpoint, Stream};
+use nitro_vsock_proxy::net::endpoint::{Endpoint, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 use tracing::{debug, info, warn};

@@ -31,7 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use std::time::{Duration, Instant};
 
-use nitro_vsock_proxy::endpoint::Endpoint;
+use nitro_vsock_proxy::net::endpoint::Endpoint;
 use support::chain::{
     start_standin, CLIENT_TIMEOUT, FORWARDER, NAME, SAMPLE, SHIPPED_ALLOWLIST, US_EAST_1,
 };

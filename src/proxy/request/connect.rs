@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::host::Host;
-use crate::prefix::{read_prefix, PrefixError};
-use crate::remote::Remote;
+use crate::config::remote::Remote;
+use crate::net::prefix::{read_prefix, PrefixError};
+use crate::policy::host::Host;
 
 /// The largest request head read.
 pub const MAX_HEAD: usize = 8 * 1024;

@@ -5,7 +5,7 @@
 //! on reload) is one `target: "audit"` event at WARN with the fields `route`, `peer`,
 //! `requested` (the route's remote, the CONNECT host or the TLS server name), `port`,
 //! `addresses` (each address tried and the rule that allowed or denied it), `reason` (the
-//! outcome label of [`crate::metrics::Outcome`]) and `decision="refused"`; with `--audit allowed`
+//! outcome label of [`crate::ops::metrics::Outcome`]) and `decision="refused"`; with `--audit allowed`
 //! every allowed connection is one such event at INFO with `decision="allowed"`.
 //!
 //! Refusals are rate-limited per (route, peer, reason), the peer being the enclave's CID (or a
@@ -15,7 +15,7 @@
 //! records are not rate-limited (each is a connection that was served).
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, Mutex};
@@ -24,8 +24,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::host::Host;
-use crate::metrics::Outcome;
+use crate::ops::metrics::Outcome;
 
 /// At most one refusal line per key in this long.
 pub const WINDOW: Duration = Duration::from_secs(1);
@@ -33,12 +32,12 @@ pub const WINDOW: Duration = Duration::from_secs(1);
 const MAX_KEYS: usize = 4096;
 
 /// One decision, as recorded.
-#[derive(Debug)]
 pub struct Decision<'a> {
     pub route: &'a str,
     /// As accepted: `vsock:CID:PORT`, `tcp:IP:PORT` or `unix:PATH`.
     pub peer: &'a str,
-    pub requested: Option<&'a Host>,
+    /// The route's remote, the CONNECT host or the TLS server name, as requested.
+    pub requested: Option<&'a dyn fmt::Display>,
     pub port: Option<u16>,
     /// Each address tried and the rule that allowed or denied it, e.g.
     /// `169.254.169.254 denied (metadata address ...); 10.0.0.7 allowed (allowlisted name x)`.
@@ -175,7 +174,7 @@ pub fn refused(d: &Decision<'_>) {
     let key = (d.route.to_owned(), peer_key(d.peer), d.outcome.label());
     let admit = lock().admit(key, Instant::now());
     match admit {
-        Admit::Suppress => crate::metrics::global().audit_suppressed(1),
+        Admit::Suppress => crate::ops::metrics::global().audit_suppressed(1),
         Admit::Write { summarise, over } => {
             if summarise > 0 {
                 summary(

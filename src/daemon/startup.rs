@@ -14,15 +14,15 @@ use std::time::Duration;
 
 use tracing::info;
 
-use crate::cli::Options;
+use crate::config::cli::Options;
+use crate::config::imds::InstanceInfo;
 use crate::config::RouteKind;
 use crate::config::{self, Config};
-use crate::dns::{Dns, DnsFailure, DnsSettings, Family};
-use crate::host::Host;
-use crate::imds::InstanceInfo;
+use crate::policy::dns::{Dns, DnsFailure, DnsSettings, Family};
+use crate::policy::host::Host;
 use crate::policy::Policy;
-use crate::route::{self, Destination, Settings};
-use crate::upstream::allowed_addresses;
+use crate::proxy::route::{self, Destination, Settings};
+use crate::proxy::upstream::allowed_addresses;
 
 /// A reason to stop before serving (or to refuse a reload).
 #[derive(Debug)]
@@ -68,9 +68,12 @@ impl Metadata {
             .as_ref()
             .is_some_and(|i| !with_domain || !i.domain.is_empty());
         if !have {
-            let info =
-                crate::imds::instance_info_with_retries(self.endpoint, with_domain, needed_by)
-                    .await?;
+            let info = crate::config::imds::instance_info_with_retries(
+                self.endpoint,
+                with_domain,
+                needed_by,
+            )
+            .await?;
             info!(region = %info.region, "read the instance's region from the instance metadata service");
             self.info = Some(info);
         }
@@ -190,7 +193,7 @@ enum OffRuntime {
 /// Runs blocking `work` on tokio's blocking pool and waits for it at most `deadline`. On timeout
 /// the thread is abandoned, not joined: nothing here can interrupt a blocked system call, and
 /// the caller (a reload, or SIGTERM's handling waiting behind it) must go on. Exiting does not
-/// wait for it either: the runtime is shut down with `shutdown_background` (see `app::run`).
+/// wait for it either: the runtime is shut down with `shutdown_background` (see `daemon::run::run`).
 async fn off_runtime<T: Send + 'static>(
     deadline: Duration,
     work: impl FnOnce() -> T + Send + 'static,

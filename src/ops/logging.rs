@@ -7,7 +7,7 @@
 //!   `tracing-appender`'s lossy non-blocking writer: a bounded queue of [`STDERR_QUEUE_LINES`]
 //!   lines in front of one writer thread. When standard error does not keep up (a full pipe, a
 //!   stalled journald) further lines are dropped and counted, never waited for.
-//! - The journal format sends structured entries to journald itself ([`crate::journal`]), with
+//! - The journal format sends structured entries to journald itself ([`crate::ops::journal`]), with
 //!   its own bounded queue and the same promise.
 //! - [`dropped_lines`] is the total dropped so far. A reporter thread says so at WARN ("N log
 //!   lines dropped: standard error was not keeping up") once the sink takes lines again: after a
@@ -17,7 +17,7 @@
 //! reach their sink before the process ends (each sink waits about a second at most).
 //!
 //! The journal format: under systemd's journal (chosen automatically when standard error is the
-//! journal stream, see [`crate::systemd::stderr_is_journal`], or by `--log-format journal`) every
+//! journal stream, see [`crate::ops::systemd::stderr_is_journal`], or by `--log-format journal`) every
 //! event becomes a journal entry with the event's and its spans' fields as `NVP_<NAME>` fields
 //! (`journalctl NVP_REASON=denied`), PRIORITY from the level, SYSLOG_IDENTIFIER and a MESSAGE
 //! that is the text line without timestamp and level. When the journal socket cannot be used, the
@@ -33,7 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
-use tracing::{Event, Level, Subscriber};
+use tracing::{Event, Subscriber};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::fmt::format::{Format, Full, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -42,8 +42,19 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::LogFormat;
-use crate::journal::{self, JournalGuard};
+use crate::ops::journal::{self, JournalGuard};
+
+/// How log lines are written to standard error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Plain text lines with a timestamp.
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// Text lines with a syslog priority prefix (`<4>` for WARN...) and no timestamp, for
+    /// systemd's journal, which adds its own timestamp and reads the priority.
+    Journal,
+}
 
 /// Lines waiting for standard error; more are dropped (and counted). About a few MiB at most.
 pub const STDERR_QUEUE_LINES: usize = 8192;
@@ -69,7 +80,7 @@ pub fn dropped_lines() -> u64 {
 pub fn choose(requested: Option<LogFormat>) -> LogFormat {
     match requested {
         Some(format) => format,
-        None if crate::systemd::stderr_is_journal() => LogFormat::Journal,
+        None if crate::ops::systemd::stderr_is_journal() => LogFormat::Journal,
         None => LogFormat::Text,
     }
 }
@@ -288,16 +299,6 @@ impl DropCount {
     }
 }
 
-/// The syslog priority journald gives a line with this level.
-pub fn journal_priority(level: Level) -> u8 {
-    match level {
-        Level::ERROR => 3,
-        Level::WARN => 4,
-        Level::INFO => 6,
-        Level::DEBUG | Level::TRACE => 7,
-    }
-}
-
 /// The text format without timestamp and level, behind a `<N>` priority prefix (the journal
 /// format when the journal socket cannot be used).
 struct JournalFormat {
@@ -315,7 +316,11 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        write!(writer, "<{}>", journal_priority(*event.metadata().level()))?;
+        write!(
+            writer,
+            "<{}>",
+            journal::journal_priority(*event.metadata().level())
+        )?;
         self.inner.format_event(ctx, writer, event)
     }
 }
@@ -323,6 +328,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::journal::journal_priority;
+    use tracing::Level;
 
     #[test]
     fn priorities_follow_syslog() {

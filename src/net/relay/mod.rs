@@ -214,11 +214,11 @@ pub async fn relay(
     }
 }
 
-/// [`relay`] for two accepted or connected [`crate::endpoint::Stream`]s (enclave-app's
+/// [`relay`] for two accepted or connected [`crate::net::endpoint::Stream`]s (enclave-app's
 /// forwarder: vsock on one side, TCP on the other), with the default mode and no live counters.
 pub async fn relay_streams(
-    client: crate::endpoint::Stream,
-    upstream: crate::endpoint::Stream,
+    client: crate::net::endpoint::Stream,
+    upstream: crate::net::endpoint::Stream,
     idle_timeout: Option<Duration>,
 ) -> RelayReport {
     let failed = |end: RelayEnd| RelayReport {

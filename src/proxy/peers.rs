@@ -1,7 +1,7 @@
 //! `--max-connections-per-peer`: how many connections one peer may hold at once.
 //!
 //! This module owns counting open connections per peer — the enclave's CID on vsock, the source
-//! IP on `tcp:` stand-ins, one peer for all of `unix:` ([`crate::audit::peer_key`]) — and the
+//! IP on `tcp:` stand-ins, one peer for all of `unix:` ([`crate::ops::audit::peer_key`]) — and the
 //! [`PeerSlot`] guard that gives a slot back however the connection ends, so one enclave
 //! cannot take every slot of `--max-connections` and the count cannot leak.
 

@@ -9,7 +9,7 @@
 //! Each entry carries:
 //! - `MESSAGE`: the text of the `<N>`-prefixed line the journal format writes on standard error,
 //!   without the prefix (spans with their fields, the message, the event's fields);
-//! - `PRIORITY` ([`crate::logging::journal_priority`]), `SYSLOG_IDENTIFIER=nitro-vsock-proxy`,
+//! - `PRIORITY` ([`crate::ops::logging::journal_priority`]), `SYSLOG_IDENTIFIER=nitro-vsock-proxy`,
 //!   `TARGET` (the event's tracing target, e.g. `audit`), `CODE_FILE`, `CODE_LINE`;
 //! - every field of the event and of its enclosing spans as `NVP_<NAME UPPERCASED>`, so
 //!   `journalctl NVP_REASON=denied` finds the refused connections (a field of an inner span or
@@ -35,12 +35,22 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Subscriber};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::{FormatFields, FormattedFields};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
+
+/// The syslog priority journald gives a line with this level.
+pub fn journal_priority(level: Level) -> u8 {
+    match level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        Level::DEBUG | Level::TRACE => 7,
+    }
+}
 
 /// Where journald receives native-protocol datagrams.
 pub const SOCKET: &str = "/run/systemd/journal/socket";
@@ -362,7 +372,7 @@ where
             fields: &mut fields,
         });
         let entry = Entry {
-            priority: crate::logging::journal_priority(*metadata.level()),
+            priority: journal_priority(*metadata.level()),
             message,
             target: metadata.target(),
             file: metadata.file(),

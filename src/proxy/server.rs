@@ -1,7 +1,7 @@
 //! The daemon's listeners, the connection limits and graceful shutdown.
 //!
 //! This module owns the life of the listening sockets and of every connection task: the accept
-//! loop ([`crate::accept::run`]) accepts from the listener of every route, takes listeners in and
+//! loop ([`crate::net::accept::run`]) accepts from the listener of every route, takes listeners in and
 //! out as a reload adds and removes routes ([`Command`]), and this module enforces `--max-connections` and each route's `max_connections` by closing
 //! excess connections at once, runs one [`handle`] task per connection inside its own
 //! `conn{route id peer}` span, and on shutdown stops accepting, lets open connections finish for
@@ -24,23 +24,23 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
-pub use crate::accept::Heartbeat;
-use crate::accept::Pulse;
-use crate::audit;
-use crate::connect;
-use crate::current::Current;
-use crate::dns::Dns;
-use crate::endpoint::{Endpoint, Listener, Stream};
-use crate::host::Host;
-use crate::metrics::Outcome;
-use crate::peers::{PeerLimits, PeerSlot};
+use crate::config::remote::Target;
+pub use crate::net::accept::Heartbeat;
+use crate::net::accept::Pulse;
+use crate::net::endpoint::{Endpoint, Listener, Stream};
+use crate::net::relay::{relay, LiveBytes, RelayEnd, RelayMode, Side};
+use crate::ops::audit;
+use crate::ops::metrics::Outcome;
+use crate::policy::dns::Dns;
+use crate::policy::host::Host;
 use crate::policy::Policy;
-use crate::relay::{relay, LiveBytes, RelayEnd, RelayMode, Side};
-use crate::remote::Target;
-use crate::revoke::{OpenConnection, Registry};
-use crate::route::{Counters, Destination, Route, RouteSlot};
-use crate::sni;
-use crate::upstream::{self, UpstreamError, UpstreamSettings};
+use crate::proxy::current::Current;
+use crate::proxy::peers::{PeerLimits, PeerSlot};
+use crate::proxy::request::connect;
+use crate::proxy::request::sni;
+use crate::proxy::revoke::{OpenConnection, Registry};
+use crate::proxy::route::{Counters, Destination, Route, RouteSlot};
+use crate::proxy::upstream::{self, UpstreamError, UpstreamSettings};
 use tokio_util::sync::CancellationToken;
 
 /// Everything a connection needs, shared by all of them.
@@ -154,7 +154,7 @@ pub async fn serve(
         next_id: 0,
     };
     tokio::select! {
-        _ = crate::accept::run(
+        _ = crate::net::accept::run(
             &mut listeners,
             &mut commands,
             &mut pulse,
@@ -275,7 +275,7 @@ impl Admission {
         for counters in [&self.shared.counters, &route.counters] {
             counters.rejected_over_limit.fetch_add(1, Ordering::Relaxed);
         }
-        crate::metrics::global().connection_ended(&route.metrics, Outcome::OverLimit);
+        crate::ops::metrics::global().connection_ended(&route.metrics, Outcome::OverLimit);
         audit::refused(&audit::Decision {
             route: &route.listen.to_string(),
             peer: &peer,
@@ -307,7 +307,7 @@ fn spawn_connection(
         counters.accepted.fetch_add(1, Ordering::Relaxed);
     }
     let open_now = shared.counters.open.fetch_add(1, Ordering::Relaxed) + 1;
-    crate::heap::opened(open_now as usize);
+    crate::ops::heap::opened(open_now as usize);
     route.metrics.open.inc();
     if let Stream::Tcp(tcp) = &stream {
         // The tcp: stand-in's client can vanish as silently as an upstream (vsock cannot).
@@ -325,7 +325,7 @@ fn spawn_connection(
                     Outcome::Drained
                 }
             };
-            crate::metrics::global().connection_ended(&route.metrics, outcome);
+            crate::ops::metrics::global().connection_ended(&route.metrics, outcome);
             route.metrics.open.dec();
             let open_now = shared
                 .counters
@@ -333,7 +333,7 @@ fn spawn_connection(
                 .fetch_sub(1, Ordering::Relaxed)
                 .saturating_sub(1);
             drop(slots);
-            crate::heap::closed(open_now as usize);
+            crate::ops::heap::closed(open_now as usize);
         }
         .instrument(span),
     );
@@ -555,7 +555,7 @@ async fn set_up(
     peer: &str,
     route_name: &str,
     route: &Route,
-    settings: &crate::route::Settings,
+    settings: &crate::proxy::route::Settings,
     shared: &Shared,
 ) -> Result<Ready, Outcome> {
     let refused = |reason: &'static str,
@@ -571,7 +571,7 @@ async fn set_up(
             audit::refused(&audit::Decision {
                 route: route_name,
                 peer,
-                requested: host,
+                requested: host.map(|h| h as &dyn std::fmt::Display),
                 port,
                 addresses,
                 outcome,

@@ -11,23 +11,13 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 
-use crate::endpoint::Endpoint;
-use crate::remote::Remote;
+use crate::config::fields::{self, DurationError};
+use crate::config::remote::Remote;
+use crate::net::endpoint::Endpoint;
+pub use crate::ops::logging::LogFormat;
 
 /// The default allowlist path, the same as AWS's.
 pub const DEFAULT_CONFIG: &str = "/etc/nitro_enclaves/vsock-proxy.yaml";
-
-/// How log lines are written to standard error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Plain text lines with a timestamp.
-    Text,
-    /// One JSON object per line.
-    Json,
-    /// Text lines with a syslog priority prefix (`<4>` for WARN...) and no timestamp, for
-    /// systemd's journal, which adds its own timestamp and reads the priority.
-    Journal,
-}
 
 /// Which decisions the audit trail (`target: "audit"` events) records.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -151,7 +141,7 @@ pub struct Options {
     /// How bytes are moved: `auto` (splice(2) where the kernel allows it, copying elsewhere) or
     /// `copy` (always through a user-space buffer).
     #[arg(long, value_enum, value_name = "HOW", default_value = "auto")]
-    pub relay: crate::relay::RelayMode,
+    pub relay: crate::net::relay::RelayMode,
 
     /// On reload, keep open connections the new allowlist would deny (default: close them,
     /// counted as `revoked`).
@@ -159,7 +149,7 @@ pub struct Options {
     pub no_revoke_on_reload: bool,
 
     /// The EC2 instance metadata service, asked for {region}/{domain} in REMOTE_ADDR.
-    #[arg(long, value_name = "IP:PORT", default_value = crate::imds::DEFAULT_ENDPOINT)]
+    #[arg(long, value_name = "IP:PORT", default_value = crate::config::imds::DEFAULT_ENDPOINT)]
     pub imds_endpoint: SocketAddr,
 }
 
@@ -181,7 +171,7 @@ impl Options {
 
 fn parse_metrics_listen(s: &str) -> Result<Endpoint, String> {
     let endpoint: Endpoint = s.parse()?;
-    crate::metrics_server::check_endpoint(&endpoint, "--metrics-listen")?;
+    crate::ops::metrics_server::check_endpoint(&endpoint, "--metrics-listen")?;
     Ok(endpoint)
 }
 
@@ -197,10 +187,7 @@ fn parse_remote(s: &str) -> Result<String, String> {
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
-    match s.parse::<u16>() {
-        Ok(p) if p != 0 => Ok(p),
-        _ => Err(format!("{s:?} is not a TCP port (1-65535)")),
-    }
+    fields::port_text(s).ok_or_else(|| format!("{s:?} is not a TCP port (1-65535)"))
 }
 
 fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {
@@ -226,12 +213,10 @@ fn parse_keepalive(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?}: {e} (write e.g. 5s, 500ms, 2m)"))?;
-    if d.is_zero() {
-        return Err(format!("{s:?}: must be longer than zero"));
-    }
-    Ok(d)
+    fields::positive_duration(s).map_err(|e| match e {
+        DurationError::Zero => format!("{s:?}: must be longer than zero"),
+        DurationError::Invalid(e) => format!("{s:?}: {e} (write e.g. 5s, 500ms, 2m)"),
+    })
 }
 
 #[cfg(test)]
@@ -279,7 +264,7 @@ mod tests {
         assert!(o.ipv6);
         assert_eq!(o.max_connections, 1024);
         assert_eq!(o.connect_timeout, Duration::from_secs(5));
-        assert_eq!(o.tcp_keepalive, crate::upstream::DEFAULT_KEEPALIVE);
+        assert_eq!(o.tcp_keepalive, crate::proxy::upstream::DEFAULT_KEEPALIVE);
         assert_eq!(o.idle_timeout, None);
         assert_eq!(o.drain_timeout, Duration::from_secs(30));
         assert_eq!(o.log_format, None);

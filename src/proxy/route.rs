@@ -5,7 +5,7 @@
 //! a route while it is served ([`Route`]: its current [`Settings`], counters, connection limit,
 //! and the tasks of its open connections), and how a reload turns the routes being served into
 //! the routes of a new file ([`plan`], a pure diff by listen address). Accepting lives in
-//! [`crate::server`], the decision in [`crate::policy`].
+//! [`crate::proxy::server`], the decision in [`crate::policy`].
 
 use std::fmt;
 use std::path::Path;
@@ -16,11 +16,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::remote::{Remote, Target};
 use crate::config::{Config, RouteKind};
-use crate::current::Current;
-use crate::endpoint::Endpoint;
-use crate::metrics::RouteMetrics;
-use crate::remote::{Remote, Target};
+use crate::net::endpoint::Endpoint;
+use crate::ops::metrics::RouteMetrics;
+use crate::proxy::current::Current;
 
 /// Where a route was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,7 +179,7 @@ impl fmt::Display for Settings {
     }
 }
 
-/// Live counters, per route and (in [`crate::server::Shared`]) for the whole daemon.
+/// Live counters, per route and (in [`crate::proxy::server::Shared`]) for the whole daemon.
 #[derive(Default, Debug)]
 pub struct Counters {
     pub accepted: AtomicU64,
@@ -209,7 +209,7 @@ impl Route {
             counters: Counters::default(),
             tasks: TaskTracker::new(),
             closed: CancellationToken::new(),
-            metrics: crate::metrics::global().route(&settings.spec.listen.to_string()),
+            metrics: crate::ops::metrics::global().route(&settings.spec.listen.to_string()),
             settings: Current::new(settings),
         }
     }
@@ -306,7 +306,7 @@ pub fn plan(current: &[Arc<Settings>], wanted: Vec<Settings>) -> ReloadPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::Host;
+    use crate::policy::host::Host;
 
     fn config(yaml: &str) -> Config {
         crate::config::parse(yaml, Path::new("/etc/p.yaml")).unwrap()

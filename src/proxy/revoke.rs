@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::dns::Dns;
-use crate::host::Host;
+use crate::policy::dns::Dns;
+use crate::policy::host::Host;
 use crate::policy::{Denial, Policy, Resolutions};
 
 /// One relayed connection, as the re-check needs it.

@@ -1,7 +1,7 @@
 //! Start-up, reload and shutdown of the daemon: from parsed [`Options`] to an exit status.
 //!
 //! This module owns the order of start-up (signal handlers, configuration and routes —
-//! [`crate::check`] —, resolver, the check of every route, file limit, listeners — passed by
+//! [`crate::daemon::startup`] —, resolver, the check of every route, file limit, listeners — passed by
 //! systemd and matched to routes by listen address, or bound —, readiness, serve), the mapping of
 //! failures to exit statuses (2: usage or configuration, 1: fatal runtime error, 0: clean stop on
 //! SIGTERM/SIGINT), the reload on SIGHUP (allowlist and routes: new routes listen, removed ones
@@ -19,22 +19,24 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::check::{self, Fatal, Metadata};
-use crate::cli::{AuditLevel, Options};
-use crate::dns::Dns;
-use crate::endpoint::{Endpoint, Listener};
-use crate::peers::PeerLimits;
-use crate::route::{self, Route, Settings};
-use crate::server::{self, Command, Heartbeat, Lifetimes, ServedRoute, ServerLimits, Shared};
-use crate::systemd::Notifier;
-use crate::upstream::UpstreamSettings;
+use crate::config::cli::{AuditLevel, Options};
+use crate::daemon::startup::{self, Fatal, Metadata};
+use crate::net::endpoint::{Endpoint, Listener};
+use crate::ops::systemd::Notifier;
+use crate::policy::dns::Dns;
+use crate::proxy::peers::PeerLimits;
+use crate::proxy::route::{self, Route, Settings};
+use crate::proxy::server::{
+    self, Command, Heartbeat, Lifetimes, ServedRoute, ServerLimits, Shared,
+};
+use crate::proxy::upstream::UpstreamSettings;
 
 /// How often STATUS= is refreshed (only when it changed, only under a service manager).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the daemon to completion.
 pub fn run(options: Options) -> ExitCode {
-    let _log = crate::logging::init(crate::logging::choose(options.log_format));
+    let _log = crate::ops::logging::init(crate::ops::logging::choose(options.log_format));
     let notifier = Arc::new(Notifier::from_env());
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
@@ -51,7 +53,7 @@ pub fn run(options: Options) -> ExitCode {
         }
     };
     if options.check_config {
-        let status = runtime.block_on(check::check_config(&options));
+        let status = runtime.block_on(startup::check_config(&options));
         // Not joined: a read that missed its deadline may still be stuck on a blocking thread.
         runtime.shutdown_background();
         return ExitCode::from(status);
@@ -101,17 +103,17 @@ impl Signals {
 async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
     let signals = Signals::install();
     let mut metadata = Metadata::new(options.imds_endpoint);
-    let loaded = check::load(&options, &mut metadata).await?;
-    let dns = Dns::new(&check::dns_settings(&options)).map_err(Fatal::Runtime)?;
-    check::check_routes(&loaded.policy, &dns, &loaded.routes, &options.config).await?;
+    let loaded = startup::load(&options, &mut metadata).await?;
+    let dns = Dns::new(&startup::dns_settings(&options)).map_err(Fatal::Runtime)?;
+    startup::check_routes(&loaded.policy, &dns, &loaded.routes, &options.config).await?;
 
-    match crate::rlimit::raise_nofile_limit() {
+    match crate::net::rlimit::raise_nofile_limit() {
         Ok(limit) => {
             // Per connection two sockets and, while both directions move bytes, two pipes; the
             // pipe pool; the listeners; a margin for DNS, metrics and the journal.
             let needed = u64::from(options.max_connections)
-                * crate::relay::DESCRIPTORS_PER_CONNECTION
-                + crate::relay::POOL_DESCRIPTORS
+                * crate::net::relay::DESCRIPTORS_PER_CONNECTION
+                + crate::net::relay::POOL_DESCRIPTORS
                 + 32
                 + loaded.routes.len() as u64;
             if limit < needed {
@@ -157,7 +159,7 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
         .or(loaded.config.metrics_listen.as_ref())
     {
         Some(endpoint) => Some(
-            crate::metrics_server::bind(endpoint)
+            crate::ops::metrics_server::bind(endpoint)
                 .await
                 .map_err(Fatal::Runtime)?,
         ),
@@ -176,10 +178,10 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
     shared.peers = PeerLimits::new(options.max_connections_per_peer);
     let shared = Arc::new(shared);
     shared.routes.set(routes);
-    crate::audit::set_record_allowed(options.audit == AuditLevel::Allowed);
-    crate::audit::spawn_flusher();
+    crate::ops::audit::set_record_allowed(options.audit == AuditLevel::Allowed);
+    crate::ops::audit::spawn_flusher();
     if let Some(listener) = metrics_listener {
-        tokio::spawn(crate::metrics_server::serve(listener));
+        tokio::spawn(crate::ops::metrics_server::serve(listener));
     }
     info!(
         listen = %listening.join(" "),
@@ -294,7 +296,7 @@ async fn bind(endpoint: &Endpoint) -> Result<(Listener, Option<std::path::PathBu
 /// listen address; every other route's address is bound here. A passed socket that matches no
 /// route is a configuration error (the .socket unit and the routes disagree).
 async fn listen(routes: &[Arc<Route>]) -> Result<Vec<server::Served>, Fatal> {
-    let passed = crate::systemd::take_listen_fds().map_err(Fatal::Config)?;
+    let passed = crate::ops::systemd::take_listen_fds().map_err(Fatal::Config)?;
     let adopted = passed
         .into_iter()
         .map(Listener::from_passed_fd)
@@ -421,7 +423,7 @@ async fn reload_on_sighup(mut hup: Signal, mut reloader: Reloader) {
         let path = reloader.options.config.display().to_string();
         info!(config = %path, "SIGHUP: reloading the allowlist and the routes");
         let reloaded = reload(&mut reloader).await;
-        crate::metrics::global().reload(reloaded.is_ok());
+        crate::ops::metrics::global().reload(reloaded.is_ok());
         match reloaded {
             Ok(summary) => {
                 info!(config = %path, "allowlist reloaded; {summary}; new connections use them");
@@ -444,12 +446,12 @@ async fn reload_on_sighup(mut hup: Signal, mut reloader: Reloader) {
 /// (one that cannot be bound is logged at ERROR and the rest applies), removed routes stop
 /// accepting and drain as on SIGTERM, changed routes apply to new connections.
 async fn reload(r: &mut Reloader) -> Result<String, String> {
-    let loaded = check::load(&r.options, &mut r.metadata)
+    let loaded = startup::load(&r.options, &mut r.metadata)
         .await
         .map_err(|e| e.message().to_owned())?;
     // A new resolver: /etc/hosts and /etc/resolv.conf are read again (and the cache starts empty).
-    let dns = Dns::new(&check::dns_settings(&r.options))?;
-    check::check_routes(&loaded.policy, &dns, &loaded.routes, &r.options.config)
+    let dns = Dns::new(&startup::dns_settings(&r.options))?;
+    startup::check_routes(&loaded.policy, &dns, &loaded.routes, &r.options.config)
         .await
         .map_err(|e| e.message().to_owned())?;
     let entries = loaded.policy.entries().len();

@@ -1,7 +1,7 @@
 //! The instance's region and domain from the EC2 instance metadata service (IMDSv2).
 //!
 //! This module owns asking for the values of `{region}` and `{domain}` in a remote
-//! ([`crate::remote`]: `kms.{region}.{domain}` becomes `kms.us-east-1.amazonaws.com`, or
+//! ([`crate::config::remote`]: `kms.{region}.{domain}` becomes `kms.us-east-1.amazonaws.com`, or
 //! `kms.cn-north-1.amazonaws.com.cn` in China), so a unit file can name "the KMS endpoint of this
 //! instance's region" without a shell pipeline. The values come from IMDSv2 at start-up, once:
 //!

@@ -3,7 +3,7 @@
 //! This module owns the `--metrics-listen` (or `metrics_listen:`) listener: which addresses it
 //! accepts (`tcp:IP:PORT` or `unix:PATH`, never vsock: the metrics are for the parent's
 //! Prometheus, not for enclaves), and the small HTTP service on it: `GET` (or `HEAD`)
-//! `/metrics` answers 200 with [`crate::metrics::Metrics::encode`], any other path 404, any
+//! `/metrics` answers 200 with [`crate::ops::metrics::Metrics::encode`], any other path 404, any
 //! other method on `/metrics` 405. A scrape is bounded: at most [`MAX_SCRAPERS`] connections at
 //! once, [`HEADER_TIMEOUT`] to send the request head; a failed or slow scraper is dropped and
 //! logged at debug, never affecting the proxy.
@@ -19,14 +19,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::endpoint::{Endpoint, Listener};
+use crate::net::endpoint::{Endpoint, Listener};
 
 /// Scrapers served at once; more wait in the listen backlog.
 pub const MAX_SCRAPERS: usize = 8;
 /// Time a scraper has to send its request head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The content type of [`crate::metrics::Metrics::encode`]'s output.
+/// The content type of [`crate::ops::metrics::Metrics::encode`]'s output.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Checks a metrics listen address: `tcp:` or `unix:` only.
@@ -121,8 +121,8 @@ fn respond(method: &Method, path: &str) -> Response<Full<Bytes>> {
         }
         return response;
     }
-    crate::metrics::global().set_log_lines_dropped(crate::logging::dropped_lines());
-    match crate::metrics::global().encode() {
+    crate::ops::metrics::global().set_log_lines_dropped(crate::ops::logging::dropped_lines());
+    match crate::ops::metrics::global().encode() {
         Ok(body) => reply(StatusCode::OK, CONTENT_TYPE, body),
         Err(e) => reply(
             StatusCode::INTERNAL_SERVER_ERROR,

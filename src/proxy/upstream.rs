@@ -21,8 +21,8 @@ use futures_util::stream::{self, StreamExt};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 
-use crate::dns::{Dns, LookupError};
-use crate::host::Host;
+use crate::policy::dns::{Dns, LookupError};
+use crate::policy::host::Host;
 use crate::policy::{Allowance, Denial, Policy, Resolutions};
 
 /// `--tcp-keepalive`'s default: a dead peer is noticed after about a minute
@@ -121,7 +121,7 @@ impl UpstreamError {
     pub fn addresses(&self) -> String {
         match self {
             UpstreamError::Dns(_) => String::new(),
-            UpstreamError::Denied(denials) => crate::audit::join(
+            UpstreamError::Denied(denials) => crate::ops::audit::join(
                 denials
                     .iter()
                     .map(|(ip, why)| format!("{ip} denied ({why})")),
@@ -234,7 +234,7 @@ pub async fn connect(
                 set_keepalive(&stream, settings);
                 tracing::debug!(upstream = %addr, allowed_by = %why, "connected");
                 tried.push(format!("{ip} allowed ({why}), connected"));
-                return Ok((stream, addr, crate::audit::join(tried)));
+                return Ok((stream, addr, crate::ops::audit::join(tried)));
             }
             Ok(Err(e)) => {
                 tracing::debug!(upstream = %addr, error = %e, "connect failed, trying the next address");
@@ -259,7 +259,7 @@ pub async fn connect(
     }
     Err(UpstreamError::Unreachable(
         failures,
-        crate::audit::join(tried),
+        crate::ops::audit::join(tried),
     ))
 }
 
@@ -276,8 +276,8 @@ mod tests {
     use tokio::net::UdpSocket;
     use tokio::sync::watch;
 
-    use crate::dns::{DnsSettings, Family};
-    use crate::host::HostName;
+    use crate::policy::dns::{DnsSettings, Family};
+    use crate::policy::host::HostName;
 
     fn policy(yaml: &str) -> Policy {
         Policy::new(

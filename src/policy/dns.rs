@@ -27,7 +27,7 @@ use hickory_resolver::proto::op::{Query, ResponseCode};
 use hickory_resolver::proto::rr::{Name, RecordType};
 use hickory_resolver::{Hosts, TokioResolver};
 
-use crate::host::HostName;
+use crate::policy::host::HostName;
 
 /// The longest a "no such name" or "no address" answer is believed.
 pub const NEGATIVE_TTL_CAP: Duration = Duration::from_secs(10);
@@ -188,7 +188,7 @@ impl Dns {
     /// counted in `nitro_vsock_proxy_dns_lookups_total{result}`.
     pub async fn lookup(&self, name: &HostName) -> Result<Vec<IpAddr>, LookupError> {
         let result = self.lookup_uncounted(name).await;
-        crate::metrics::global().dns_lookup(match &result {
+        crate::ops::metrics::global().dns_lookup(match &result {
             Ok(_) => "ok",
             Err(e) => e.kind.label(),
         });

@@ -3,14 +3,14 @@
 //! This module owns the one type for "where a route forwards to", [`Remote`], from both places
 //! it is written: the positional `REMOTE_ADDR REMOTE_PORT` and a route's `remote: HOST:PORT`
 //! (`[2001:db8::1]:443` for an IPv6 literal). A remote whose host has `{region}`/`{domain}`
-//! placeholders is filled once from the instance metadata service ([`crate::imds`]) into a
+//! placeholders is filled once from the instance metadata service ([`crate::config::imds`]) into a
 //! [`Target`], the concrete host and port the policy decides about and upstream connects to.
 
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::host::Host;
-use crate::imds::InstanceInfo;
+use crate::config::imds::InstanceInfo;
+use crate::policy::host::Host;
 
 const PLACEHOLDERS: [&str; 2] = ["region", "domain"];
 

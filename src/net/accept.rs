@@ -1,4 +1,4 @@
-//! The one accept loop, shared by the daemon ([`crate::server`]) and enclave-app.
+//! The one accept loop, shared by the daemon ([`crate::proxy::server`]) and enclave-app.
 //!
 //! This module owns accepting from a set of listeners: each listener is polled in turn, starting
 //! after the one that accepted last (a busy listener cannot starve the others); accept errors
@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tracing::{warn, Instrument};
 
-use crate::endpoint::{Listener, Stream};
+use crate::net::endpoint::{Listener, Stream};
 
 const BACKOFF_START: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);

@@ -18,10 +18,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::config::{Allowlist, Entry};
+use crate::policy::allowlist::{Allowlist, Entry};
 use ipnet::IpNet;
 
-use crate::host::{cidr_allows_special, special_kind, Host, HostName, HostPattern, SpecialKind};
+use crate::policy::host::{
+    cidr_allows_special, special_kind, Host, HostName, HostPattern, SpecialKind,
+};
 
 /// Why an address may be used.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -31,8 +31,8 @@ use tls_parser::{
 };
 use tokio::io::AsyncRead;
 
-use crate::host::HostName;
-use crate::prefix::{read_prefix, PrefixError};
+use crate::net::prefix::{read_prefix, PrefixError};
+use crate::policy::host::HostName;
 
 /// The most bytes read while waiting for a whole ClientHello.
 pub const MAX_HELLO: usize = 16 * 1024;

@@ -16,7 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::endpoint::Stream;
+use crate::net::endpoint::Stream;
 
 /// A connected socket the relay reads from and writes to.
 #[derive(Debug)]

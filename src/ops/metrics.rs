@@ -2,7 +2,7 @@
 //!
 //! This module owns the metric names, their labels and help texts, and the process-wide
 //! [`Metrics`] every part of the daemon counts into ([`global`]); serving them over HTTP is
-//! [`crate::metrics_server`]'s. Everything here is an atomic add on a metric the caller already
+//! [`crate::ops::metrics_server`]'s. Everything here is an atomic add on a metric the caller already
 //! holds, so counting is safe on the accept loop and the data path.
 //!
 //! Names (each `route` label is the route's listen address, e.g. `vsock:8000`):
@@ -17,7 +17,7 @@
 //!   `error` (answers from the cache count too: each is one lookup the policy made).
 //! - `nitro_vsock_proxy_config_reloads_total{result}`: `ok` or `error`.
 //! - `nitro_vsock_proxy_audit_lines_suppressed_total`: refusal log lines folded into a summary by
-//!   the rate limit ([`crate::audit`]).
+//!   the rate limit ([`crate::ops::audit`]).
 //! - `nitro_vsock_proxy_build_info{version}`: always 1.
 
 use std::sync::LazyLock;

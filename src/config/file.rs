@@ -5,46 +5,26 @@
 //! the file, and where it applies the line, column and key, so that an operator can fix it without
 //! reading our source. A file without `routes:` is AWS's format and means what it means to AWS.
 //! It does no I/O besides reading the one file and knows nothing about DNS or connections;
-//! decisions live in [`crate::policy`], what a route is in [`crate::route`].
+//! decisions live in [`crate::policy`], what a route is in [`crate::proxy::route`].
 //!
 //! serde_yaml reports where a value is only when deserializing it fails, so the lines of items
 //! that parsed fine (for `--check-config` and for errors found after parsing, such as two routes
-//! on one listen address) come from [`crate::locate`], one pass over the same text.
+//! on one listen address) come from [`crate::config::locate`], one pass over the same text.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use crate::endpoint::Endpoint;
-use crate::host::HostPattern;
-use crate::locate::Locations;
-use crate::remote::Remote;
-
-/// One `{address, port}` item of the allowlist.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    pub address: HostPattern,
-    pub port: u16,
-}
-
-impl fmt::Display for Entry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.address {
-            HostPattern::Ip(std::net::IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
-            other => write!(f, "{other}:{}", self.port),
-        }
-    }
-}
-
-/// The parsed allowlist, in file order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Allowlist {
-    pub entries: Vec<Entry>,
-}
+use crate::config::fields::{
+    max_connections, AddressField, DurationField, ListenField, PortField, RemoteField,
+};
+use crate::config::locate::Locations;
+use crate::config::read;
+use crate::config::remote::Remote;
+use crate::net::endpoint::Endpoint;
+use crate::policy::allowlist::{Allowlist, Entry};
 
 /// Where a route's connections go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,13 +101,11 @@ impl ConfigError {
     }
 }
 
-mod read;
-
-pub use read::MAX_FILE_SIZE;
+pub use crate::config::read::MAX_FILE_SIZE;
 
 /// Reads and parses the configuration file at `path`. Blocking (reads a file, parses up to
 /// [`MAX_FILE_SIZE`] of YAML): async callers run it off the runtime's workers, see
-/// [`crate::check::load`]. Only a regular file is read (see [`read::read_text`]), so a FIFO or
+/// [`crate::daemon::startup::load`]. Only a regular file is read (see [`read::read_text`]), so a FIFO or
 /// a device named by `--config` is an error instead of a hang or an unbounded read.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = read::read_text(path)?;
@@ -208,7 +186,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     }
     let metrics_listen = match file.metrics_listen {
         Some(ListenField(endpoint)) => {
-            crate::metrics_server::check_endpoint(&endpoint, "metrics_listen:").map_err(
+            crate::ops::metrics_server::check_endpoint(&endpoint, "metrics_listen:").map_err(
                 |message| ConfigError::Invalid {
                     path: path.to_owned(),
                     line: top_level_line(text, "metrics_listen"),
@@ -366,117 +344,6 @@ enum SniField {
     Require,
 }
 
-fn max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    d.deserialize_any(MaxConnectionsVisitor).map(Some)
-}
-
-/// Checks inside the visitor, so that serde_yaml reports the value's own line and key.
-struct MaxConnectionsVisitor;
-
-impl Visitor<'_> for MaxConnectionsVisitor {
-    type Value = u32;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a number of connections, 1-1000000")
-    }
-
-    fn visit_u64<E: de::Error>(self, n: u64) -> Result<u32, E> {
-        match u32::try_from(n) {
-            Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
-            _ => Err(E::custom(format!(
-                "max_connections must be 1-1000000, got {n}"
-            ))),
-        }
-    }
-
-    fn visit_i64<E: de::Error>(self, n: i64) -> Result<u32, E> {
-        Err(E::custom(format!(
-            "max_connections must be 1-1000000, got {n}"
-        )))
-    }
-}
-
-/// A listen address: the same syntax as LISTEN on the command line.
-struct ListenField(Endpoint);
-
-impl<'de> Deserialize<'de> for ListenField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ListenVisitor)
-    }
-}
-
-struct ListenVisitor;
-
-impl Visitor<'_> for ListenVisitor {
-    type Value = ListenField;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(
-            "a listen address: a vsock port (8000), vsock:CID:PORT, unix:PATH or tcp:IP:PORT",
-        )
-    }
-
-    fn visit_u64<E: de::Error>(self, n: u64) -> Result<ListenField, E> {
-        self.visit_str(&n.to_string())
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<ListenField, E> {
-        s.parse::<Endpoint>().map(ListenField).map_err(E::custom)
-    }
-}
-
-/// A route's `remote: HOST:PORT`.
-struct RemoteField(Remote);
-
-impl<'de> Deserialize<'de> for RemoteField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_str(RemoteVisitor)
-    }
-}
-
-struct RemoteVisitor;
-
-impl Visitor<'_> for RemoteVisitor {
-    type Value = RemoteField;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("HOST:PORT, like kms.us-east-1.amazonaws.com:443")
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<RemoteField, E> {
-        Remote::parse_host_port(s)
-            .map(RemoteField)
-            .map_err(E::custom)
-    }
-}
-
-/// A duration such as `10m` or `30s`, longer than zero.
-struct DurationField(Duration);
-
-impl<'de> Deserialize<'de> for DurationField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_str(DurationVisitor)
-    }
-}
-
-struct DurationVisitor;
-
-impl Visitor<'_> for DurationVisitor {
-    type Value = DurationField;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a duration such as 30s or 10m")
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<DurationField, E> {
-        match humantime::parse_duration(s) {
-            Ok(d) if !d.is_zero() => Ok(DurationField(d)),
-            Ok(_) => Err(E::custom(format!("{s:?} must be longer than zero"))),
-            Err(e) => Err(E::custom(format!("{s:?}: {e} (write e.g. 30s, 10m, 1h)"))),
-        }
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EntryFormat {
@@ -484,97 +351,15 @@ struct EntryFormat {
     port: PortField,
 }
 
-struct PortField(u16);
-
-impl<'de> Deserialize<'de> for PortField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(PortVisitor)
-    }
-}
-
-struct PortVisitor;
-
-fn port_from_u64<E: de::Error>(n: u64) -> Result<PortField, E> {
-    match u16::try_from(n) {
-        Ok(p) if p != 0 => Ok(PortField(p)),
-        _ => Err(E::custom(format!("port must be 1-65535, got {n}"))),
-    }
-}
-
-impl Visitor<'_> for PortVisitor {
-    type Value = PortField;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a port number 1-65535")
-    }
-
-    fn visit_u64<E: de::Error>(self, n: u64) -> Result<PortField, E> {
-        port_from_u64(n)
-    }
-
-    fn visit_i64<E: de::Error>(self, n: i64) -> Result<PortField, E> {
-        match u64::try_from(n) {
-            Ok(n) => port_from_u64(n),
-            Err(_) => Err(E::custom(format!("port must be 1-65535, got {n}"))),
-        }
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<PortField, E> {
-        // A quoted number ("443") is accepted; anything else ("443x") is a typo.
-        match s.trim().parse::<u64>() {
-            Ok(n) => port_from_u64(n),
-            Err(_) => Err(E::custom(format!(
-                "port must be a number 1-65535, got {s:?}"
-            ))),
-        }
-    }
-}
-
-struct AddressField(HostPattern);
-
-impl<'de> Deserialize<'de> for AddressField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(AddressVisitor)
-    }
-}
-
-struct AddressVisitor;
-
-impl Visitor<'_> for AddressVisitor {
-    type Value = AddressField;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a hostname, an IP address or a CIDR block")
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<AddressField, E> {
-        s.parse::<HostPattern>()
-            .map(AddressField)
-            .map_err(|e| E::custom(format!("address {s:?}: {e}")))
-    }
-
-    fn visit_u64<E: de::Error>(self, n: u64) -> Result<AddressField, E> {
-        Err(E::custom(format!(
-            "address must be a hostname, an IP address or a CIDR block, got the number {n}"
-        )))
-    }
-
-    fn visit_i64<E: de::Error>(self, n: i64) -> Result<AddressField, E> {
-        self.visit_u64(n.unsigned_abs())
-    }
-
-    fn visit_f64<E: de::Error>(self, n: f64) -> Result<AddressField, E> {
-        Err(E::custom(format!(
-            "address must be a hostname, an IP address or a CIDR block, got the number {n}"
-        )))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::HostName;
-    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess};
+    use crate::policy::host::HostName;
+    use crate::policy::host::HostPattern;
+    use serde::de::{
+        self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+    };
+    use std::fmt;
 
     fn parse_str(text: &str) -> Result<Allowlist, ConfigError> {
         parse_config(text).map(|c| c.allowlist)

@@ -1,7 +1,7 @@
 //! Reading the first bytes of a connection until they say where it goes.
 //!
 //! This module owns the one bounded read both dynamic route kinds do before any policy
-//! decision ([`crate::connect`]'s request head, [`crate::sni`]'s ClientHello): read until a pure
+//! decision ([`crate::proxy::request::connect`]'s request head, [`crate::proxy::request::sni`]'s ClientHello): read until a pure
 //! parser says the prefix is whole, at most `max` bytes, within `timeout`, and hand back every
 //! byte read so nothing is lost on the way to the upstream.
 

@@ -1,0 +1,18 @@
+//! What the operator wrote: the configuration file ([`file`]: its schema and errors, read by
+//! [`read`], located by [`locate`], its fields parsed by [`fields`]), the command line ([`cli`]),
+//! a route's remote ([`remote`]) and the `{region}` it may need from the instance metadata
+//! service ([`imds`]).
+//!
+//! Imports: [`crate::net`] (endpoints), [`crate::ops`] (the metrics endpoint's checks),
+//! [`crate::policy`] (host patterns, the allowlist it builds). Nothing here connects anywhere
+//! except [`imds`], and nothing decides.
+
+pub mod cli;
+pub mod fields;
+pub mod file;
+pub mod imds;
+pub mod locate;
+pub mod read;
+pub mod remote;
+
+pub use file::{load, parse, Config, ConfigError, RouteConfig, RouteKind, MAX_FILE_SIZE};

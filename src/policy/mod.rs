@@ -1,0 +1,14 @@
+//! Deciding: names, patterns and special addresses ([`host`]), the allowlist ([`allowlist`]),
+//! the pure allow/deny decision ([`decision`]) and the resolver whose answers it is given
+//! ([`dns`]).
+//!
+//! Imports: [`crate::ops`] (the resolver counts its lookups). The decision itself does no I/O: it
+//! is a function of the allowlist, the requested name, DNS answers and the destination.
+
+pub mod allowlist;
+pub mod decision;
+pub mod dns;
+pub mod host;
+
+pub use allowlist::{Allowlist, Entry};
+pub use decision::{Allowance, Denial, Policy, Resolutions};
