@@ -11,12 +11,13 @@
 //! that parsed fine (for `--check-config` and for errors found after parsing, such as two routes
 //! on one listen address) come from [`crate::config::locate`], one pass over the same text.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config::error::ConfigError;
 use crate::config::fields::{
     max_connections, AddressField, DurationField, ListenField, PortField, RemoteField,
 };
@@ -63,48 +64,8 @@ pub struct Config {
     pub metrics_listen: Option<Endpoint>,
 }
 
-/// Why a configuration file could not be used. `Display` is the whole operator-facing message.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read configuration file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("configuration file {path} is empty: it needs an `allowlist:` list of {{address, port}} entries")]
-    Empty { path: PathBuf },
-    #[error("configuration file {path}{}: {message}", location_suffix(*.line, *.column))]
-    Invalid {
-        path: PathBuf,
-        line: Option<usize>,
-        column: Option<usize>,
-        message: String,
-    },
-}
-
-fn location_suffix(line: Option<usize>, column: Option<usize>) -> String {
-    match (line, column) {
-        (Some(l), Some(c)) => format!(", line {l}, column {c}"),
-        (Some(l), None) => format!(", line {l}"),
-        _ => String::new(),
-    }
-}
-
-impl ConfigError {
-    /// The line the error points at, when the YAML parser knows it.
-    pub fn line(&self) -> Option<usize> {
-        match self {
-            ConfigError::Invalid { line, .. } => *line,
-            _ => None,
-        }
-    }
-}
-
-pub use crate::config::read::MAX_FILE_SIZE;
-
 /// Reads and parses the configuration file at `path`. Blocking (reads a file, parses up to
-/// [`MAX_FILE_SIZE`] of YAML): async callers run it off the runtime's workers, see
+/// [`crate::config::MAX_FILE_SIZE`] of YAML): async callers run it off the runtime's workers, see
 /// [`crate::daemon::startup::load`]. Only a regular file is read (see [`read::read_text`]), so a FIFO or
 /// a device named by `--config` is an error instead of a hang or an unbounded read.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {

@@ -1,4 +1,5 @@
-//! What the operator wrote: the configuration file ([`file`]: its schema and errors, read by
+//! What the operator wrote: the configuration file ([`file`]: its schema, [`error`]: what can be
+//! wrong with it, read by
 //! [`read`], located by [`locate`], its fields parsed by [`fields`]), the command line ([`cli`]),
 //! a route's remote ([`remote`]) and the `{region}` it may need from the instance metadata
 //! service ([`imds`]).
@@ -8,6 +9,7 @@
 //! except [`imds`], and nothing decides.
 
 pub mod cli;
+pub mod error;
 pub mod fields;
 pub mod file;
 pub mod imds;
@@ -15,4 +17,6 @@ pub mod locate;
 pub mod read;
 pub mod remote;
 
-pub use file::{load, parse, Config, ConfigError, RouteConfig, RouteKind, MAX_FILE_SIZE};
+pub use error::ConfigError;
+pub use file::{load, parse, Config, RouteConfig, RouteKind};
+pub use read::MAX_FILE_SIZE;

@@ -13,7 +13,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use super::ConfigError;
+use crate::config::error::ConfigError;
 
 /// The most a configuration file may hold. Real allowlists are a few KiB; the cap only keeps a
 /// wrong path (or a file being appended to forever) from exhausting memory.
