@@ -12,8 +12,9 @@
 //!
 //! Imports: every folder below ([`crate::proxy`], [`crate::config`], [`crate::policy`],
 //! [`crate::ops`], [`crate::net`]); nothing imports it but `main.rs`. Within it the imports go one
-//! way: run → check_config, reload → startup → settings; reload → status; run → signals, status.
-//! No two modules import each other.
+//! way, and no two modules import each other: `run` → `check_config`, `reload`, `signals`,
+//! `startup`, `status`; `check_config` → `startup`, `settings`; `reload` → `startup`, `status`;
+//! `startup` → `settings`; `settings`, `status` and `signals` import none of the others.
 
 pub mod check_config;
 pub mod reload;

@@ -1,7 +1,7 @@
 //! The daemon from parsed [`Options`] to an exit status: the async runtime, start-up, serving,
 //! the stop and the exit status.
 //!
-//! This module owns the order of it all. [`serve`] is build → spawn → drain: signal handlers
+//! This module owns the order of it all. `serve` is build → spawn → drain: signal handlers
 //! first ([`crate::daemon::signals`]); then the configuration prepared and the listeners bound
 //! ([`crate::daemon::startup`]: load, resolver, the check of every route, file limit, listeners —
 //! passed by systemd and matched to routes by listen address, or bound); readiness; the

@@ -1,6 +1,6 @@
 //! The signals the daemon handles: installed first thing at start-up ([`Signals::install`]),
 //! then split into what stops the daemon (SIGTERM, SIGINT: [`wait_for_stop`]) and what reloads
-//! it (SIGHUP, handed to [`crate::daemon::reload`] by the caller).
+//! it (SIGHUP, handed to the reloader by the caller).
 //!
 //! Imports nothing from the rest of the daemon.
 

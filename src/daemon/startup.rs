@@ -450,7 +450,7 @@ pub struct Bound {
     pub metrics: Option<Listener>,
 }
 
-/// The listeners: systemd's sockets adopted and every other route's address bound ([`listen`]),
+/// The listeners: systemd's sockets adopted and every other route's address bound (`listen`),
 /// each route logged, then the metrics endpoint bound at `metrics_listen`.
 pub async fn bind(
     routes: &[Arc<Route>],

@@ -52,7 +52,7 @@ impl StatusLine {
     }
 }
 
-/// Sends STATUS= when the counters changed, at most once per [`STATUS_INTERVAL`]: the
+/// Sends STATUS= when the counters changed, at most once per `STATUS_INTERVAL` (a second): the
 /// per-connection path only bumps atomics.
 pub async fn refresh_status(notifier: Arc<Notifier>, status: StatusLine) {
     let mut last = status.render();
