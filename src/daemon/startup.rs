@@ -1,35 +1,46 @@
-//! From the configuration file and the command line to routes checked against the allowlist.
+//! From the configuration file and the command line to routes checked against the allowlist,
+//! then to listeners: start-up's steps, of which reload repeats the first.
 //!
 //! This module owns loading ([`load`]: the file, the routes of the file and of the command line,
-//! `{region}` templates filled from the instance metadata service), the start-up check that every
-//! route's remote is allowed at all ([`check_routes`], done again on every reload), and
-//! `--check-config`'s report ([`check_config`]), which prints each route and the allowlist
-//! entries it relies on. As AWS's proxy does, a remote that is not allowlisted is a
-//! configuration error; unlike AWS's, every connection is checked again later.
+//! `{region}` templates filled from the instance metadata service), the check that every route's
+//! remote is allowed at all ([`check_route`], [`check_routes`]), the two together with a new
+//! resolver ([`prepare`], done at start-up and again on every reload), the open-file limit
+//! ([`raise_open_file_limit`]) and the listeners ([`bind`]: systemd's sockets adopted, every
+//! other route's address bound, then the metrics endpoint). As AWS's proxy does, a remote that is
+//! not allowlisted is a configuration error; unlike AWS's, every connection is checked again
+//! later.
+//!
+//! Imports [`crate::daemon::settings`] only, from the rest of the daemon.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::cli::Options;
 use crate::config::imds::InstanceInfo;
+use crate::config::remote::Target;
 use crate::config::RouteKind;
 use crate::config::{self, Config};
-use crate::policy::dns::{Dns, DnsFailure, DnsSettings, Family};
+use crate::daemon::settings::Settings as DaemonSettings;
+use crate::net::endpoint::{Endpoint, Listener};
+use crate::policy::dns::{Dns, DnsFailure, LookupError};
 use crate::policy::host::Host;
-use crate::policy::Policy;
-use crate::proxy::route::{self, Destination, Settings};
+use crate::policy::{Allowance, Policy};
+use crate::proxy::route::{self, Destination, Route, Settings};
+use crate::proxy::server::{Served, ServedRoute};
 use crate::proxy::upstream::allowed_addresses;
 
-/// A reason to stop before serving (or to refuse a reload).
-#[derive(Debug)]
+/// A reason to stop before serving (or to refuse a reload). Its `Display` is the message.
+#[derive(Debug, thiserror::Error)]
 pub enum Fatal {
     /// The configuration (file or arguments) is wrong: exit status 2.
+    #[error("{0}")]
     Config(String),
     /// Something outside the configuration failed: exit status 1.
+    #[error("{0}")]
     Runtime(String),
 }
 
@@ -205,20 +216,6 @@ async fn off_runtime<T: Send + 'static>(
     }
 }
 
-/// The resolver settings the command line asks for.
-pub fn dns_settings(options: &Options) -> DnsSettings {
-    let family = match (options.ipv4, options.ipv6) {
-        (true, _) => Family::V4Only,
-        (_, true) => Family::V6Only,
-        _ => Family::Both,
-    };
-    DnsSettings {
-        nameservers: options.nameservers.clone(),
-        family,
-        timeout: options.dns_timeout,
-    }
-}
-
 /// How a route is allowed: the indexes of the allowlist entries it relies on, and whether it
 /// took DNS to tell.
 #[derive(Debug, Default)]
@@ -238,37 +235,55 @@ pub async fn check_route(
     route: &Settings,
     config_path: &Path,
 ) -> Result<Reliance, Fatal> {
-    let target = match &route.destination {
-        Destination::Fixed { target, .. } => target,
+    match &route.destination {
+        Destination::Fixed { target, .. } => {
+            check_fixed(policy, dns, route, target, config_path).await
+        }
         // Decided per connection; what may be asked for is what the entries name.
-        Destination::Connect => {
-            return Ok(Reliance {
-                entries: (0..policy.entries().len()).collect(),
-                via_dns: false,
-            })
-        }
-        Destination::Sni { port } => {
-            let entries: Vec<usize> = policy
-                .entries()
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| e.port == *port)
-                .map(|(i, _)| i)
-                .collect();
-            if entries.is_empty() {
-                return Err(Fatal::Config(format!(
-                    "route {route} ({}): no allowlist entry in {} has port {port}, so nothing \
-                     could ever be reached through it",
-                    route.spec.origin,
-                    config_path.display()
-                )));
-            }
-            return Ok(Reliance {
-                entries,
-                via_dns: false,
-            });
-        }
-    };
+        Destination::Connect => Ok(Reliance {
+            entries: (0..policy.entries().len()).collect(),
+            via_dns: false,
+        }),
+        Destination::Sni { port } => check_sni(policy, route, *port, config_path),
+    }
+}
+
+/// An SNI route relies on the entries with its port; with none, nothing could be reached.
+fn check_sni(
+    policy: &Policy,
+    route: &Settings,
+    port: u16,
+    config_path: &Path,
+) -> Result<Reliance, Fatal> {
+    let entries: Vec<usize> = policy
+        .entries()
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.port == port)
+        .map(|(i, _)| i)
+        .collect();
+    if entries.is_empty() {
+        return Err(Fatal::Config(format!(
+            "route {route} ({}): no allowlist entry in {} has port {port}, so nothing \
+             could ever be reached through it",
+            route.spec.origin,
+            config_path.display()
+        )));
+    }
+    Ok(Reliance {
+        entries,
+        via_dns: false,
+    })
+}
+
+/// A route with one remote: allowed as written, else through DNS answers of allowlisted names.
+async fn check_fixed(
+    policy: &Policy,
+    dns: &Dns,
+    route: &Settings,
+    target: &Target,
+    config_path: &Path,
+) -> Result<Reliance, Fatal> {
     let (host, port) = (&target.host, target.port);
     let statically = policy.static_allowance(host, port);
     if let Some(allowance) = statically {
@@ -298,6 +313,19 @@ pub async fn check_route(
             });
         }
     }
+    Err(not_allowed(policy, route, target, via_dns, config_path))
+}
+
+/// Why a fixed remote is not allowed, from what DNS said (`via_dns`: the allowed addresses it
+/// gave, none here, or how it failed), with the entries that have its port.
+fn not_allowed(
+    policy: &Policy,
+    route: &Settings,
+    target: &Target,
+    via_dns: Result<Vec<(std::net::IpAddr, Allowance)>, LookupError>,
+    config_path: &Path,
+) -> Fatal {
+    let (host, port) = (&target.host, target.port);
     let with_port: Vec<String> = policy
         .entries_with_port(port)
         .iter()
@@ -317,24 +345,24 @@ pub async fn check_route(
                 DnsFailure::NxDomain => "does not exist in DNS",
                 _ => "has no address in DNS",
             };
-            Err(Fatal::Config(format!(
+            Fatal::Config(format!(
                 "{which}: {host} {absent} ({e}), and no allowlist entry in {} allows it; \
                  {entries}. Check the spelling of the remote and of the allowlist, or add \
                  `- {{address: {host}, port: {port}}}` to allow it by name.",
                 config_path.display()
-            )))
+            ))
         }
-        Err(e) => Err(Fatal::Runtime(format!(
+        Err(e) => Fatal::Runtime(format!(
             "{which}: cannot tell whether {target} is allowed by the allowlist in {}: {e}; \
              {entries}. Check DNS, or add `- {{address: {host}, port: {port}}}` so that no \
              lookup is needed.",
             config_path.display()
-        ))),
-        _ => Err(Fatal::Config(format!(
+        )),
+        _ => Fatal::Config(format!(
             "{which}: {target} is not allowed by the allowlist in {}; {entries}. \
              Add `- {{address: {host}, port: {port}}}` to allow it.",
             config_path.display()
-        ))),
+        )),
     }
 }
 
@@ -371,100 +399,172 @@ pub async fn check_routes(
     Ok(reliances)
 }
 
-/// `--check-config`: prints the effective routes and the entries each relies on to standard
-/// output, problems to standard error; returns the exit status (0 or 2). Binds nothing.
-pub async fn check_config(options: &Options) -> u8 {
-    let path = &options.config;
-    let mut metadata = Metadata::new(options.imds_endpoint);
-    let loaded = match load(options, &mut metadata).await {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("{}", e.message());
-            eprintln!("{}: configuration NOT OK", path.display());
-            return 2;
-        }
-    };
-    let dns = match Dns::new(&dns_settings(options)) {
-        Ok(dns) => dns,
-        Err(e) => {
-            eprintln!("{e}");
-            return 2;
-        }
-    };
-    let mut out = String::new();
-    let n = loaded.routes.len();
-    let _ = writeln!(
-        out,
-        "{}: {n} route{}, {} allowlist entr{}",
-        path.display(),
-        if n == 1 { "" } else { "s" },
-        loaded.policy.entries().len(),
-        if loaded.policy.entries().len() == 1 {
-            "y"
-        } else {
-            "ies"
-        }
-    );
-    let mut problems = 0;
-    for route in &loaded.routes {
-        let mut limits = Vec::new();
-        if let Some(max) = route.max_connections {
-            limits.push(format!("max_connections {max}"));
-        }
-        if let Some(idle) = route.idle_timeout {
-            limits.push(format!("idle_timeout {}", humantime::format_duration(idle)));
-        }
-        let limits = if limits.is_empty() {
-            String::new()
-        } else {
-            format!(", {}", limits.join(", "))
-        };
-        let _ = writeln!(out, "route {route} ({}{limits})", route.spec.origin);
-        match check_route(&loaded.policy, &dns, route, path).await {
-            Ok(reliance) => {
-                let how = if reliance.via_dns {
-                    "allowed through the current DNS answers of"
-                } else if matches!(route.destination, Destination::Fixed { .. }) {
-                    "allowed by"
-                } else {
-                    "may reach, per connection,"
-                };
-                for index in reliance.entries {
-                    let entry = &loaded.policy.entries()[index];
-                    let line = loaded
-                        .config
-                        .allowlist_lines
-                        .get(index)
-                        .copied()
-                        .flatten()
-                        .map_or_else(String::new, |l| format!(", line {l}"));
-                    let _ = writeln!(out, "  {how} {entry} (allowlist[{index}]{line})");
-                }
-            }
-            Err(e) => {
-                problems += 1;
-                let verdict = match e {
-                    Fatal::Config(_) => "NOT ALLOWED",
-                    // DNS could not answer for a remote only DNS can vouch for.
-                    Fatal::Runtime(_) => "NOT CHECKED (DNS did not answer; see the error)",
-                };
-                let _ = writeln!(out, "  {verdict}");
-                eprintln!("{}", e.message());
+/// A configuration ready to serve: loaded, with the resolver that checked it.
+pub struct Prepared {
+    pub loaded: Loaded,
+    /// A new resolver: /etc/hosts and /etc/resolv.conf read again, the cache empty.
+    pub dns: Dns,
+    pub settings: DaemonSettings,
+}
+
+/// Start-up's first steps, and all of a reload's checking: load the file and the routes, build
+/// the settings and a new resolver, check every route. A resolver that cannot be built is
+/// [`Fatal::Runtime`].
+pub async fn prepare(options: &Options, metadata: &mut Metadata) -> Result<Prepared, Fatal> {
+    let loaded = load(options, metadata).await?;
+    let settings = DaemonSettings::from_options(options, &loaded.config);
+    let dns = Dns::new(&settings.dns).map_err(Fatal::Runtime)?;
+    check_routes(&loaded.policy, &dns, &loaded.routes, &options.config).await?;
+    Ok(Prepared {
+        loaded,
+        dns,
+        settings,
+    })
+}
+
+/// Raises the soft open-file limit to the hard one, and warns when even that is below what
+/// `max_connections` connections on `routes` routes need. Never fatal: accepts fail with EMFILE
+/// only when that many connections are open.
+pub fn raise_open_file_limit(max_connections: u32, routes: usize) {
+    match crate::net::rlimit::raise_nofile_limit() {
+        Ok(limit) => {
+            // Per connection two sockets and, while both directions move bytes, two pipes; the
+            // pipe pool; the listeners; a margin for DNS, metrics and the journal.
+            let needed = u64::from(max_connections) * crate::net::relay::DESCRIPTORS_PER_CONNECTION
+                + crate::net::relay::POOL_DESCRIPTORS
+                + 32
+                + routes as u64;
+            if limit < needed {
+                warn!(nofile = limit, needed, "the open-file limit is below what --max-connections needs; accepts may fail with EMFILE (raise LimitNOFILE= in the unit)");
             }
         }
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
     }
-    print!("{out}");
-    if problems == 0 {
-        println!("{}: configuration OK", path.display());
-        0
-    } else {
-        println!(
-            "{}: configuration NOT OK: {problems} route{} not allowed or not checked",
-            path.display(),
-            if problems == 1 { "" } else { "s" }
+}
+
+/// Every listener the daemon starts with.
+pub struct Bound {
+    /// One per route, in the routes' order for bound ones (adopted ones first).
+    pub served: Vec<Served>,
+    /// The metrics endpoint's, if metrics are served.
+    pub metrics: Option<Listener>,
+}
+
+/// The listeners: systemd's sockets adopted and every other route's address bound (`listen`),
+/// each route logged, then the metrics endpoint bound at `metrics_listen`.
+pub async fn bind(
+    routes: &[Arc<Route>],
+    metrics_listen: Option<&Endpoint>,
+) -> Result<Bound, Fatal> {
+    let served = listen(routes).await?;
+    for route in routes {
+        let settings = route.settings();
+        info!(
+            route = %route.listen,
+            remote = %settings.destination,
+            max_connections = settings.max_connections,
+            idle_timeout = settings
+                .idle_timeout
+                .map(|d| tracing::field::display(humantime::format_duration(d))),
+            from = %settings.spec.origin,
+            "serving route"
         );
-        2
     }
+    let metrics = match metrics_listen {
+        Some(endpoint) => Some(
+            crate::ops::metrics_server::bind(endpoint)
+                .await
+                .map_err(Fatal::Runtime)?,
+        ),
+        None => None,
+    };
+    Ok(Bound { served, metrics })
+}
+
+/// Binds `endpoint` for a route (at start-up, or one a reload adds); also returns the unix
+/// socket file this process created, to remove when the route stops.
+pub async fn bind_endpoint(endpoint: &Endpoint) -> Result<(Listener, Option<PathBuf>), String> {
+    let listener = endpoint.bind().await.map_err(|e| {
+        format!("cannot listen on {endpoint}: {e} (is another proxy already using it?)")
+    })?;
+    let socket_file = match endpoint {
+        Endpoint::Unix(path) => Some(path.clone()),
+        _ => None,
+    };
+    Ok((listener, socket_file))
+}
+
+/// The routes' listeners: each socket systemd passed (socket activation) serves the route with
+/// the same listen address; every other route's address is bound here.
+async fn listen(routes: &[Arc<Route>]) -> Result<Vec<Served>, Fatal> {
+    let mut served = adopt(routes)?;
+    let activated = !served.is_empty();
+    for route in routes {
+        if served.iter().any(|(_, s)| s.route.listen == route.listen) {
+            continue;
+        }
+        if activated {
+            info!(route = %route.listen, "no socket passed by systemd for this route; listening on it here");
+        }
+        let (listener, socket_file) = bind_endpoint(&route.listen).await.map_err(Fatal::Runtime)?;
+        served.push((
+            listener,
+            ServedRoute {
+                route: route.clone(),
+                socket_file,
+            },
+        ));
+    }
+    Ok(served)
+}
+
+/// The sockets systemd passed, each matched to the route with its listen address. A passed
+/// socket that matches no route (or a second one for the same route) is a configuration error:
+/// the .socket unit and the routes disagree.
+fn adopt(routes: &[Arc<Route>]) -> Result<Vec<Served>, Fatal> {
+    let passed = crate::ops::systemd::take_listen_fds().map_err(Fatal::Config)?;
+    let adopted = passed
+        .into_iter()
+        .map(Listener::from_passed_fd)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Fatal::Config)?;
+    let mut served: Vec<Served> = Vec::new();
+    let activated = !adopted.is_empty();
+    for listener in adopted {
+        let at = listener.local_endpoint().ok();
+        let route = at
+            .as_ref()
+            .and_then(|at| routes.iter().find(|r| &r.listen == at));
+        match route {
+            Some(route) if !served.iter().any(|(_, s)| s.route.listen == route.listen) => served
+                .push((
+                    listener,
+                    ServedRoute {
+                        route: route.clone(),
+                        socket_file: None,
+                    },
+                )),
+            _ => return Err(unmatched_socket(at, routes)),
+        }
+    }
+    if activated {
+        let shown: Vec<String> = served
+            .iter()
+            .map(|(_, s)| s.route.listen.to_string())
+            .collect();
+        info!(sockets = %shown.join(" "), "using the sockets passed by systemd (socket activation)");
+    }
+    Ok(served)
+}
+
+/// The error for a socket systemd passed, listening `at`, that no route can take.
+fn unmatched_socket(at: Option<Endpoint>, routes: &[Arc<Route>]) -> Fatal {
+    let shown = at.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
+    let listens: Vec<String> = routes.iter().map(|r| r.listen.to_string()).collect();
+    Fatal::Config(format!(
+        "systemd passed a socket listening on {shown} (socket activation), but no                      route listens there (the routes listen on {}); make the .socket unit's                      ListenStream= name a route's listen address, or add a route with that                      listen address (LISTEN on the command line, or `listen:` in `routes:`)",
+        listens.join(", ")
+    ))
 }
 
 #[cfg(test)]

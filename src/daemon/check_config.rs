@@ -1,0 +1,149 @@
+//! `--check-config`: loads the configuration as start-up does, checks every route, and prints
+//! each route with the allowlist entries it relies on (standard output) and every problem
+//! (standard error). Binds nothing, changes nothing; the exit status is 0 or 2.
+//!
+//! Imports [`crate::daemon::startup`] (load, the route check) and [`crate::daemon::settings`].
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::config::cli::Options;
+use crate::daemon::settings::Settings as DaemonSettings;
+use crate::daemon::startup::{self, check_route, Fatal, Loaded, Metadata, Reliance};
+use crate::policy::dns::Dns;
+use crate::proxy::route::{Destination, Settings};
+
+/// `--check-config`: prints the effective routes and the entries each relies on to standard
+/// output, problems to standard error; returns the exit status (0 or 2). Binds nothing.
+pub async fn check_config(options: &Options) -> u8 {
+    let path = &options.config;
+    let mut metadata = Metadata::new(options.imds_endpoint);
+    let loaded = match startup::load(options, &mut metadata).await {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("{}", e.message());
+            eprintln!("{}: configuration NOT OK", path.display());
+            return 2;
+        }
+    };
+    let settings = DaemonSettings::from_options(options, &loaded.config);
+    let dns = match Dns::new(&settings.dns) {
+        Ok(dns) => dns,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
+    let mut out = summary(path, &loaded);
+    let mut problems = 0;
+    for route in &loaded.routes {
+        if !report_route(&mut out, &loaded, &dns, route, path).await {
+            problems += 1;
+        }
+    }
+    print!("{out}");
+    verdict(path, problems)
+}
+
+/// The first line: the file, how many routes and allowlist entries.
+fn summary(path: &Path, loaded: &Loaded) -> String {
+    let n = loaded.routes.len();
+    let entries = loaded.policy.entries().len();
+    format!(
+        "{}: {n} route{}, {entries} allowlist entr{}\n",
+        path.display(),
+        if n == 1 { "" } else { "s" },
+        if entries == 1 { "y" } else { "ies" }
+    )
+}
+
+/// Appends `route`'s lines to `out`: the route and its limits, then the entries it relies on or
+/// why it is not allowed (the error itself goes to standard error). `false` for a problem.
+async fn report_route(
+    out: &mut String,
+    loaded: &Loaded,
+    dns: &Dns,
+    route: &Settings,
+    path: &Path,
+) -> bool {
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "route {route} ({}{})",
+        route.spec.origin,
+        limits(route)
+    );
+    match check_route(&loaded.policy, dns, route, path).await {
+        Ok(reliance) => {
+            report_reliance(out, loaded, route, reliance);
+            true
+        }
+        Err(e) => {
+            let verdict = match e {
+                Fatal::Config(_) => "NOT ALLOWED",
+                // DNS could not answer for a remote only DNS can vouch for.
+                Fatal::Runtime(_) => "NOT CHECKED (DNS did not answer; see the error)",
+            };
+            let _ = writeln!(out, "  {verdict}");
+            eprintln!("{}", e.message());
+            false
+        }
+    }
+}
+
+/// `, max_connections N, idle_timeout D` for the limits `route` sets, or nothing.
+fn limits(route: &Settings) -> String {
+    let mut limits = Vec::new();
+    if let Some(max) = route.max_connections {
+        limits.push(format!("max_connections {max}"));
+    }
+    if let Some(idle) = route.idle_timeout {
+        limits.push(format!("idle_timeout {}", humantime::format_duration(idle)));
+    }
+    if limits.is_empty() {
+        String::new()
+    } else {
+        format!(", {}", limits.join(", "))
+    }
+}
+
+/// One line per allowlist entry `route` relies on, with its index and line in the file.
+fn report_reliance(out: &mut String, loaded: &Loaded, route: &Settings, reliance: Reliance) {
+    let how = if reliance.via_dns {
+        "allowed through the current DNS answers of"
+    } else if matches!(route.destination, Destination::Fixed { .. }) {
+        "allowed by"
+    } else {
+        "may reach, per connection,"
+    };
+    for index in reliance.entries {
+        let Some(entry) = loaded.policy.entries().get(index) else {
+            // The indexes come from this policy; one out of range would be a bug, not worth a
+            // panic in a report.
+            continue;
+        };
+        let line = loaded
+            .config
+            .allowlist_lines
+            .get(index)
+            .copied()
+            .flatten()
+            .map_or_else(String::new, |l| format!(", line {l}"));
+        let _ = writeln!(out, "  {how} {entry} (allowlist[{index}]{line})");
+    }
+}
+
+/// The last line, and the exit status: 0 when every route is allowed, else 2.
+fn verdict(path: &Path, problems: usize) -> u8 {
+    if problems == 0 {
+        println!("{}: configuration OK", path.display());
+        0
+    } else {
+        println!(
+            "{}: configuration NOT OK: {problems} route{} not allowed or not checked",
+            path.display(),
+            if problems == 1 { "" } else { "s" }
+        );
+        2
+    }
+}
