@@ -66,7 +66,7 @@ pub struct Config {
 
 /// Reads and parses the configuration file at `path`. Blocking (reads a file, parses up to
 /// [`crate::config::MAX_FILE_SIZE`] of YAML): async callers run it off the runtime's workers, see
-/// [`crate::daemon::startup::load`]. Only a regular file is read (see [`read::read_text`]), so a FIFO or
+/// the daemon's start-up. Only a regular file is read (see [`read::read_text`]), so a FIFO or
 /// a device named by `--config` is an error instead of a hang or an unbounded read.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = read::read_text(path)?;
