@@ -4,12 +4,11 @@
 //! This module owns everything between an admitted connection and its close. [`spawn`] starts
 //! its task (counted as open, inside its `conn{route id peer}` span, cut short when its removed
 //! route's drain timeout runs out). [`Connection::run`] calls the phases in order:
-//! [`Connection::read_request`], [`Connection::check_policy`], [`Connection::connect`],
-//! [`Connection::answer`] — all four within `--setup-timeout` — then [`Connection::relay`] until
-//! the connection ends, goes idle, reaches `--max-lifetime` or is revoked by a reload. A
-//! connection turned away in the first three is one [`Refusal`], recorded (counters, audit
-//! trail) before the client is answered ([`Connection::refuse`]), so the log never trails what
-//! the enclave saw.
+//! `read_request`, `check_policy`, `connect` and `answer`, all within `--setup-timeout`, then
+//! `relay` until the connection ends, goes idle, reaches `--max-lifetime` or is revoked by a
+//! reload. A connection turned away in the first three is one [`Refusal`], recorded (counters,
+//! audit trail) before the client is answered (`refuse`), so the log never trails what the
+//! enclave saw.
 //!
 //! Admission (the connection limits) is [`crate::proxy::server`]'s, which calls [`spawn`]; this
 //! module does not import it.
