@@ -179,7 +179,7 @@ impl fmt::Display for Settings {
     }
 }
 
-/// Live counters, per route and (in [`crate::proxy::server::Shared`]) for the whole daemon.
+/// Live counters, per route and (in [`crate::proxy::shared::Shared`]) for the whole daemon.
 #[derive(Default, Debug)]
 pub struct Counters {
     pub accepted: AtomicU64,

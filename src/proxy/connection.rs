@@ -1,0 +1,440 @@
+//! One connection's life, top to bottom: the route's kind says what to read, the request says
+//! where to, the policy says whether, then connect upstream, answer the client, relay.
+//!
+//! This module owns everything between an admitted connection and its close. [`spawn`] starts
+//! its task (counted as open, inside its `conn{route id peer}` span, cut short when its removed
+//! route's drain timeout runs out). [`Connection::run`] calls the phases in order:
+//! `read_request`, `check_policy`, `connect` and `answer`, all within `--setup-timeout`, then
+//! `relay` until the connection ends, goes idle, reaches `--max-lifetime` or is revoked by a
+//! reload. A connection turned away in the first three is one [`Refusal`], recorded (counters,
+//! audit trail) before the client is answered (`refuse`), so the log never trails what the
+//! enclave saw.
+//!
+//! Admission (the connection limits) is [`crate::proxy::server`]'s, which calls [`spawn`]; this
+//! module does not import it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::config::remote::Target;
+use crate::net::endpoint::Stream;
+use crate::net::relay::{relay, LiveBytes, RelayEnd, Side};
+use crate::ops::audit;
+use crate::ops::metrics::Outcome;
+use crate::policy::host::Host;
+use crate::policy::Policy;
+use crate::proxy::refusal::Refusal;
+use crate::proxy::request::{connect, sni};
+use crate::proxy::revoke::OpenConnection;
+use crate::proxy::route::{Destination, Route, Settings};
+use crate::proxy::shared::Shared;
+use crate::proxy::upstream;
+
+/// Starts the task of one admitted connection and counts it as open until it ends. `slots` is
+/// what admission reserved for it (the connection limits' slots), given back by dropping it
+/// when the task ends, however it ends.
+pub fn spawn(
+    stream: Stream,
+    peer: String,
+    id: u64,
+    route: Arc<Route>,
+    slots: impl Send + 'static,
+    shared: &Arc<Shared>,
+) {
+    for counters in [&shared.counters, &route.counters] {
+        counters.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+    let open_now = shared.counters.open.fetch_add(1, Ordering::Relaxed) + 1;
+    crate::ops::heap::opened(open_now as usize);
+    route.metrics.open.inc();
+    if let Stream::Tcp(tcp) = &stream {
+        // The tcp: stand-in's client can vanish as silently as an upstream (vsock cannot).
+        upstream::set_keepalive(tcp, &shared.upstream);
+    }
+    let span = tracing::info_span!("conn", route = %route.listen, id, peer = %peer, upstream = tracing::field::Empty);
+    let shared = shared.clone();
+    let tasks = route.tasks.clone();
+    tasks.spawn(
+        async move {
+            let outcome = tokio::select! {
+                outcome = Connection::new(stream, &peer, &route, &shared).run() => outcome,
+                _ = route.closed.cancelled() => {
+                    info!("connection closed: its route was removed and the drain timeout ran out");
+                    Outcome::Drained
+                }
+            };
+            crate::ops::metrics::global().connection_ended(&route.metrics, outcome);
+            route.metrics.open.dec();
+            let open_now = shared
+                .counters
+                .open
+                .fetch_sub(1, Ordering::Relaxed)
+                .saturating_sub(1);
+            drop(slots);
+            crate::ops::heap::closed(open_now as usize);
+        }
+        .instrument(span),
+    );
+}
+
+/// One enclave connection, from accept to close; see the module docs.
+pub struct Connection<'a> {
+    client: Stream,
+    peer: &'a str,
+    route: &'a Route,
+    shared: &'a Shared,
+    /// The route's listen address, as logged and audited.
+    route_name: String,
+    /// The route's settings as of this connection: a reload changes them for later ones only.
+    settings: Arc<Settings>,
+}
+
+/// Where one connection asked to go, and what it already sent.
+struct Request {
+    target: Target,
+    /// Bytes read to decide (a ClientHello, what followed a CONNECT head), sent on first.
+    early: Vec<u8>,
+}
+
+/// The upstream connection made for a request.
+struct Upstream {
+    stream: TcpStream,
+    /// The address it reached.
+    addr: SocketAddr,
+}
+
+/// A connection ready to relay.
+struct Ready {
+    upstream: TcpStream,
+    addr: SocketAddr,
+    target: Target,
+    /// Bytes already sent upstream (the ClientHello, what followed a CONNECT head).
+    early: u64,
+}
+
+impl<'a> Connection<'a> {
+    pub fn new(
+        client: Stream,
+        peer: &'a str,
+        route: &'a Route,
+        shared: &'a Shared,
+    ) -> Connection<'a> {
+        Connection {
+            client,
+            peer,
+            route,
+            shared,
+            route_name: route.listen.to_string(),
+            settings: route.settings(),
+        }
+    }
+
+    /// The whole life: set up within `--setup-timeout`, then relay. Returns how it ended.
+    pub async fn run(mut self) -> Outcome {
+        let started = Instant::now();
+        let setup_timeout = self.shared.lifetimes.setup_timeout;
+        // Boxed with its timer: the set-up's state (DNS lookups, connect attempts, the deadline)
+        // is freed once it is done, instead of being part of every idle connection's task.
+        let setup = Box::pin(tokio::time::timeout(setup_timeout, self.set_up())).await;
+        let ready = match setup {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(outcome)) => return outcome,
+            Err(_) => {
+                warn!(
+                    setup_timeout = %humantime::format_duration(setup_timeout),
+                    "connection closed: not relaying within --setup-timeout (request, DNS, policy and connect)"
+                );
+                return Outcome::SetupTimeout;
+            }
+        };
+        self.relay(ready, started).await
+    }
+
+    /// Everything before relaying: where to and whether (or the refusal, recorded and
+    /// answered), then the answer. `Err` is how the connection ended.
+    async fn set_up(&mut self) -> Result<Ready, Outcome> {
+        let (request, upstream) = match self.decide().await {
+            Ok(decided) => decided,
+            Err(refusal) => return Err(self.refuse(refusal).await),
+        };
+        self.answer(request, upstream).await
+    }
+
+    /// The request, the policy's word on it and the upstream connect.
+    async fn decide(&mut self) -> Result<(Request, Upstream), Refusal> {
+        let request = self.read_request().await?;
+        // One version of the policy for the request and every address: a reload in between
+        // cannot have one connection judged by two allowlists.
+        let policy = self.shared.policy.get();
+        self.check_policy(&policy, &request)?;
+        let upstream = self.connect(&policy, &request).await?;
+        Ok((request, upstream))
+    }
+
+    /// Reads what the route's kind needs to know where the connection goes: nothing for a
+    /// fixed route, a ClientHello for `sni: require` and SNI routes, a head for CONNECT ones.
+    async fn read_request(&mut self) -> Result<Request, Refusal> {
+        match &self.settings.destination {
+            Destination::Fixed {
+                target,
+                require_sni: false,
+            } => Ok(Request {
+                target: target.clone(),
+                early: Vec::new(),
+            }),
+            Destination::Fixed {
+                target,
+                require_sni: true,
+            } => {
+                let hello = sni::read_client_hello(&mut self.client)
+                    .await
+                    .map_err(Refusal::Hello)?;
+                if Host::Name(hello.server_name.clone()) != target.host {
+                    return Err(Refusal::SniMismatch {
+                        server_name: hello.server_name,
+                        remote: target.host.clone(),
+                    });
+                }
+                Ok(Request {
+                    target: target.clone(),
+                    early: hello.bytes,
+                })
+            }
+            Destination::Sni { port } => {
+                let hello = sni::read_client_hello(&mut self.client)
+                    .await
+                    .map_err(Refusal::Hello)?;
+                Ok(Request {
+                    target: Target {
+                        host: Host::Name(hello.server_name),
+                        port: *port,
+                    },
+                    early: hello.bytes,
+                })
+            }
+            Destination::Connect => {
+                let request = connect::read_request(&mut self.client)
+                    .await
+                    .map_err(Refusal::BadRequest)?;
+                Ok(Request {
+                    target: Target {
+                        host: request.host,
+                        port: request.port,
+                    },
+                    early: request.after_head,
+                })
+            }
+        }
+    }
+
+    /// Whether the allowlist could allow the host the enclave named (a CONNECT host, a TLS
+    /// server name) at all, before any lookup. A fixed route's remote is the operator's; every
+    /// address of either kind is still decided in [`Self::connect`].
+    fn check_policy(&self, policy: &Policy, request: &Request) -> Result<(), Refusal> {
+        if !self.dynamic() {
+            return Ok(());
+        }
+        let Target { host, port } = &request.target;
+        match policy.admits_request(host, *port) {
+            Ok(_) => Ok(()),
+            Err(denial) => Err(Refusal::Denied {
+                target: request.target.clone(),
+                denial,
+            }),
+        }
+    }
+
+    /// Resolves, decides every address and connects (see [`upstream::connect`]); records the
+    /// connect's duration, the upstream reached (in the span) and the decision (in the audit
+    /// trail, when it records allowed connections).
+    async fn connect(&self, policy: &Policy, request: &Request) -> Result<Upstream, Refusal> {
+        let Target { host, port } = &request.target;
+        let connecting = Instant::now();
+        let dns = self.shared.dns.get();
+        let (stream, addr, tried) =
+            match upstream::connect(policy, &dns, host, *port, &self.shared.upstream).await {
+                Ok(connected) => connected,
+                Err(error) => {
+                    return Err(Refusal::Upstream {
+                        target: request.target.clone(),
+                        error,
+                    })
+                }
+            };
+        self.route
+            .metrics
+            .connect_duration
+            .observe(connecting.elapsed().as_secs_f64());
+        tracing::Span::current().record("upstream", tracing::field::display(addr));
+        if audit::records_allowed() {
+            audit::allowed(&audit::Decision {
+                route: &self.route_name,
+                peer: self.peer,
+                requested: Some(host),
+                port: Some(*port),
+                addresses: &tried,
+                outcome: Outcome::Completed,
+                message: &format!("relaying to {addr}"),
+            });
+        }
+        Ok(Upstream { stream, addr })
+    }
+
+    /// Tells a CONNECT client `200`, then sends upstream the bytes read to decide. `Err` is how
+    /// the connection ended: the client or the upstream went away.
+    async fn answer(&mut self, request: Request, upstream: Upstream) -> Result<Ready, Outcome> {
+        let Upstream { mut stream, addr } = upstream;
+        if self.is_connect() {
+            if let Err(e) = connect::established(&mut self.client).await {
+                tracing::debug!(error = %e, "the CONNECT client left before 200");
+                return Err(Outcome::ClientError);
+            }
+        }
+        if !request.early.is_empty() {
+            if let Err(e) = stream.write_all(&request.early).await {
+                warn!(error = %e, "connection closed: cannot send the first bytes upstream");
+                return Err(Outcome::UpstreamError);
+            }
+            self.route
+                .metrics
+                .to_upstream
+                .inc_by(request.early.len() as u64);
+        }
+        Ok(Ready {
+            upstream: stream,
+            addr,
+            target: request.target,
+            early: request.early.len() as u64,
+        })
+    }
+
+    /// Records a refusal (both `denied` counters, then the audit trail, or a debug line for a
+    /// client that left before its request), then answers a CONNECT client with its status.
+    /// Returns how the connection ended.
+    async fn refuse(&mut self, refusal: Refusal) -> Outcome {
+        for counters in [&self.shared.counters, &self.route.counters] {
+            counters.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        let outcome = refusal.outcome();
+        let message = refusal.to_string();
+        if outcome.is_refusal() {
+            let target = refusal.target();
+            audit::refused(&audit::Decision {
+                route: &self.route_name,
+                peer: self.peer,
+                requested: target.map(|t| &t.host as &dyn std::fmt::Display),
+                port: target.map(|t| t.port),
+                addresses: &refusal.addresses(),
+                outcome,
+                message: &message,
+            });
+        } else {
+            tracing::debug!(
+                reason = refusal.reason(),
+                "connection closed before its request: {message}"
+            );
+        }
+        if self.is_connect() {
+            if let Some(status) = refusal.status() {
+                connect::refuse(&mut self.client, status, &message).await;
+            }
+        }
+        outcome
+    }
+
+    /// Relays until the connection ends, goes idle, reaches `--max-lifetime` (counted from
+    /// `started`) or is revoked by a reload. Returns how it ended.
+    async fn relay(self, ready: Ready, started: Instant) -> Outcome {
+        let dynamic = self.dynamic();
+        let Connection {
+            client,
+            peer,
+            route,
+            shared,
+            route_name,
+            settings,
+        } = self;
+        let registration = shared.relayed.register(OpenConnection {
+            route: route_name.clone(),
+            host: ready.target.host.clone(),
+            port: ready.target.port,
+            upstream: ready.addr,
+            dynamic,
+            revoke: CancellationToken::new(),
+        });
+        let revoked = registration.token();
+        tracing::debug!(requested = %ready.target.host, "relaying");
+        let live = LiveBytes {
+            to_upstream: route.metrics.to_upstream.inner(),
+            to_client: route.metrics.to_client.inner(),
+        };
+        let client = match Side::new(client) {
+            Ok(side) => side,
+            Err(e) => {
+                warn!(error = %e, "connection closed: cannot register the client socket for the relay");
+                return Outcome::ClientError;
+            }
+        };
+        let lifetime = async {
+            match shared.lifetimes.max_lifetime {
+                // Boxed, so that a connection without --max-lifetime carries no timer.
+                Some(max) => Box::pin(tokio::time::sleep_until(started + max)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            report = relay(client, Side::from(ready.upstream), settings.idle_timeout, &live, shared.lifetimes.relay_mode) => {
+                info!(
+                    bytes_to_upstream = report.to_upstream + ready.early,
+                    bytes_to_client = report.to_client,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    end = %report.end,
+                    "connection closed"
+                );
+                match report.end {
+                    RelayEnd::Completed => Outcome::Completed,
+                    RelayEnd::IdleTimeout => Outcome::IdleTimeout,
+                    RelayEnd::ClientError(_) => Outcome::ClientError,
+                    RelayEnd::UpstreamError(_) => Outcome::UpstreamError,
+                }
+            }
+            _ = revoked.cancelled() => {
+                let why = registration.reason();
+                audit::refused(&audit::Decision {
+                    route: &route_name,
+                    peer,
+                    requested: Some(&ready.target.host),
+                    port: Some(ready.target.port),
+                    addresses: &format!("{} denied ({why})", ready.addr.ip()),
+                    outcome: Outcome::Revoked,
+                    message: &format!("closed by reload: {why}"),
+                });
+                Outcome::Revoked
+            }
+            _ = lifetime => {
+                info!(
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "connection closed: --max-lifetime reached"
+                );
+                Outcome::MaxLifetime
+            }
+        }
+    }
+
+    /// A route whose destination the enclave names (CONNECT, SNI), not the operator.
+    fn dynamic(&self) -> bool {
+        !matches!(self.settings.destination, Destination::Fixed { .. })
+    }
+
+    /// A CONNECT route, whose client is answered with a status line.
+    fn is_connect(&self) -> bool {
+        matches!(self.settings.destination, Destination::Connect)
+    }
+}
