@@ -19,7 +19,8 @@ use crate::daemon::status::StatusLine;
 use crate::net::endpoint::Endpoint;
 use crate::ops::systemd::Notifier;
 use crate::proxy::route::{self, ReloadPlan, Route, Settings};
-use crate::proxy::server::{self, Command, ServedRoute, Shared};
+use crate::proxy::server::{self, Command, ServedRoute};
+use crate::proxy::shared::Shared;
 
 /// Why a reload changed nothing. Its `Display` is the message logged and sent in STATUS=.
 #[derive(Debug, thiserror::Error)]

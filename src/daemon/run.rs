@@ -30,10 +30,12 @@ use crate::daemon::reload::{reload_on_sighup, Reloader};
 use crate::daemon::signals::{wait_for_stop, Signals, StopSignals};
 use crate::daemon::startup::{self, Bound, Fatal, Metadata, Prepared};
 use crate::daemon::status::{refresh_status, StatusLine};
+use crate::net::accept::Heartbeat;
 use crate::net::endpoint::{Endpoint, Listener};
 use crate::ops::systemd::Notifier;
 use crate::proxy::route::Route;
-use crate::proxy::server::{self, Heartbeat, ServerLimits, Shared};
+use crate::proxy::server::{self, ServerLimits};
+use crate::proxy::shared::Shared;
 
 /// Runs the daemon to completion.
 pub fn run(options: Options) -> ExitCode {

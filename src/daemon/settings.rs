@@ -10,7 +10,8 @@ use crate::config::Config;
 use crate::net::endpoint::Endpoint;
 use crate::policy::dns::{DnsSettings, Family};
 use crate::proxy::peers::PeerLimits;
-use crate::proxy::server::{Lifetimes, ServerLimits};
+use crate::proxy::server::ServerLimits;
+use crate::proxy::shared::Lifetimes;
 use crate::proxy::upstream::UpstreamSettings;
 
 /// Everything the daemon takes from [`Options`] (and the file's `metrics_listen:`), in the

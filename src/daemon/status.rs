@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ops::systemd::Notifier;
-use crate::proxy::server::Shared;
+use crate::proxy::shared::Shared;
 
 /// How often STATUS= is refreshed (only when it changed, only under a service manager).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);

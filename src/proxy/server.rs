@@ -21,17 +21,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
-pub use crate::net::accept::Heartbeat;
-use crate::net::accept::Pulse;
+use crate::net::accept::{Heartbeat, Pulse};
 use crate::net::endpoint::{Endpoint, Listener, Stream};
 use crate::ops::audit;
 use crate::ops::metrics::Outcome;
 use crate::proxy::connection;
 use crate::proxy::peers::PeerSlot;
 use crate::proxy::route::{Route, RouteSlot};
-// Where the daemon has always found them; they live in `shared` so `connection` can read them
-// without importing this module.
-pub use crate::proxy::shared::{Lifetimes, Shared};
+use crate::proxy::shared::Shared;
 
 /// A route's listener, as the accept loop holds it.
 pub type Served = (Listener, ServedRoute);
