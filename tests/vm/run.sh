@@ -50,10 +50,11 @@ build_programs() {
     CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_DEV_INCREMENTAL=false)
   local flags=(--workspace --message-format=json-render-diagnostics)
   if [[ ${VM_STATIC:-} == 1 ]]; then
-    # Fully static, without the systemd feature (libsystemd has no static archive). The explicit
+    # Fully static, without the systemd feature (libsystemd has no static archive), with the
+    # daemon one (the binary needs it). The explicit
     # --target keeps crt-static away from build scripts and proc-macros, which run on the host.
     vars=("CARGO_TARGET_DIR=$VM_BUILD-static" "${vars[@]:1}" "RUSTFLAGS=-C target-feature=+crt-static")
-    flags+=(--target x86_64-unknown-linux-gnu --no-default-features)
+    flags+=(--target x86_64-unknown-linux-gnu --no-default-features --features nitro-vsock-proxy/daemon)
   fi
   for cmd in "build --bin nitro-vsock-proxy" "test --no-run $*"; do
     # shellcheck disable=SC2086 # $cmd is a list of words
