@@ -182,6 +182,13 @@ fn parse_remote(s: &str) -> Result<String, String> {
              address (e.g. kms.us-east-1.amazonaws.com), not the enclave's CID"
         ));
     }
+    if let Some((scheme, rest)) = s.split_once("://") {
+        let host = rest.split(['/', ':']).next().unwrap_or(rest);
+        return Err(format!(
+            "{s:?} is a URL: give a host name, not a URL (REMOTE_ADDR {host:?}, without \
+             {scheme}://; the port is REMOTE_PORT)"
+        ));
+    }
     // Any port will do to check the host; the real one is REMOTE_PORT.
     Remote::from_host(s, 443, "REMOTE_ADDR").map(|_| s.to_owned())
 }

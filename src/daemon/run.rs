@@ -45,6 +45,13 @@ pub fn run(options: Options) -> ExitCode {
     builder.enable_all();
     if let Some(n) = options.num_workers {
         builder.worker_threads(usize::from(n));
+        // Operators coming from AWS's proxy read -w as "connections at once"; say what it is here.
+        info!(
+            "-w {n}: {n} runtime worker thread{} (in AWS's vsock-proxy -w is a pool of workers, \
+             one connection each; here connections are bounded by --max-connections, now {})",
+            if n == 1 { "" } else { "s" },
+            options.max_connections
+        );
     }
     let runtime = match builder.build() {
         Ok(rt) => rt,

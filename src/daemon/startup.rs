@@ -177,7 +177,7 @@ async fn load_file(path: &Path) -> Result<Config, Fatal> {
     let owned = path.to_owned();
     match off_runtime(CONFIG_READ_TIMEOUT, move || config::load(&owned)).await {
         Ok(Ok(config)) => Ok(config),
-        Ok(Err(e)) => Err(Fatal::Config(e.to_string())),
+        Ok(Err(e)) => Err(Fatal::Config(with_default_hint(path, e))),
         // Not the file's content that is wrong, so exit status 1: systemd tries again later.
         Err(OffRuntime::TimedOut) => Err(Fatal::Runtime(format!(
             "cannot read configuration file {}: reading and parsing it took longer than {}, so \
@@ -189,6 +189,23 @@ async fn load_file(path: &Path) -> Result<Config, Fatal> {
             "cannot read configuration file {}: the thread reading it failed: {e}",
             path.display()
         ))),
+    }
+}
+
+/// The error, and for a missing default file where else the allowlist may be: the default
+/// `--config` is AWS's path, which a host without AWS's package does not have, while this
+/// project's units and packages keep theirs in /etc/nitro-vsock-proxy/.
+fn with_default_hint(path: &Path, e: config::ConfigError) -> String {
+    let missing = matches!(&e, config::ConfigError::Read { source, .. }
+        if source.kind() == std::io::ErrorKind::NotFound);
+    if missing && path == Path::new(crate::config::cli::DEFAULT_CONFIG) {
+        format!(
+            "{e}; that is AWS's default path (from AWS's Nitro Enclaves CLI package); this \
+             project's packages install /etc/nitro-vsock-proxy/vsock-proxy.yaml and \
+             /etc/nitro-vsock-proxy/routes.yaml: name the file with --config FILE"
+        )
+    } else {
+        e.to_string()
     }
 }
 
@@ -485,7 +502,14 @@ pub async fn bind(
 /// socket file this process created, to remove when the route stops.
 pub async fn bind_endpoint(endpoint: &Endpoint) -> Result<(Listener, Option<PathBuf>), String> {
     let listener = endpoint.bind().await.map_err(|e| {
-        format!("cannot listen on {endpoint}: {e} (is another proxy already using it?)")
+        // "Another proxy" only where the OS says the address is taken: for an address this host
+        // does not have, or a missing directory, that guess would send the operator astray.
+        let hint = match (e.kind(), endpoint.bind_hint(&e)) {
+            (std::io::ErrorKind::AddrInUse, _) => "is another proxy already using it?",
+            (_, Some(hint)) => hint,
+            (_, None) => return format!("cannot listen on {endpoint}: {e}"),
+        };
+        format!("cannot listen on {endpoint}: {e} ({hint})")
     })?;
     let socket_file = match endpoint {
         Endpoint::Unix(path) => Some(path.clone()),
@@ -562,7 +586,10 @@ fn unmatched_socket(at: Option<Endpoint>, routes: &[Arc<Route>]) -> Fatal {
     let shown = at.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
     let listens: Vec<String> = routes.iter().map(|r| r.listen.to_string()).collect();
     Fatal::Config(format!(
-        "systemd passed a socket listening on {shown} (socket activation), but no                      route listens there (the routes listen on {}); make the .socket unit's                      ListenStream= name a route's listen address, or add a route with that                      listen address (LISTEN on the command line, or `listen:` in `routes:`)",
+        "systemd passed a socket listening on {shown} (socket activation), but no \
+         route listens there (the routes listen on {}); make the .socket unit's \
+         ListenStream= name a route's listen address, or add a route with that \
+         listen address (LISTEN on the command line, or `listen:` in `routes:`)",
         listens.join(", ")
     ))
 }

@@ -96,6 +96,25 @@ impl fmt::Display for Endpoint {
 }
 
 impl Endpoint {
+    /// What to tell an operator about a failed [`Endpoint::bind`] of this address, besides the
+    /// OS error: `None` for an address in use (the caller knows who else might hold it), a
+    /// fix for the errors that have one, and nothing for the rest.
+    pub fn bind_hint(&self, e: &io::Error) -> Option<&'static str> {
+        match e.kind() {
+            io::ErrorKind::AddrInUse => None,
+            io::ErrorKind::AddrNotAvailable => Some(match self {
+                Endpoint::Vsock { .. } => "no such vsock CID on this host: listen on a port alone (any CID) or on this host's CID",
+                _ => "that IP address is not one of this host's: check `ip addr`, or listen on 0.0.0.0",
+            }),
+            io::ErrorKind::NotFound => Some("the socket file's directory does not exist: create it first (RuntimeDirectory= under systemd)"),
+            io::ErrorKind::PermissionDenied => Some(match self {
+                Endpoint::Unix(_) => "no permission to create the socket file in that directory",
+                _ => "ports below 1024 need root or CAP_NET_BIND_SERVICE",
+            }),
+            _ => None,
+        }
+    }
+
     /// Binds a listener. A stale unix socket file left by an earlier run is replaced; any other
     /// existing file at that path is an error rather than something we delete.
     pub async fn bind(&self) -> io::Result<Listener> {
