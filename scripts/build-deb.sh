@@ -15,6 +15,8 @@ mkdir -p "$STAGE/DEBIAN"
 
 CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked --quiet -p "$NAME" --bin "$NAME"
 bin=target/release/$NAME
+# The man page and the shell completions, from the same clap definitions as --help.
+cargo run --release --locked --quiet -p "$NAME" --example gen-docs -- target/docs
 
 install -D -m 0755 "$bin" "$STAGE/usr/bin/$NAME"
 install -d -m 0755 "$STAGE/lib/systemd/system"
@@ -25,6 +27,11 @@ install -m 0644 config/vsock-proxy.yaml "$STAGE/etc/$NAME/vsock-proxy.yaml"
 install -m 0644 config/workshop.env "$STAGE/etc/$NAME/workshop.env"
 install -m 0644 config/your-vsock-proxy.yaml "$STAGE/etc/$NAME/workshop.yaml"
 install -m 0644 config/routes.example.yaml "$STAGE/etc/$NAME/routes.yaml"
+install -d -m 0755 "$STAGE/usr/share/man/man8"
+gzip -9n -c target/docs/$NAME.8 >"$STAGE/usr/share/man/man8/$NAME.8.gz"
+install -D -m 0644 target/docs/$NAME.bash "$STAGE/usr/share/bash-completion/completions/$NAME"
+install -D -m 0644 target/docs/_$NAME "$STAGE/usr/share/zsh/vendor-completions/_$NAME"
+install -D -m 0644 target/docs/$NAME.fish "$STAGE/usr/share/fish/vendor_completions.d/$NAME.fish"
 install -d -m 0755 "$STAGE/usr/share/doc/$NAME"
 gzip -9n -c README.md >"$STAGE/usr/share/doc/$NAME/README.md.gz"
 {

@@ -150,8 +150,28 @@ fn units_carry_the_issue_s_contract() {
             .map(str::to_owned)
             .collect()
     };
+    // $OPTIONS from /etc/sysconfig/nitro-vsock-proxy (optional: `EnvironmentFile=-`), unbraced so
+    // that systemd splits it into words.
     let default_args =
-        "8000 kms.{region}.{domain} 443 --config /etc/nitro-vsock-proxy/vsock-proxy.yaml";
+        "8000 kms.{region}.{domain} 443 --config /etc/nitro-vsock-proxy/vsock-proxy.yaml $OPTIONS";
+    for (name, text) in [("service", &service), ("routes", &routes)] {
+        assert!(
+            text.lines()
+                .any(|l| l == "EnvironmentFile=-/etc/sysconfig/nitro-vsock-proxy"),
+            "{name} unit does not read /etc/sysconfig/nitro-vsock-proxy"
+        );
+    }
+    for (name, text) in [
+        ("service", &service),
+        ("template", &template),
+        ("routes", &routes),
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("Documentation=man:nitro-vsock-proxy(8) https://")),
+            "{name} unit has no Documentation= with the man page and the README"
+        );
+    }
     assert_eq!(
         start_and_reload(&service),
         [
@@ -218,8 +238,8 @@ fn units_carry_the_issue_s_contract() {
     assert_eq!(
         exec,
         [
-            format!("ExecStart={INSTALLED_BIN} --config /etc/nitro-vsock-proxy/routes.yaml"),
-            format!("ExecReload={INSTALLED_BIN} --config /etc/nitro-vsock-proxy/routes.yaml --check-config"),
+            format!("ExecStart={INSTALLED_BIN} --config /etc/nitro-vsock-proxy/routes.yaml $OPTIONS"),
+            format!("ExecReload={INSTALLED_BIN} --config /etc/nitro-vsock-proxy/routes.yaml $OPTIONS --check-config"),
             "ExecReload=/bin/kill -HUP $MAINPID".to_owned(),
         ]
     );

@@ -29,6 +29,10 @@ expected=$(sort <<'LIST'
 /lib/systemd/system/nitro-vsock-proxy.socket
 /lib/systemd/system/nitro-vsock-proxy@.service
 /usr/bin/nitro-vsock-proxy
+/usr/share/bash-completion/completions/nitro-vsock-proxy
+/usr/share/fish/vendor_completions.d/nitro-vsock-proxy.fish
+/usr/share/man/man8/nitro-vsock-proxy.8.gz
+/usr/share/zsh/vendor-completions/_nitro-vsock-proxy
 /usr/share/doc/nitro-vsock-proxy/README.md.gz
 /usr/share/doc/nitro-vsock-proxy/changelog.Debian.gz
 /usr/share/doc/nitro-vsock-proxy/copyright

@@ -33,7 +33,12 @@ expected_files=$(sort <<'LIST'
 /etc/nitro-vsock-proxy/vsock-proxy.yaml
 /etc/nitro-vsock-proxy/workshop.env
 /etc/nitro-vsock-proxy/workshop.yaml
+/etc/sysconfig/nitro-vsock-proxy
 /usr/bin/nitro-vsock-proxy
+/usr/share/bash-completion/completions/nitro-vsock-proxy
+/usr/share/fish/vendor_completions.d/nitro-vsock-proxy.fish
+/usr/share/man/man8/nitro-vsock-proxy.8.gz
+/usr/share/zsh/site-functions/_nitro-vsock-proxy
 /usr/lib/systemd/system/nitro-vsock-proxy-routes.service
 /usr/lib/systemd/system/nitro-vsock-proxy.service
 /usr/lib/systemd/system/nitro-vsock-proxy.socket
