@@ -9,7 +9,7 @@
 //! Each entry carries:
 //! - `MESSAGE`: the text of the `<N>`-prefixed line the journal format writes on standard error,
 //!   without the prefix (spans with their fields, the message, the event's fields);
-//! - `PRIORITY` ([`crate::ops::logging::journal_priority`]), `SYSLOG_IDENTIFIER=nitro-vsock-proxy`,
+//! - `PRIORITY` ([`journal_priority`]), `SYSLOG_IDENTIFIER=nitro-vsock-proxy`,
 //!   `TARGET` (the event's tracing target, e.g. `audit`), `CODE_FILE`, `CODE_LINE`;
 //! - every field of the event and of its enclosing spans as `NVP_<NAME UPPERCASED>`, so
 //!   `journalctl NVP_REASON=denied` finds the refused connections (a field of an inner span or
