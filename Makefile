@@ -70,7 +70,8 @@ bench: deps
 	$(CARGO) bench --bench relay
 
 # The workshop chain on this machine, offline; ONLINE=1 uses the real ip-ranges.amazonaws.com.
-demo: deps
+demo:
+	@scripts/install-deps.sh demo
 	@ONLINE=$(ONLINE) scripts/demo.sh
 
 clean:

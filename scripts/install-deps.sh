@@ -23,6 +23,11 @@
 #             the test's own network namespace
 set -euo pipefail
 needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl python3-prometheus-client nftables)
+# `install-deps.sh demo` (make demo): only what building and running the demo takes — the
+# libsystemd link, `ip` and `unshare`/`mount` for its private namespaces.
+if [[ ${1:-} == demo ]]; then
+  needed=(libsystemd-dev pkg-config iproute2 util-linux)
+fi
 missing=()
 for pkg in "${needed[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
