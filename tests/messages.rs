@@ -280,3 +280,62 @@ fn no_message_has_a_run_of_spaces_inside_it() {
     assert_eq!(literals[0].1, "no\n          route");
     assert_eq!(literals[1].1, "a b");
 }
+
+#[test]
+fn a_unix_socket_a_live_process_serves_is_refused_a_stale_one_replaced_and_ours_removed_at_exit() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = config(dir.path());
+        // Served by a live process (this test): refused, for a route and for metrics alike.
+        let live = dir.path().join("live.sock");
+        let other = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let live_ep = format!("unix:{}", live.display());
+        for args in [
+            vec![live_ep.as_str(), "api.test", "443", "--config", &path],
+            vec![
+                "tcp:127.0.0.1:8001",
+                "api.test",
+                "443",
+                "--config",
+                &path,
+                "--metrics-listen",
+                &live_ep,
+            ],
+        ] {
+            let out = run_to_exit(&args, TIMEOUT);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {}", out.stderr);
+            assert!(
+                out.stderr.contains("in use by another process"),
+                "{args:?}: {}",
+                out.stderr
+            );
+            assert!(live.exists(), "the live socket file was removed");
+            let _client = std::os::unix::net::UnixStream::connect(&live).unwrap();
+            other.accept().unwrap();
+        }
+        // A stale file (its listener gone) is replaced; at exit the daemon removes its own.
+        let stale = dir.path().join("stale.sock");
+        let metrics = dir.path().join("metrics.sock");
+        for file in [&stale, &metrics] {
+            drop(std::os::unix::net::UnixListener::bind(file).unwrap());
+            assert!(file.exists());
+        }
+        let listen = format!("unix:{}", stale.display());
+        let metrics_ep = format!("unix:{}", metrics.display());
+        let mut proxy = common::proxy::Proxy::spawn(&[
+            listen.as_str(),
+            "api.test",
+            "443",
+            "--config",
+            &path,
+            "--metrics-listen",
+            &metrics_ep,
+        ]);
+        proxy.wait_ready(&listen).await;
+        proxy.signal(libc::SIGTERM);
+        let status = proxy.wait_exit(TIMEOUT).await.expect("exits on SIGTERM");
+        assert_eq!(status.code(), Some(0), "{}", proxy.logs());
+        assert!(!stale.exists(), "the route's socket file is left behind");
+        assert!(!metrics.exists(), "the metrics socket file is left behind");
+    });
+}

@@ -89,6 +89,7 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
     let mut metadata = Metadata::new(options.imds_endpoint);
     let built = build(&options, &mut metadata).await?;
     let status = StatusLine::new(built.shared.clone());
+    let metrics_file = metrics_socket_file(&built);
     notifier.ready(&status.render());
 
     let (stop, hup) = Signals::split(signals);
@@ -114,7 +115,20 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
     )
     .await;
     log_totals(&built.shared, left);
+    if let Some(path) = metrics_file {
+        // Ours to remove, as the routes' socket files are when they stop (a later start would
+        // replace a stale one anyway, but a file nobody serves should not be left behind).
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
+}
+
+/// The unix socket file the metrics endpoint listens on, if this process bound one.
+fn metrics_socket_file(built: &Built) -> Option<std::path::PathBuf> {
+    match (&built.metrics, &built.metrics_listen) {
+        (Some(_), Some(Endpoint::Unix(path))) => Some(path.clone()),
+        _ => None,
+    }
 }
 
 /// What start-up built, ready to serve.

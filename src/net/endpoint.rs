@@ -131,7 +131,7 @@ impl Endpoint {
                 vsock_listener(listener)
             }
             Endpoint::Unix(path) => {
-                remove_stale_socket(path)?;
+                remove_stale_socket(path).await?;
                 UnixListener::bind(path).map(Listener::Unix)
             }
             Endpoint::Tcp(addr) => TcpListener::bind(addr).await.map(Listener::Tcp),
@@ -154,10 +154,29 @@ impl Endpoint {
     }
 }
 
-fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
+/// Removes a socket file that nothing listens on any more (left by a process that ended without
+/// removing it); refuses one that a live process serves, which removing would take over
+/// silently: that process would keep running with no way to reach it.
+async fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(meta) if meta.file_type().is_socket() => {
+            // A non-blocking connect: refused means stale; accepted, or a full backlog
+            // (EAGAIN), or no answer within the second means a live listener.
+            let probe = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                tokio::net::UnixStream::connect(path),
+            )
+            .await;
+            match probe {
+                Ok(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => std::fs::remove_file(path),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "in use by another process: a live process accepts connections on this \
+                     socket file (stop it, or listen on another path)",
+                )),
+            }
+        }
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             "a file that is not a socket exists at this path",
@@ -523,6 +542,19 @@ mod tests {
         let (_stream, peer) = listener.accept().await.unwrap();
         assert!(peer.starts_with("unix:"));
         client.await.unwrap().unwrap();
+
+        // The listener is alive: its socket file is not taken over.
+        let err = ep
+            .bind()
+            .await
+            .err()
+            .expect("a live socket is not replaced");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
+        drop(listener);
 
         let file = dir.path().join("plain");
         std::fs::write(&file, b"x").unwrap();
