@@ -15,4 +15,6 @@ pub mod logging;
 pub mod metrics;
 #[cfg(feature = "daemon")]
 pub mod metrics_server;
+#[cfg(feature = "daemon")]
+pub mod process;
 pub mod systemd;
