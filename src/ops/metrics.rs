@@ -32,6 +32,7 @@
 //! and a scraper that asks for `text/plain` read), [`Metrics::encode_openmetrics`] OpenMetrics
 //! 1.0 text; both are prometheus-client's encoders.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::LazyLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -157,7 +158,7 @@ pub struct Metrics {
     audit_suppressed: Counter,
     log_lines_dropped: Counter,
     last_reload_successful: Gauge,
-    last_reload_success_timestamp: Gauge,
+    last_reload_success_timestamp: Gauge<f64, AtomicU64>,
     max_connections: Gauge,
 }
 
@@ -227,7 +228,7 @@ impl Metrics {
             "Whether the last configuration load (at start-up or on SIGHUP) succeeded: 1 or 0",
             last_reload_successful.clone(),
         );
-        let last_reload_success_timestamp = Gauge::default();
+        let last_reload_success_timestamp = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful configuration load (at start-up or on SIGHUP)",
@@ -344,8 +345,8 @@ impl Metrics {
         if ok {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-                .unwrap_or(0);
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
             self.last_reload_success_timestamp.set(now);
         }
     }
@@ -428,7 +429,7 @@ mod tests {
             "nitro_vsock_proxy_connections_total{route=\"vsock:8000\",outcome=\"setup_timeout\"} 0",
             "nitro_vsock_proxy_connections_total{route=\"vsock:8000\",outcome=\"max_lifetime\"} 0",
             "nitro_vsock_proxy_config_last_reload_successful 0",
-            "nitro_vsock_proxy_config_last_reload_success_timestamp_seconds 0",
+            "nitro_vsock_proxy_config_last_reload_success_timestamp_seconds 0.0",
             "nitro_vsock_proxy_max_connections 77",
             "process_open_fds ",
             "nitro_vsock_proxy_connections_total{route=\"vsock:8000\",outcome=\"no_sni\"} 1",
