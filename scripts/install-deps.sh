@@ -17,12 +17,14 @@
 #   binutils: objdump, to check the glibc symbol versions the binary needs
 #   python3-prometheus-client: tests/operate.rs parses /metrics with Prometheus' own
 #                              OpenMetrics parser (/usr/bin/python3)
+#   prometheus: tests/metrics_format.rs checks a scrape with `promtool check metrics` (only
+#               promtool is used; the server it also installs is not run)
 #   curl, openssl: tests/dynamic_routes.rs drives the CONNECT route with `curl -x` and the SNI
 #                  routes with `openssl s_client`, real clients of each protocol
 #   nftables: tests/keepalive.rs makes an upstream silent (drops its packets) with `nft`, inside
 #             the test's own network namespace
 set -euo pipefail
-needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl python3-prometheus-client nftables)
+needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl python3-prometheus-client prometheus nftables)
 # `install-deps.sh demo` (make demo): only what building and running the demo takes — the
 # libsystemd link, `ip` and `unshare`/`mount` for its private namespaces.
 if [[ ${1:-} == demo ]]; then

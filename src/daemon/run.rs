@@ -167,6 +167,9 @@ async fn build(options: &Options, metadata: &mut Metadata) -> Result<Built, Fata
     let shared = Arc::new(shared);
     shared.routes.set(routes);
     crate::ops::audit::set_record_allowed(settings.audit_allowed);
+    let metrics_now = crate::ops::metrics::global();
+    metrics_now.config_loaded(true);
+    metrics_now.set_max_connections(options.max_connections);
     log_listening(&served, allowlist_entries, options);
     Ok(Built {
         shared,
@@ -233,6 +236,8 @@ async fn stopping(
 ) {
     let name = wait_for_stop(stop).await;
     info!(signal = name, "stopping");
+    // /healthz answers 503 for the rest of the drain.
+    crate::ops::metrics_server::set_draining();
     // Nothing but STOPPING=1 from here on: no reload, no status refresh.
     for task in tasks {
         task.abort();

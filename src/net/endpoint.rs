@@ -547,8 +547,8 @@ mod tests {
         let err = ep
             .bind()
             .await
-            .err()
-            .expect("a live socket is not replaced");
+            .map(|_| ())
+            .expect_err("a live socket is not replaced");
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         assert!(
             err.to_string().contains("in use by another process"),

@@ -19,7 +19,20 @@
 //! - `nitro_vsock_proxy_audit_lines_suppressed_total`: refusal log lines folded into a summary by
 //!   the rate limit ([`crate::ops::audit`]).
 //! - `nitro_vsock_proxy_build_info{version}`: always 1.
+//! - `nitro_vsock_proxy_config_last_reload_successful`: 1 if the last configuration load (the
+//!   start-up one or a SIGHUP reload) succeeded, else 0; and
+//!   `nitro_vsock_proxy_config_last_reload_success_timestamp_seconds`, when the last good one
+//!   happened (Unix time), as Prometheus itself names them.
+//! - `nitro_vsock_proxy_max_connections`: the `--max-connections` value.
+//! - `process_resident_memory_bytes`, `process_open_fds`, `process_max_fds`,
+//!   `process_cpu_seconds_total`, `process_start_time_seconds`: read from `/proc` at each scrape
+//!   ([`crate::ops::process`]), named as the Prometheus client libraries name them.
+//!
+//! [`Metrics::encode`] writes the Prometheus text format 0.0.4 (what `promtool check metrics`
+//! and a scraper that asks for `text/plain` read), [`Metrics::encode_openmetrics`] OpenMetrics
+//! 1.0 text; both are prometheus-client's encoders.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::LazyLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -28,6 +41,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const PROMETHEUS_CONTENT_TYPE: &str =
+    prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+/// The content type of [`Metrics::encode_openmetrics`]'s output.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// How a connection ended: the `outcome` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -137,6 +157,9 @@ pub struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     audit_suppressed: Counter,
     log_lines_dropped: Counter,
+    last_reload_successful: Gauge,
+    last_reload_success_timestamp: Gauge<f64, AtomicU64>,
+    max_connections: Gauge,
 }
 
 /// 0.5 ms to ≈ 16 s: a cached loopback connect to a connect timeout.
@@ -146,7 +169,10 @@ fn connect_duration_histogram() -> Histogram {
 
 impl Metrics {
     fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("nitro_vsock_proxy");
+        let mut root = Registry::default();
+        // process_*: no prefix, as every Prometheus client library names them.
+        root.register_collector(Box::new(crate::ops::process::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("nitro_vsock_proxy");
         let connections = Family::<RouteOutcome, Counter>::default();
         registry.register(
             "connections",
@@ -196,6 +222,24 @@ impl Metrics {
             "Log lines dropped because standard error or the journal did not keep up",
             log_lines_dropped.clone(),
         );
+        let last_reload_successful = Gauge::default();
+        registry.register(
+            "config_last_reload_successful",
+            "Whether the last configuration load (at start-up or on SIGHUP) succeeded: 1 or 0",
+            last_reload_successful.clone(),
+        );
+        let last_reload_success_timestamp = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load (at start-up or on SIGHUP)",
+            last_reload_success_timestamp.clone(),
+        );
+        let max_connections = Gauge::default();
+        registry.register(
+            "max_connections",
+            "The --max-connections limit: connections served at once over all routes",
+            max_connections.clone(),
+        );
         let build_info = Family::<VersionLabel, Gauge>::default();
         registry.register(
             "build_info",
@@ -215,7 +259,7 @@ impl Metrics {
             drop(reloads.get_or_create(&ResultLabel { result }));
         }
         Metrics {
-            registry,
+            registry: root,
             connections,
             open,
             bytes,
@@ -224,6 +268,9 @@ impl Metrics {
             reloads,
             audit_suppressed,
             log_lines_dropped,
+            last_reload_successful,
+            last_reload_success_timestamp,
+            max_connections,
         }
     }
 
@@ -249,6 +296,9 @@ impl Metrics {
             Outcome::Unreachable,
             Outcome::OverLimit,
             Outcome::Revoked,
+            Outcome::SetupTimeout,
+            Outcome::MaxLifetime,
+            Outcome::Drained,
         ] {
             drop(self.connections.get_or_create(&RouteOutcome {
                 route: route.to_owned(),
@@ -281,10 +331,29 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one reload.
+    /// Counts one reload, and sets the last-reload gauges.
     pub fn reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.reloads.get_or_create(&ResultLabel { result }).inc();
+        self.config_loaded(ok);
+    }
+
+    /// Sets the last-reload gauges for a configuration load (the start-up one, or a reload's)
+    /// without counting a reload.
+    pub fn config_loaded(&self, ok: bool) {
+        self.last_reload_successful.set(i64::from(ok));
+        if ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            self.last_reload_success_timestamp.set(now);
+        }
+    }
+
+    /// Sets the `--max-connections` gauge.
+    pub fn set_max_connections(&self, limit: u32) {
+        self.max_connections.set(i64::from(limit));
     }
 
     /// Counts refusal lines the audit rate limit folded into a summary.
@@ -300,8 +369,15 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition (OpenMetrics 1.0 text, which Prometheus reads).
+    /// The Prometheus text exposition, format 0.0.4 ([`PROMETHEUS_CONTENT_TYPE`]).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// The OpenMetrics 1.0 text exposition, ending in `# EOF` ([`OPENMETRICS_CONTENT_TYPE`]).
+    pub fn encode_openmetrics(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -346,8 +422,16 @@ mod tests {
         r.connect_duration.observe(0.002);
         m.dns_lookup("nxdomain");
         m.reload(false);
+        m.set_max_connections(77);
         let text = m.encode().unwrap();
         for line in [
+            "nitro_vsock_proxy_connections_total{route=\"vsock:8000\",outcome=\"drained\"} 0",
+            "nitro_vsock_proxy_connections_total{route=\"vsock:8000\",outcome=\"setup_timeout\"} 0",
+            "nitro_vsock_proxy_connections_total{route=\"vsock:8000\",outcome=\"max_lifetime\"} 0",
+            "nitro_vsock_proxy_config_last_reload_successful 0",
+            "nitro_vsock_proxy_config_last_reload_success_timestamp_seconds 0.0",
+            "nitro_vsock_proxy_max_connections 77",
+            "process_open_fds ",
             "nitro_vsock_proxy_connections_total{route=\"vsock:8000\",outcome=\"no_sni\"} 1",
             "nitro_vsock_proxy_connections_total{route=\"vsock:8000\",outcome=\"revoked\"} 0",
             "nitro_vsock_proxy_bytes_total{route=\"vsock:8000\",direction=\"to_upstream\"} 5",
@@ -359,5 +443,37 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
+        m.config_loaded(true);
+        assert!(m
+            .encode()
+            .unwrap()
+            .contains("nitro_vsock_proxy_config_last_reload_successful 1"));
+    }
+
+    #[test]
+    fn prometheus_text_by_default_openmetrics_when_asked() {
+        let m = Metrics::new();
+        drop(m.route("vsock:8000"));
+        let text = m.encode().unwrap();
+        // 0.0.4: HELP and TYPE name the counter's samples (`_total`), no `# EOF`.
+        assert!(
+            text.contains("# HELP nitro_vsock_proxy_connections_total "),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE nitro_vsock_proxy_connections_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        let open = m.encode_openmetrics().unwrap();
+        assert!(
+            open.contains("# TYPE nitro_vsock_proxy_connections counter"),
+            "{open}"
+        );
+        assert!(open.ends_with("# EOF\n"), "{open}");
     }
 }

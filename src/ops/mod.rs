@@ -1,5 +1,5 @@
-//! Cross-cutting operations: logs, the journal, metrics and their endpoint, the audit trail,
-//! systemd's protocols and the heap's trim. What an operator sees of the daemon.
+//! Cross-cutting operations: logs, the journal, metrics and their endpoint (with `/healthz`), the
+//! process's own figures from `/proc`, the audit trail, systemd's protocols and the heap's trim. What an operator sees of the daemon.
 //!
 //! Imports: [`crate::net`] only (the metrics endpoint listens on an [`crate::net::endpoint`]);
 //! nothing here knows about policy, configuration or proxying. The logger, the journal, systemd
@@ -15,4 +15,6 @@ pub mod logging;
 pub mod metrics;
 #[cfg(feature = "daemon")]
 pub mod metrics_server;
+#[cfg(feature = "daemon")]
+pub mod process;
 pub mod systemd;

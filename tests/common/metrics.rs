@@ -15,9 +15,15 @@ for family in text_string_to_metric_families(sys.stdin.read()):
         print("%s{%s} %r" % (s.name, labels, float(s.value)))
 "#;
 
-/// The samples of one scrape of `url` (with `--unix-socket PATH` when `unix` is given).
+/// The OpenMetrics `Accept` header, as Prometheus sends it (without it the daemon answers in the
+/// Prometheus text format 0.0.4).
+pub const ACCEPT_OPENMETRICS: &str =
+    "Accept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4";
+
+/// The samples of one scrape of `url` (with `--unix-socket PATH` when `unix` is given), asked for
+/// in OpenMetrics.
 pub fn scrape(url: &str, unix: Option<&str>) -> BTreeMap<String, f64> {
-    let body = fetch(url, unix, 200);
+    let body = fetch_with(url, unix, 200, &[ACCEPT_OPENMETRICS]);
     let mut parse = Command::new("/usr/bin/python3")
         .args(["-c", PARSE])
         .stdin(Stdio::piped())
@@ -49,8 +55,17 @@ pub fn scrape(url: &str, unix: Option<&str>) -> BTreeMap<String, f64> {
 
 /// GETs `url` and returns the body, asserting the HTTP status.
 pub fn fetch(url: &str, unix: Option<&str>, status: u16) -> String {
+    fetch_with(url, unix, status, &[])
+}
+
+/// GETs `url` with the given request `headers` (`Name: value`) and returns the body, asserting
+/// the HTTP status.
+pub fn fetch_with(url: &str, unix: Option<&str>, status: u16, headers: &[&str]) -> String {
     let mut curl = Command::new("curl");
     curl.args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"]);
+    for header in headers {
+        curl.args(["-H", header]);
+    }
     if let Some(path) = unix {
         curl.args(["--unix-socket", path]);
     }
