@@ -56,7 +56,8 @@ pub struct Options {
 
     /// Load the configuration (and the positional route), print the routes and the allowlist
     /// entries each relies on, check every route against the allowlist, and exit: 0 if all is
-    /// well, 2 if not. Binds no socket; asks DNS only for routes that only DNS can vouch for.
+    /// well, 2 if not. With no route at all, checks the file alone (as `nginx -t`). Binds no
+    /// socket; asks DNS only for routes that only DNS can vouch for.
     #[arg(long)]
     pub check_config: bool,
 

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::config::cli::Options;
 use crate::daemon::settings::Settings as DaemonSettings;
-use crate::daemon::startup::{self, check_route, Fatal, Loaded, Metadata, Reliance};
+use crate::daemon::startup::{self, check_route, Fatal, Loaded, Metadata, Reliance, Routes};
 use crate::policy::dns::Dns;
 use crate::proxy::route::{Destination, Settings};
 
@@ -18,7 +18,7 @@ use crate::proxy::route::{Destination, Settings};
 pub async fn check_config(options: &Options) -> u8 {
     let path = &options.config;
     let mut metadata = Metadata::new(options.imds_endpoint);
-    let loaded = match startup::load(options, &mut metadata).await {
+    let loaded = match startup::load(options, &mut metadata, Routes::Optional).await {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{}", e.message());
@@ -45,15 +45,26 @@ pub async fn check_config(options: &Options) -> u8 {
     verdict(path, problems)
 }
 
-/// The first line: the file, how many routes and allowlist entries.
+/// The first line: the file, how many routes and allowlist entries. With no route at all (no
+/// positional route, no `routes:`), the file is checked alone, as `nginx -t` does.
 fn summary(path: &Path, loaded: &Loaded) -> String {
     let n = loaded.routes.len();
     let entries = loaded.policy.entries().len();
+    let entries = format!(
+        "{entries} allowlist entr{}",
+        if entries == 1 { "y" } else { "ies" }
+    );
+    if n == 0 {
+        return format!(
+            "{}: {entries}, no route: the file is checked alone (to check a route too, give \
+             LISTEN REMOTE_ADDR REMOTE_PORT or add `routes:`)\n",
+            path.display()
+        );
+    }
     format!(
-        "{}: {n} route{}, {entries} allowlist entr{}\n",
+        "{}: {n} route{}, {entries}\n",
         path.display(),
         if n == 1 { "" } else { "s" },
-        if entries == 1 { "y" } else { "ies" }
     )
 }
 

@@ -102,13 +102,35 @@ pub struct Loaded {
     pub routes: Vec<Settings>,
 }
 
+/// What [`load`] may come back with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routes {
+    /// At least one route (the daemon serves routes): none at all is a configuration error.
+    Required,
+    /// No route at all is fine: `--check-config` then checks the file alone, as `nginx -t`.
+    Optional,
+}
+
 /// Reads the file (off the async workers, within [`CONFIG_READ_TIMEOUT`]) and builds the
 /// routes. Errors in the file or the arguments are [`Fatal::Config`]; an unreachable metadata
 /// service or a read that missed its deadline is [`Fatal::Runtime`].
-pub async fn load(options: &Options, metadata: &mut Metadata) -> Result<Loaded, Fatal> {
+pub async fn load(
+    options: &Options,
+    metadata: &mut Metadata,
+    need: Routes,
+) -> Result<Loaded, Fatal> {
     let path = &options.config;
     let config = load_file(path).await?;
-    let specs = route::specs(options.positional_route(), &config, path).map_err(Fatal::Config)?;
+    let positional = options.positional_route();
+    if need == Routes::Optional && positional.is_none() && config.routes.is_empty() {
+        let policy = Policy::new(config.allowlist.clone());
+        return Ok(Loaded {
+            config,
+            policy,
+            routes: Vec::new(),
+        });
+    }
+    let specs = route::specs(positional, &config, path).map_err(Fatal::Config)?;
     let mut routes = Vec::with_capacity(specs.len());
     for spec in specs {
         let (remote, require_sni) = match &spec.kind {
@@ -428,7 +450,7 @@ pub struct Prepared {
 /// the settings and a new resolver, check every route. A resolver that cannot be built is
 /// [`Fatal::Runtime`].
 pub async fn prepare(options: &Options, metadata: &mut Metadata) -> Result<Prepared, Fatal> {
-    let loaded = load(options, metadata).await?;
+    let loaded = load(options, metadata, Routes::Required).await?;
     let settings = DaemonSettings::from_options(options, &loaded.config);
     let dns = Dns::new(&settings.dns).map_err(Fatal::Runtime)?;
     check_routes(&loaded.policy, &dns, &loaded.routes, &options.config).await?;

@@ -8,6 +8,7 @@
 //! [`crate::proxy::server`], the decision in [`crate::policy`].
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::config::remote::{Remote, Target};
 use crate::config::{Config, RouteKind};
 use crate::net::endpoint::Endpoint;
 use crate::ops::metrics::RouteMetrics;
+use crate::policy::host::HostPattern;
 use crate::proxy::current::Current;
 
 /// Where a route was written.
@@ -100,11 +102,24 @@ pub fn specs(
         });
     }
     if specs.is_empty() {
+        // The example is a remote the file allows (its first name or IP entry), so that
+        // following it works; AWS's KMS endpoint when the file has only CIDRs and wildcards.
+        let (host, port) = config
+            .allowlist
+            .entries
+            .iter()
+            .find_map(|e| match &e.address {
+                HostPattern::Name(name) => Some((name.to_string(), e.port)),
+                HostPattern::Ip(IpAddr::V4(ip)) => Some((ip.to_string(), e.port)),
+                HostPattern::Ip(IpAddr::V6(ip)) => Some((format!("[{ip}]"), e.port)),
+                _ => None,
+            })
+            .unwrap_or_else(|| ("kms.us-east-1.amazonaws.com".to_owned(), 443));
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
         return Err(format!(
             "no route to serve: give one on the command line (nitro-vsock-proxy LISTEN \
-             REMOTE_ADDR REMOTE_PORT, e.g. nitro-vsock-proxy 8000 kms.us-east-1.amazonaws.com \
-             443 --config {0}) or add `routes:` to {0}, e.g. `routes: [{{listen: 8000, remote: \
-             kms.us-east-1.amazonaws.com:443}}]`",
+             REMOTE_ADDR REMOTE_PORT, e.g. nitro-vsock-proxy 8000 {bare} {port} --config {0}) \
+             or add `routes:` to {0}, e.g. `routes: [{{listen: 8000, remote: '{host}:{port}'}}]`",
             config_path.display()
         ));
     }
