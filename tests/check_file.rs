@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::netns::run_in_netns;
-use common::proxy::run_to_exit;
+use common::proxy::{run_to_exit, Proxy};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -71,6 +71,82 @@ fn check_config_without_any_route_checks_the_file_alone() {
             out.stderr.contains("ip-ranges.amazonaws.com:443"),
             "{}",
             out.stderr
+        );
+    });
+}
+
+/// Duplicates and entries a wider one of the same port allows in full; 169.254.169.254 beside
+/// 169.254.0.0/16 is not one of them (a block does not allow the metadata service).
+const OVERLAPPING: &str = "allowlist:\n\
+  - {address: 10.0.0.0/8, port: 443}\n\
+  - {address: 10.1.2.3, port: 443}\n\
+  - {address: a.example.com, port: 443}\n\
+  - {address: '*.example.com', port: 443}\n\
+  - {address: a.example.com, port: 443}\n\
+  - {address: 169.254.169.254, port: 80}\n\
+  - {address: 169.254.0.0/16, port: 80}\n\
+  - {address: 192.0.2.10, port: 443}\n";
+
+const OVERLAP_WARNINGS: [&str; 3] = [
+    "10.1.2.3:443 (allowlist[1], line 3) is shadowed by the wider 10.0.0.0/8:443 (allowlist[0], line 2)",
+    "a.example.com:443 (allowlist[2], line 4) is shadowed by the wildcard *.example.com:443 (allowlist[3], line 5)",
+    "a.example.com:443 (allowlist[4], line 6) duplicates a.example.com:443 (allowlist[2], line 4)",
+];
+
+#[test]
+fn duplicate_and_shadowed_entries_are_warnings_naming_both_entries_and_lines() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, OVERLAPPING);
+        let out = run_to_exit(&["--check-config", "--config", &path], TIMEOUT);
+        assert_eq!(out.status.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
+        for w in OVERLAP_WARNINGS {
+            assert!(
+                out.stderr
+                    .contains(&format!("warning: configuration file {path}: {w}")),
+                "{w}: {}",
+                out.stderr
+            );
+        }
+        assert_eq!(out.stderr.matches("warning:").count(), 3, "{}", out.stderr);
+        assert!(
+            !out.stderr.contains("169.254.169.254:80 (allowlist"),
+            "{}",
+            out.stderr
+        );
+        assert!(
+            out.stdout.ends_with(&format!(
+                "{path}: configuration OK, with 3 warnings (on standard error)\n"
+            )),
+            "{}",
+            out.stdout
+        );
+
+        // At start-up and on reload: logged at WARN, and the proxy serves.
+        let listen = "tcp:127.0.0.1:8001";
+        let proxy = Proxy::spawn(&[listen, "192.0.2.10", "443", "--config", &path]);
+        proxy.wait_ready(listen).await;
+        for w in OVERLAP_WARNINGS {
+            assert!(
+                proxy.wait_for_log(w, TIMEOUT).await,
+                "{w}: {}",
+                proxy.logs()
+            );
+        }
+        let logs = proxy.logs();
+        let line = logs
+            .lines()
+            .find(|l| l.contains(OVERLAP_WARNINGS[0]))
+            .unwrap_or_default();
+        assert!(line.contains("WARN"), "{line}");
+        proxy
+            .reload_with(Path::new(&path), OVERLAPPING, "allowlist reloaded", 1)
+            .await;
+        assert_eq!(
+            proxy.logs().matches(OVERLAP_WARNINGS[2]).count(),
+            2,
+            "{}",
+            proxy.logs()
         );
     });
 }

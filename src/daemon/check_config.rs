@@ -41,8 +41,11 @@ pub async fn check_config(options: &Options) -> u8 {
             problems += 1;
         }
     }
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
     print!("{out}");
-    verdict(path, problems)
+    verdict(path, problems, loaded.warnings.len())
 }
 
 /// The first line: the file, how many routes and allowlist entries. With no route at all (no
@@ -145,9 +148,18 @@ fn report_reliance(out: &mut String, loaded: &Loaded, route: &Settings, reliance
 }
 
 /// The last line, and the exit status: 0 when every route is allowed, else 2.
-fn verdict(path: &Path, problems: usize) -> u8 {
+/// Warnings (entries that add nothing) are counted on the OK line; they do not make it NOT OK.
+fn verdict(path: &Path, problems: usize, warnings: usize) -> u8 {
     if problems == 0 {
-        println!("{}: configuration OK", path.display());
+        if warnings == 0 {
+            println!("{}: configuration OK", path.display());
+        } else {
+            println!(
+                "{}: configuration OK, with {warnings} warning{} (on standard error)",
+                path.display(),
+                if warnings == 1 { "" } else { "s" }
+            );
+        }
         0
     } else {
         println!(
