@@ -150,3 +150,37 @@ fn duplicate_and_shadowed_entries_are_warnings_naming_both_entries_and_lines() {
         );
     });
 }
+
+#[test]
+fn yaml_mistakes_get_a_hint_and_the_position_once() {
+    run_in_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        for (yaml, hint, line) in [
+            ("allowlist:\n\t- {address: a.example, port: 443}\n", "YAML does not allow tabs for indentation", 2),
+            ("allowlist:\n  - address: a.example\n\tport: 443\n", "YAML does not allow tabs for indentation", 3),
+            ("allowlist:\n  - address: *.example.com\n    port: 443\n", "quote wildcard names: '*.example.com'", 2),
+            ("allowlist:\n  - {address: *.example.com, port: 443}\n", "quote wildcard names: '*.example.com'", 2),
+            ("allowlist:\n  address: a.example\n  port: 443\n", "expected a list: start each entry with '- '", 2),
+            (
+                "allowlist:\n- {address: a.example, port: 443}\nroutes:\n  listen: 8000\n  remote: a.example:443\n",
+                "expected a list: start each entry with '- '",
+                4,
+            ),
+        ] {
+            let path = write(&dir, yaml);
+            for extra in [&[][..], &["--check-config"][..]] {
+                let args = [&["8000", "a.example", "443", "--config", &path][..], extra].concat();
+                let out = run_to_exit(&args, TIMEOUT);
+                assert_eq!(out.status.code(), Some(2), "{yaml:?}: {}", out.stderr);
+                assert!(out.stderr.contains(hint), "{yaml:?}: {}", out.stderr);
+                assert!(
+                    out.stderr.contains(&format!("{path}, line {line}, column ")),
+                    "{yaml:?}: {}",
+                    out.stderr
+                );
+                assert_eq!(out.stderr.matches(" line ").count(), 1, "{yaml:?}: {}", out.stderr);
+                assert!(!out.stderr.contains(" at line "), "{yaml:?}: {}", out.stderr);
+            }
+        }
+    });
+}
