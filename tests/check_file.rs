@@ -184,3 +184,26 @@ fn yaml_mistakes_get_a_hint_and_the_position_once() {
         }
     });
 }
+
+#[test]
+fn the_metadata_service_refused_at_start_up_says_what_allowing_it_gives_away() {
+    run_in_netns(|| async {
+        let path = shipped("your-vsock-proxy.yaml");
+        for extra in [&[][..], &["--check-config"][..]] {
+            let args = [
+                &["8000", "169.254.169.254", "80", "--config", &path][..],
+                extra,
+            ]
+            .concat();
+            let out = run_to_exit(&args, TIMEOUT);
+            assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+            for needle in [
+                "169.254.169.254:80 is the instance metadata service",
+                "gives the enclave the instance's credentials",
+                "add `- {address: 169.254.169.254, port: 80}`",
+            ] {
+                assert!(out.stderr.contains(needle), "{needle}: {}", out.stderr);
+            }
+        }
+    });
+}

@@ -27,7 +27,7 @@ use crate::config::{self, Config};
 use crate::daemon::settings::Settings as DaemonSettings;
 use crate::net::endpoint::{Endpoint, Listener};
 use crate::policy::dns::{Dns, DnsFailure, LookupError};
-use crate::policy::host::Host;
+use crate::policy::host::{special_kind, Host, SpecialKind};
 use crate::policy::overlap::{overlaps, OverlapKind};
 use crate::policy::{Allowance, Policy};
 use crate::proxy::route::{self, Destination, Route, Settings};
@@ -442,6 +442,23 @@ fn not_allowed(
              lookup is needed.",
             config_path.display()
         )),
+        _ if matches!(host, Host::Ip(ip) if special_kind(*ip) == Some(SpecialKind::InstanceMetadata)) =>
+        {
+            let single = if matches!(host, Host::Ip(ip) if ip.is_ipv4()) {
+                32
+            } else {
+                128
+            };
+            Fatal::Config(format!(
+                "{which}: {target} is the instance metadata service (IMDS), which the allowlist \
+                 in {} does not allow; {entries}. Allowing it gives the enclave the instance's \
+                 credentials (the temporary keys of its IAM role) and everything else the \
+                 metadata service tells the instance, so only do it if the enclave must have \
+                 them: then add `- {{address: {host}, port: {port}}}` (an explicit IP entry; a \
+                 CIDR block other than {host}/{single} never allows it).",
+                config_path.display()
+            ))
+        }
         _ => Fatal::Config(format!(
             "{which}: {target} is not allowed by the allowlist in {}; {entries}. \
              Add `- {{address: {host}, port: {port}}}` to allow it.",
