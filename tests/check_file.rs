@@ -207,3 +207,17 @@ fn the_metadata_service_refused_at_start_up_says_what_allowing_it_gives_away() {
         }
     });
 }
+
+#[test]
+fn help_on_log_format_journal_says_what_the_readme_says() {
+    let out = run_to_exit(&["--help"], TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    let help = out.stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+    for needle in [
+        "native journal entries with fields",
+        "text lines with syslog priority prefixes to standard error only when journald is absent",
+    ] {
+        assert!(help.contains(needle), "{needle}: {help}");
+    }
+    assert!(!help.contains("Text lines with a syslog priority prefix (`<4>` for WARN...) and no timestamp, for systemd's journal"), "{help}");
+}
