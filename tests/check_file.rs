@@ -221,3 +221,85 @@ fn help_on_log_format_journal_says_what_the_readme_says() {
     }
     assert!(!help.contains("Text lines with a syslog priority prefix (`<4>` for WARN...) and no timestamp, for systemd's journal"), "{help}");
 }
+
+/// An HTTP CONNECT request for `target` on 127.0.0.1:`port`; the status code of the answer.
+async fn connect_status(port: u16, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn dns_failures_and_405s_are_counted_and_logged_under_their_own_names() {
+    run_in_netns(|| async {
+        let _dns = common::dns::TestDns::start("127.0.0.1:53".parse().unwrap()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "allowlist:\n- {address: missing.test, port: 443}\n\
+             routes:\n- {listen: 'tcp:127.0.0.1:8003', mode: connect}\n",
+        );
+        let mut proxy = Proxy::spawn(&[
+            "--config",
+            &path,
+            "--nameserver",
+            "127.0.0.1:53",
+            "--dns-timeout",
+            "500ms",
+        ]);
+        proxy.wait_ready("tcp:127.0.0.1:8003").await;
+        let connect = "CONNECT missing.test:443 HTTP/1.1\r\nHost: missing.test:443\r\n\r\n";
+        assert_eq!(connect_status(8003, connect).await, 502);
+        assert_eq!(
+            connect_status(8003, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await,
+            405
+        );
+        let denied = "CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n";
+        assert_eq!(connect_status(8003, denied).await, 403);
+        assert!(
+            proxy.wait_for_log("reason=\"denied\"", TIMEOUT).await,
+            "{}",
+            proxy.logs()
+        );
+        proxy.signal(libc::SIGTERM);
+        assert!(proxy.wait_exit(TIMEOUT).await.is_some());
+        let logs = proxy.logs();
+        let totals = logs
+            .lines()
+            .find(|l| l.contains("route totals"))
+            .unwrap_or_default();
+        for field in [
+            "accepted=3",
+            "denied=1",
+            "dns_failure=1",
+            "method_not_allowed=1",
+        ] {
+            assert!(totals.contains(field), "{field}: {totals}\n{logs}");
+        }
+        let stopped = logs
+            .lines()
+            .find(|l| l.contains("stopped"))
+            .unwrap_or_default();
+        assert!(
+            stopped.contains("dns_failure=1") && stopped.contains("denied=1"),
+            "{stopped}"
+        );
+        // Only the policy's refusal reads `connection refused:`.
+        let dns_line = logs
+            .lines()
+            .find(|l| l.contains("reason=\"dns_failure\""))
+            .unwrap_or_default();
+        assert!(!dns_line.contains("connection refused"), "{dns_line}");
+        assert!(dns_line.contains("DNS lookup failed"), "{dns_line}");
+        assert_eq!(logs.matches("connection refused: ").count(), 2, "{logs}");
+    });
+}
