@@ -303,3 +303,42 @@ fn dns_failures_and_405s_are_counted_and_logged_under_their_own_names() {
         assert_eq!(logs.matches("connection refused: ").count(), 2, "{logs}");
     });
 }
+
+#[test]
+fn plurals_and_punctuation_of_the_reload_messages() {
+    run_in_netns(|| async {
+        let _dns = common::dns::TestDns::start("127.0.0.1:53".parse().unwrap()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let one = "allowlist:\n- {address: api.test, port: 443}\n";
+        let path = write(&dir, one);
+        let listen = "tcp:127.0.0.1:8001";
+        let proxy = Proxy::spawn(&[
+            listen,
+            "api.test",
+            "443",
+            "--config",
+            &path,
+            "--nameserver",
+            "127.0.0.1:53",
+        ]);
+        proxy.wait_ready(listen).await;
+        proxy
+            .reload_with(Path::new(&path), one, "allowlist reloaded", 1)
+            .await;
+        let logs = proxy.logs();
+        assert!(logs.contains("1 allowlist entry; 1 route:"), "{logs}");
+        assert!(!logs.contains("1 allowlist entries"), "{logs}");
+        // api.test no longer allowed, and DNS says it does not exist: the message ends a
+        // sentence, and the reload's own words follow without ".;".
+        let other = "allowlist:\n- {address: other.test, port: 443}\n";
+        proxy
+            .reload_with(Path::new(&path), other, "reload failed", 1)
+            .await;
+        let logs = proxy.logs();
+        assert!(
+            logs.contains("to allow it by name; the routes stay as they are"),
+            "{logs}"
+        );
+        assert!(!logs.contains(".;"), "{logs}");
+    });
+}

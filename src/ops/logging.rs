@@ -242,7 +242,8 @@ impl DropReporter {
                         tracing::warn!(
                             dropped = n,
                             dropped_total = dropped_lines(),
-                            "{n} log lines dropped: {}",
+                            "{n} log line{} dropped: {}",
+                            if n == 1 { "" } else { "s" },
                             sink.describe()
                         );
                     }
