@@ -27,7 +27,7 @@ use crate::config::{self, Config};
 use crate::daemon::settings::Settings as DaemonSettings;
 use crate::net::endpoint::{Endpoint, Listener};
 use crate::policy::dns::{Dns, DnsFailure, LookupError};
-use crate::policy::host::{special_kind, Host, SpecialKind};
+use crate::policy::host::{special_kind, Host, HostPattern, SpecialKind};
 use crate::policy::overlap::{overlaps, OverlapKind};
 use crate::policy::{Allowance, Policy};
 use crate::proxy::route::{self, Destination, Route, Settings};
@@ -129,10 +129,21 @@ pub fn overlap_warnings(config: &Config, path: &Path) -> Vec<String> {
                 OverlapKind::Duplicate => {
                     format!("{entry} duplicates {by}; drop one of them")
                 }
-                OverlapKind::InsideBlock => format!(
-                    "{entry} is shadowed by the wider {by}, which already allows all it allows; \
-                     drop it, unless it is there for when the wider entry goes"
-                ),
+                OverlapKind::InsideBlock => {
+                    // An IP beside the single-address block of the same address is not "inside
+                    // a wider" one, but the block allows all it allows all the same.
+                    let single = matches!(entries.get(o.by).map(|e| &e.address),
+                        Some(HostPattern::Cidr(net)) if net.prefix_len() == net.max_prefix_len());
+                    let (wider, goes) = if single {
+                        ("block", "the block")
+                    } else {
+                        ("wider", "the wider entry")
+                    };
+                    format!(
+                        "{entry} is shadowed by the {wider} {by}, which already allows all it \
+                         allows; drop it, unless it is there for when {goes} goes"
+                    )
+                }
                 OverlapKind::MatchedByWildcard => format!(
                     "{entry} is shadowed by the wildcard {by}, which already allows the name; \
                      drop it, unless a route relies on its DNS answers vouching for an IP remote"
