@@ -26,6 +26,14 @@ pub async fn check_config(options: &Options) -> u8 {
             return 2;
         }
     };
+    if loaded.routes.is_empty() {
+        // The file alone: no route to check, so no resolver is needed either.
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
+        print!("{}", summary(path, &loaded));
+        return verdict(path, 0, loaded.warnings.len());
+    }
     let settings = DaemonSettings::from_options(options, &loaded.config);
     let dns = match Dns::new(&settings.dns) {
         Ok(dns) => dns,
