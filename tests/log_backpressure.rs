@@ -28,7 +28,8 @@ const WAIT: Duration = Duration::from_secs(30);
 const CONNECTIONS: usize = 4000;
 const CONCURRENT: usize = 32;
 const BULK_BYTES: usize = 16 * 1024 * 1024;
-const DROPPED_WARNING: &str = "log lines dropped: standard error was not keeping up";
+/// The drop warning, after its count ("1 log line dropped: ...", "N log lines dropped: ...").
+const DROPPED_WARNING: &str = "dropped: standard error was not keeping up";
 
 /// The daemon, killed on drop.
 struct Daemon(Child);

@@ -533,7 +533,7 @@ fn reload_revokes_what_it_now_forbids_and_keeps_the_rest() {
         assert!(echoes(&mut keep, b"still").await, "{}", proxy.logs());
         assert!(proxy
             .logs()
-            .contains("1 open connection(s) the new allowlist denies closed"));
+            .contains("1 open connection the new allowlist denies closed"));
         let s = scrape_until(|s| connections(s, "tcp:127.0.0.1:8003", "revoked") == 1.0).await;
         assert_eq!(
             connections(&s, "tcp:127.0.0.1:8003", "revoked"),

@@ -250,7 +250,9 @@ fn journal_stream_on_stderr_selects_priority_prefixed_lines() {
     run_in_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let config = common::write_allowlist(&dir, common::UPSTREAM_ALLOWLIST);
-        // Nothing listens on 192.0.2.10:443 here: a connection is refused with a WARN line.
+        // Nothing listens on 192.0.2.10:443 here: a connection is not made, with a WARN line
+        // (`connection not made: upstream unreachable:`, not `connection refused:`, which is for
+        // the policy's refusals).
         add_lo_addr(ip("192.0.2.10"));
 
         // No journal socket (a path where none is): the entries come as `<N>` lines on stderr.
@@ -270,7 +272,9 @@ fn journal_stream_on_stderr_selects_priority_prefixed_lines() {
         let _ = c.write_all(b"x").await;
         let _ = c.read_to_eof(WAIT).await;
         assert!(
-            journal.wait_for_log("connection refused", WAIT).await,
+            journal
+                .wait_for_log("connection not made: upstream unreachable", WAIT)
+                .await,
             "{}",
             journal.logs()
         );
@@ -293,7 +297,7 @@ fn journal_stream_on_stderr_selects_priority_prefixed_lines() {
         );
         let refused = logs
             .lines()
-            .find(|l| l.contains("connection refused"))
+            .find(|l| l.contains("connection not made: upstream unreachable"))
             .unwrap();
         assert!(
             refused.starts_with("<4>conn{route=tcp:127.0.0.1:8001 id=1 "),

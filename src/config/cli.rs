@@ -56,7 +56,8 @@ pub struct Options {
 
     /// Load the configuration (and the positional route), print the routes and the allowlist
     /// entries each relies on, check every route against the allowlist, and exit: 0 if all is
-    /// well, 2 if not. Binds no socket; asks DNS only for routes that only DNS can vouch for.
+    /// well, 2 if not. With no route at all, checks the file alone (as `nginx -t`). Binds no
+    /// socket; asks DNS only for routes that only DNS can vouch for.
     #[arg(long)]
     pub check_config: bool,
 
@@ -109,8 +110,11 @@ pub struct Options {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Log line format on standard error (default: journal when standard error is systemd's
-    /// journal, text otherwise). The level comes from RUST_LOG (default: info).
+    /// Log format (default: journal when standard error is systemd's journal, text otherwise):
+    /// text and json lines on standard error; journal sends native journal entries with fields
+    /// (NVP_REASON, NVP_ROUTE, NVP_PEER, ...) to journald, and writes text lines with syslog
+    /// priority prefixes to standard error only when journald is absent. The level comes from
+    /// RUST_LOG (default: info).
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 

@@ -80,7 +80,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             path: path.to_owned(),
         });
     }
-    let file: FileFormat = serde_yaml::from_str(text).map_err(|e| yaml_error(e, path))?;
+    let file: FileFormat = serde_yaml::from_str(text).map_err(|e| yaml_error(e, path, text))?;
     let entries = match file.allowlist {
         Some(entries) if !entries.is_empty() => entries,
         _ => {
@@ -228,16 +228,17 @@ fn route_kind(r: &RouteFormat) -> Result<RouteKind, (Option<&'static str>, Strin
     }
 }
 
-fn yaml_error(e: serde_yaml::Error, path: &Path) -> ConfigError {
+/// serde_yaml's error as ours: its positions dropped from the text (we print the location once,
+/// first), with a hint for the mistakes people make: a tab in the indentation, an unquoted
+/// wildcard (YAML reads `*` as an alias), `allowlist:` or `routes:` written as a map.
+fn yaml_error(e: serde_yaml::Error, path: &Path, text: &str) -> ConfigError {
     let location = e.location();
-    let mut message = e.to_string();
-    // serde_yaml appends " at line L column C"; we print the location ourselves, first.
-    if let Some(loc) = &location {
-        let suffix = format!(" at line {} column {}", loc.line(), loc.column());
-        if let Some(stripped) = message.strip_suffix(&suffix) {
-            message = stripped.to_owned();
-        }
-    }
+    let mut message = without_positions(&e.to_string());
+    let line_text = location
+        .as_ref()
+        .and_then(|l| text.lines().nth(l.line().saturating_sub(1)))
+        .unwrap_or("");
+    let indentation = &line_text[..line_text.len() - line_text.trim_start().len()];
     if message.contains("unknown field") {
         message.push_str(
             " (check the spelling: the file's keys are `allowlist`, `routes` and `metrics_listen`; an allowlist \
@@ -246,6 +247,26 @@ fn yaml_error(e: serde_yaml::Error, path: &Path) -> ConfigError {
         );
     } else if message.starts_with("missing field `allowlist`") {
         message.push_str(" (the file must have a top-level `allowlist:` list)");
+    } else if message.contains("tab character") || indentation.contains('\t') {
+        message.push_str(" (YAML does not allow tabs for indentation: indent with spaces)");
+    } else if message.contains("alias") && line_text.contains('*') {
+        let name = line_text
+            .find('*')
+            .map(|at| &line_text[at..])
+            .and_then(|rest| {
+                rest.split(|c: char| c.is_whitespace() || matches!(c, ',' | '}' | ']'))
+                    .next()
+            })
+            .unwrap_or("*.example.com");
+        message.push_str(" (quote wildcard names: '*.example.com'");
+        if name != "*.example.com" && name.starts_with("*.") {
+            message.push_str(&format!(", here '{name}'"));
+        }
+        message.push_str("; unquoted, YAML reads `*` as an alias)");
+    } else if message.contains("expected a sequence")
+        && (message.starts_with("allowlist:") || message.starts_with("routes:"))
+    {
+        message.push_str(" (expected a list: start each entry with '- ')");
     }
     ConfigError::Invalid {
         path: path.to_owned(),
@@ -253,6 +274,28 @@ fn yaml_error(e: serde_yaml::Error, path: &Path) -> ConfigError {
         column: location.as_ref().map(|l| l.column()),
         message,
     }
+}
+
+/// `message` without serde_yaml's ` at line L column C` positions (the location is printed
+/// once, before the message).
+fn without_positions(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(" at line ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + " at line ".len()..];
+        let digits = |s: &str| s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let n = digits(after);
+        match after[n..].strip_prefix(" column ") {
+            Some(col) if n > 0 && digits(col) > 0 => rest = &col[digits(col)..],
+            _ => {
+                out.push_str(" at line ");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[derive(Deserialize)]
@@ -392,6 +435,19 @@ mod tests {
         assert!(e.line().is_some(), "{e}");
         let e = err("just a string\n");
         assert!(e.to_string().contains("proxy.yaml"), "{e}");
+    }
+
+    #[test]
+    fn positions_are_dropped_from_serde_yamls_text() {
+        assert_eq!(
+            without_positions("found x at line 2 column 1, while scanning y at line 1 column 14"),
+            "found x, while scanning y"
+        );
+        assert_eq!(
+            without_positions("at line 3 is not a position"),
+            "at line 3 is not a position"
+        );
+        assert_eq!(without_positions("no position"), "no position");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::config::cli::Options;
 use crate::daemon::settings::Settings as DaemonSettings;
-use crate::daemon::startup::{self, check_route, Fatal, Loaded, Metadata, Reliance};
+use crate::daemon::startup::{self, check_route, Fatal, Loaded, Metadata, Reliance, Routes};
 use crate::policy::dns::Dns;
 use crate::proxy::route::{Destination, Settings};
 
@@ -18,7 +18,7 @@ use crate::proxy::route::{Destination, Settings};
 pub async fn check_config(options: &Options) -> u8 {
     let path = &options.config;
     let mut metadata = Metadata::new(options.imds_endpoint);
-    let loaded = match startup::load(options, &mut metadata).await {
+    let loaded = match startup::load(options, &mut metadata, Routes::Optional).await {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{}", e.message());
@@ -26,6 +26,14 @@ pub async fn check_config(options: &Options) -> u8 {
             return 2;
         }
     };
+    if loaded.routes.is_empty() {
+        // The file alone: no route to check, so no resolver is needed either.
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
+        print!("{}", summary(path, &loaded));
+        return verdict(path, 0, loaded.warnings.len());
+    }
     let settings = DaemonSettings::from_options(options, &loaded.config);
     let dns = match Dns::new(&settings.dns) {
         Ok(dns) => dns,
@@ -41,19 +49,33 @@ pub async fn check_config(options: &Options) -> u8 {
             problems += 1;
         }
     }
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
     print!("{out}");
-    verdict(path, problems)
+    verdict(path, problems, loaded.warnings.len())
 }
 
-/// The first line: the file, how many routes and allowlist entries.
+/// The first line: the file, how many routes and allowlist entries. With no route at all (no
+/// positional route, no `routes:`), the file is checked alone, as `nginx -t` does.
 fn summary(path: &Path, loaded: &Loaded) -> String {
     let n = loaded.routes.len();
     let entries = loaded.policy.entries().len();
+    let entries = format!(
+        "{entries} allowlist entr{}",
+        if entries == 1 { "y" } else { "ies" }
+    );
+    if n == 0 {
+        return format!(
+            "{}: {entries}, no route: the file is checked alone (to check a route too, give \
+             LISTEN REMOTE_ADDR REMOTE_PORT or add `routes:`)\n",
+            path.display()
+        );
+    }
     format!(
-        "{}: {n} route{}, {entries} allowlist entr{}\n",
+        "{}: {n} route{}, {entries}\n",
         path.display(),
         if n == 1 { "" } else { "s" },
-        if entries == 1 { "y" } else { "ies" }
     )
 }
 
@@ -134,9 +156,18 @@ fn report_reliance(out: &mut String, loaded: &Loaded, route: &Settings, reliance
 }
 
 /// The last line, and the exit status: 0 when every route is allowed, else 2.
-fn verdict(path: &Path, problems: usize) -> u8 {
+/// Warnings (entries that add nothing) are counted on the OK line; they do not make it NOT OK.
+fn verdict(path: &Path, problems: usize, warnings: usize) -> u8 {
     if problems == 0 {
-        println!("{}: configuration OK", path.display());
+        if warnings == 0 {
+            println!("{}: configuration OK", path.display());
+        } else {
+            println!(
+                "{}: configuration OK, with {warnings} warning{} (on standard error)",
+                path.display(),
+                if warnings == 1 { "" } else { "s" }
+            );
+        }
         0
     } else {
         println!(

@@ -27,11 +27,12 @@ use crate::proxy::shared::Shared;
 pub enum ReloadError {
     /// The file or the arguments are wrong (exit status 2 at start-up): unreadable content,
     /// invalid YAML, or a route the allowlist does not allow.
-    #[error("{0}")]
+    // The message may end a sentence; it is followed by `; ...` here, so its period goes.
+    #[error("{}", .0.trim_end_matches('.'))]
     Config(String),
     /// Something outside the file failed (exit status 1 at start-up): the metadata service, DNS,
     /// the resolver's set-up, or a read that missed its deadline.
-    #[error("{0}")]
+    #[error("{}", .0.trim_end_matches('.'))]
     Unavailable(String),
 }
 
@@ -122,7 +123,8 @@ pub async fn reload(r: &mut Reloader) -> Result<String, ReloadError> {
         )
     };
     Ok(format!(
-        "{entries} allowlist entries; {summary}{unbound}{revoked}"
+        "{entries} allowlist entr{}; {summary}{unbound}{revoked}",
+        if entries == 1 { "y" } else { "ies" }
     ))
 }
 
@@ -137,7 +139,10 @@ async fn revoke(r: &Reloader) -> String {
         r.shared.relayed.revoke_denied(&policy, &dns).await
     };
     if revoked > 0 {
-        format!("; {revoked} open connection(s) the new allowlist denies closed")
+        format!(
+            "; {revoked} open connection{} the new allowlist denies closed",
+            if revoked == 1 { "" } else { "s" }
+        )
     } else {
         String::new()
     }

@@ -16,7 +16,6 @@
 //! Imports every other module of the daemon; none imports it.
 
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::signal::unix::Signal;
@@ -260,18 +259,30 @@ fn heartbeat(notifier: &Arc<Notifier>) -> Option<Heartbeat> {
 /// The last lines: each route's totals, then the whole daemon's.
 fn log_totals(shared: &Shared, closed_at_stop: usize) {
     for route in shared.routes.get().iter() {
-        let c = &route.counters;
+        let [accepted, denied, dns_failure, unreachable, method_not_allowed, refused_request, over_limit] =
+            route.counters.totals().map(|(_, n)| n);
         info!(
             route = %route.listen,
-            accepted = c.accepted.load(Ordering::Relaxed),
-            denied = c.denied.load(Ordering::Relaxed),
-            over_limit = c.rejected_over_limit.load(Ordering::Relaxed),
+            accepted,
+            denied,
+            dns_failure,
+            unreachable,
+            method_not_allowed,
+            refused_request,
+            over_limit,
             "route totals"
         );
     }
+    let [accepted, denied, dns_failure, unreachable, method_not_allowed, refused_request, over_limit] =
+        shared.counters.totals().map(|(_, n)| n);
     info!(
-        accepted = shared.counters.accepted.load(Ordering::Relaxed),
-        denied = shared.counters.denied.load(Ordering::Relaxed),
+        accepted,
+        denied,
+        dns_failure,
+        unreachable,
+        method_not_allowed,
+        refused_request,
+        over_limit,
         closed_at_stop,
         "stopped"
     );

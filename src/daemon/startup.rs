@@ -27,7 +27,8 @@ use crate::config::{self, Config};
 use crate::daemon::settings::Settings as DaemonSettings;
 use crate::net::endpoint::{Endpoint, Listener};
 use crate::policy::dns::{Dns, DnsFailure, LookupError};
-use crate::policy::host::Host;
+use crate::policy::host::{special_kind, Host, HostPattern, SpecialKind};
+use crate::policy::overlap::{overlaps, OverlapKind};
 use crate::policy::{Allowance, Policy};
 use crate::proxy::route::{self, Destination, Route, Settings};
 use crate::proxy::server::{Served, ServedRoute};
@@ -100,15 +101,90 @@ pub struct Loaded {
     pub policy: Policy,
     /// Every route to serve, its remote filled, in order: the positional one first.
     pub routes: Vec<Settings>,
+    /// Allowlist entries that add nothing (duplicates, shadowed by a wider entry), one message
+    /// each: warnings, logged at start-up and on reload and printed by `--check-config`.
+    pub warnings: Vec<String>,
+}
+
+/// One message per allowlist entry that adds nothing (see [`overlaps`]), naming both entries
+/// with their lines, in the file's order.
+pub fn overlap_warnings(config: &Config, path: &Path) -> Vec<String> {
+    let entries = &config.allowlist.entries;
+    let name = |i: usize| {
+        let line = config
+            .allowlist_lines
+            .get(i)
+            .copied()
+            .flatten()
+            .map_or_else(String::new, |l| format!(", line {l}"));
+        entries
+            .get(i)
+            .map_or_else(String::new, |e| format!("{e} (allowlist[{i}]{line})"))
+    };
+    overlaps(entries)
+        .into_iter()
+        .map(|o| {
+            let (entry, by) = (name(o.entry), name(o.by));
+            let what = match o.kind {
+                OverlapKind::Duplicate => {
+                    format!("{entry} duplicates {by}; drop one of them")
+                }
+                OverlapKind::InsideBlock => {
+                    // An IP beside the single-address block of the same address is not "inside
+                    // a wider" one, but the block allows all it allows all the same.
+                    let single = matches!(entries.get(o.by).map(|e| &e.address),
+                        Some(HostPattern::Cidr(net)) if net.prefix_len() == net.max_prefix_len());
+                    let (wider, goes) = if single {
+                        ("block", "the block")
+                    } else {
+                        ("wider", "the wider entry")
+                    };
+                    format!(
+                        "{entry} is shadowed by the {wider} {by}, which already allows all it \
+                         allows; drop it, unless it is there for when {goes} goes"
+                    )
+                }
+                OverlapKind::MatchedByWildcard => format!(
+                    "{entry} is shadowed by the wildcard {by}, which already allows the name; \
+                     drop it, unless a route relies on its DNS answers vouching for an IP remote"
+                ),
+            };
+            format!("configuration file {}: {what}", path.display())
+        })
+        .collect()
+}
+
+/// What [`load`] may come back with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routes {
+    /// At least one route (the daemon serves routes): none at all is a configuration error.
+    Required,
+    /// No route at all is fine: `--check-config` then checks the file alone, as `nginx -t`.
+    Optional,
 }
 
 /// Reads the file (off the async workers, within [`CONFIG_READ_TIMEOUT`]) and builds the
 /// routes. Errors in the file or the arguments are [`Fatal::Config`]; an unreachable metadata
 /// service or a read that missed its deadline is [`Fatal::Runtime`].
-pub async fn load(options: &Options, metadata: &mut Metadata) -> Result<Loaded, Fatal> {
+pub async fn load(
+    options: &Options,
+    metadata: &mut Metadata,
+    need: Routes,
+) -> Result<Loaded, Fatal> {
     let path = &options.config;
     let config = load_file(path).await?;
-    let specs = route::specs(options.positional_route(), &config, path).map_err(Fatal::Config)?;
+    let positional = options.positional_route();
+    if need == Routes::Optional && positional.is_none() && config.routes.is_empty() {
+        let policy = Policy::new(config.allowlist.clone());
+        let warnings = overlap_warnings(&config, path);
+        return Ok(Loaded {
+            config,
+            policy,
+            routes: Vec::new(),
+            warnings,
+        });
+    }
+    let specs = route::specs(positional, &config, path).map_err(Fatal::Config)?;
     let mut routes = Vec::with_capacity(specs.len());
     for spec in specs {
         let (remote, require_sni) = match &spec.kind {
@@ -158,10 +234,12 @@ pub async fn load(options: &Options, metadata: &mut Metadata) -> Result<Loaded, 
         routes.push(Settings::new(spec, destination, options.idle_timeout));
     }
     let policy = Policy::new(config.allowlist.clone());
+    let warnings = overlap_warnings(&config, path);
     Ok(Loaded {
         config,
         policy,
         routes,
+        warnings,
     })
 }
 
@@ -375,6 +453,23 @@ fn not_allowed(
              lookup is needed.",
             config_path.display()
         )),
+        _ if matches!(host, Host::Ip(ip) if special_kind(*ip) == Some(SpecialKind::InstanceMetadata)) =>
+        {
+            let single = if matches!(host, Host::Ip(ip) if ip.is_ipv4()) {
+                32
+            } else {
+                128
+            };
+            Fatal::Config(format!(
+                "{which}: {target} is the instance metadata service (IMDS), which the allowlist \
+                 in {} does not allow; {entries}. Allowing it gives the enclave the instance's \
+                 credentials (the temporary keys of its IAM role) and everything else the \
+                 metadata service tells the instance, so only do it if the enclave must have \
+                 them: then add `- {{address: {host}, port: {port}}}` (an explicit IP entry; a \
+                 CIDR block other than {host}/{single} never allows it).",
+                config_path.display()
+            ))
+        }
         _ => Fatal::Config(format!(
             "{which}: {target} is not allowed by the allowlist in {}; {entries}. \
              Add `- {{address: {host}, port: {port}}}` to allow it.",
@@ -424,11 +519,33 @@ pub struct Prepared {
     pub settings: DaemonSettings,
 }
 
+/// At most this many allowlist warnings are logged at start-up or on reload; `--check-config`
+/// prints them all.
+const LOGGED_WARNINGS: usize = 20;
+
+/// Logs the allowlist's warnings at WARN, the first [`LOGGED_WARNINGS`] of them.
+fn log_warnings(warnings: &[String]) {
+    for w in warnings.iter().take(LOGGED_WARNINGS) {
+        warn!("{w}");
+    }
+    if let Some(more) = warnings
+        .len()
+        .checked_sub(LOGGED_WARNINGS)
+        .filter(|&n| n > 0)
+    {
+        warn!(
+            "{more} more allowlist warning{} not logged; `--check-config` prints them all",
+            if more == 1 { "" } else { "s" }
+        );
+    }
+}
+
 /// Start-up's first steps, and all of a reload's checking: load the file and the routes, build
 /// the settings and a new resolver, check every route. A resolver that cannot be built is
 /// [`Fatal::Runtime`].
 pub async fn prepare(options: &Options, metadata: &mut Metadata) -> Result<Prepared, Fatal> {
-    let loaded = load(options, metadata).await?;
+    let loaded = load(options, metadata, Routes::Required).await?;
+    log_warnings(&loaded.warnings);
     let settings = DaemonSettings::from_options(options, &loaded.config);
     let dns = Dns::new(&settings.dns).map_err(Fatal::Runtime)?;
     check_routes(&loaded.policy, &dns, &loaded.routes, &options.config).await?;

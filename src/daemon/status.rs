@@ -39,15 +39,22 @@ impl StatusLine {
             shown.push(format!("{} more", routes.len() - STATUS_ROUTES_SHOWN));
         }
         let c = &self.shared.counters;
+        // The metrics' outcome names; `over_limit` reads "over the limit" as it always did.
+        let totals: Vec<String> = c
+            .totals()
+            .iter()
+            .map(|(name, n)| match *name {
+                "over_limit" => format!("{n} over the limit"),
+                name => format!("{n} {name}"),
+            })
+            .collect();
         format!(
-            "{} route{}: {}; {} open, {} accepted, {} denied, {} over the limit",
+            "{} route{}: {}; {} open, {}",
             routes.len(),
             if routes.len() == 1 { "" } else { "s" },
             shown.join(", "),
             c.open.load(Ordering::Relaxed),
-            c.accepted.load(Ordering::Relaxed),
-            c.denied.load(Ordering::Relaxed),
-            c.rejected_over_limit.load(Ordering::Relaxed),
+            totals.join(", "),
         )
     }
 }

@@ -194,9 +194,21 @@ pub fn refused(d: &Decision<'_>) {
                 port = d.port,
                 addresses = d.addresses,
                 reason = d.outcome.label(),
-                "connection refused: {}", d.message
+                "{}: {}", lead(d.outcome), d.message
             );
         }
+    }
+}
+
+/// How a refused (or revoked) connection's audit line begins. Only a decision to refuse reads
+/// `connection refused:`; a DNS failure, an unreachable upstream and a revocation by reload say
+/// what they are, so that none reads as the upstream's ECONNREFUSED.
+fn lead(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::DnsFailure => "connection not made: DNS lookup failed",
+        Outcome::Unreachable => "connection not made: upstream unreachable",
+        Outcome::Revoked => "connection revoked",
+        _ => "connection refused",
     }
 }
 

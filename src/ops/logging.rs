@@ -51,8 +51,9 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-    /// Text lines with a syslog priority prefix (`<4>` for WARN...) and no timestamp, for
-    /// systemd's journal, which adds its own timestamp and reads the priority.
+    /// Native journal entries with fields (MESSAGE, PRIORITY, NVP_REASON, NVP_ROUTE, ...) sent
+    /// to journald's socket; text lines with syslog priority prefixes (`<4>` for WARN) on
+    /// standard error only when journald is absent (its socket cannot be used).
     Journal,
 }
 
@@ -241,7 +242,8 @@ impl DropReporter {
                         tracing::warn!(
                             dropped = n,
                             dropped_total = dropped_lines(),
-                            "{n} log lines dropped: {}",
+                            "{n} log line{} dropped: {}",
+                            if n == 1 { "" } else { "s" },
                             sink.describe()
                         );
                     }

@@ -9,6 +9,7 @@ pub mod allowlist;
 pub mod decision;
 pub mod dns;
 pub mod host;
+pub mod overlap;
 
 pub use allowlist::{Allowlist, Entry};
 pub use decision::{Allowance, Denial, Policy, Resolutions};

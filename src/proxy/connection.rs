@@ -315,14 +315,14 @@ impl<'a> Connection<'a> {
         })
     }
 
-    /// Records a refusal (both `denied` counters, then the audit trail, or a debug line for a
-    /// client that left before its request), then answers a CONNECT client with its status.
-    /// Returns how the connection ended.
+    /// Records a refusal (both counters of its outcome: `denied`, `dns_failure`, ..., then the
+    /// audit trail, or a debug line for a client that left before its request), then answers a
+    /// CONNECT client with its status. Returns how the connection ended.
     async fn refuse(&mut self, refusal: Refusal) -> Outcome {
-        for counters in [&self.shared.counters, &self.route.counters] {
-            counters.denied.fetch_add(1, Ordering::Relaxed);
-        }
         let outcome = refusal.outcome();
+        for counters in [&self.shared.counters, &self.route.counters] {
+            counters.count_refusal(outcome);
+        }
         let message = refusal.to_string();
         if outcome.is_refusal() {
             let target = refusal.target();

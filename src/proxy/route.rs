@@ -8,6 +8,7 @@
 //! [`crate::proxy::server`], the decision in [`crate::policy`].
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,7 +20,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::remote::{Remote, Target};
 use crate::config::{Config, RouteKind};
 use crate::net::endpoint::Endpoint;
-use crate::ops::metrics::RouteMetrics;
+use crate::ops::metrics::{Outcome, RouteMetrics};
+use crate::policy::host::HostPattern;
 use crate::proxy::current::Current;
 
 /// Where a route was written.
@@ -100,11 +102,24 @@ pub fn specs(
         });
     }
     if specs.is_empty() {
+        // The example is a remote the file allows (its first name or IP entry), so that
+        // following it works; AWS's KMS endpoint when the file has only CIDRs and wildcards.
+        let (host, port) = config
+            .allowlist
+            .entries
+            .iter()
+            .find_map(|e| match &e.address {
+                HostPattern::Name(name) => Some((name.to_string(), e.port)),
+                HostPattern::Ip(IpAddr::V4(ip)) => Some((ip.to_string(), e.port)),
+                HostPattern::Ip(IpAddr::V6(ip)) => Some((format!("[{ip}]"), e.port)),
+                _ => None,
+            })
+            .unwrap_or_else(|| ("kms.us-east-1.amazonaws.com".to_owned(), 443));
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
         return Err(format!(
             "no route to serve: give one on the command line (nitro-vsock-proxy LISTEN \
-             REMOTE_ADDR REMOTE_PORT, e.g. nitro-vsock-proxy 8000 kms.us-east-1.amazonaws.com \
-             443 --config {0}) or add `routes:` to {0}, e.g. `routes: [{{listen: 8000, remote: \
-             kms.us-east-1.amazonaws.com:443}}]`",
+             REMOTE_ADDR REMOTE_PORT, e.g. nitro-vsock-proxy 8000 {bare} {port} --config {0}) \
+             or add `routes:` to {0}, e.g. `routes: [{{listen: 8000, remote: '{host}:{port}'}}]`",
             config_path.display()
         ));
     }
@@ -180,12 +195,55 @@ impl fmt::Display for Settings {
 }
 
 /// Live counters, per route and (in [`crate::proxy::shared::Shared`]) for the whole daemon.
+/// Refusals are counted under the names the metrics give their outcomes: `denied` is the
+/// policy's refusals only, not DNS failures or a CONNECT route's 405s.
 #[derive(Default, Debug)]
 pub struct Counters {
     pub accepted: AtomicU64,
+    /// The policy refused the destination (`denied`).
     pub denied: AtomicU64,
+    /// The destination's name could not be resolved (`dns_failure`).
+    pub dns_failure: AtomicU64,
+    /// Every allowed address failed to connect (`unreachable`).
+    pub unreachable: AtomicU64,
+    /// A CONNECT route's request with another method, answered 405 (`method_not_allowed`).
+    pub method_not_allowed: AtomicU64,
+    /// Any other CONNECT or TLS request refused (`bad_request`, `no_sni`, `sni_mismatch`, ...).
+    pub refused_request: AtomicU64,
     pub rejected_over_limit: AtomicU64,
     pub open: AtomicU64,
+}
+
+impl Counters {
+    /// Counts a connection refused before relaying under its outcome's name; a client that
+    /// left before its request (not a decision) is not counted.
+    pub fn count_refusal(&self, outcome: Outcome) {
+        let counter = match outcome {
+            Outcome::Denied => &self.denied,
+            Outcome::DnsFailure => &self.dns_failure,
+            Outcome::Unreachable => &self.unreachable,
+            Outcome::OverLimit => &self.rejected_over_limit,
+            Outcome::Refused("method_not_allowed") => &self.method_not_allowed,
+            Outcome::Refused(_) => &self.refused_request,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `accepted=.. denied=.. dns_failure=.. ...` values for the totals lines and STATUS=, in
+    /// one order: (name, value).
+    pub fn totals(&self) -> [(&'static str, u64); 7] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("accepted", get(&self.accepted)),
+            ("denied", get(&self.denied)),
+            ("dns_failure", get(&self.dns_failure)),
+            ("unreachable", get(&self.unreachable)),
+            ("method_not_allowed", get(&self.method_not_allowed)),
+            ("refused_request", get(&self.refused_request)),
+            ("over_limit", get(&self.rejected_over_limit)),
+        ]
+    }
 }
 
 /// A route being served.

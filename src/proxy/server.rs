@@ -142,10 +142,17 @@ pub async fn drain_removed_route(route: Arc<Route>, timeout: Duration) {
         );
         route.closed.cancel();
     }
+    let [accepted, denied, dns_failure, unreachable, method_not_allowed, refused_request, over_limit] =
+        route.counters.totals().map(|(_, n)| n);
     info!(
         route = %route.listen,
-        accepted = route.counters.accepted.load(Ordering::Relaxed),
-        denied = route.counters.denied.load(Ordering::Relaxed),
+        accepted,
+        denied,
+        dns_failure,
+        unreachable,
+        method_not_allowed,
+        refused_request,
+        over_limit,
         "route removed"
     );
 }
