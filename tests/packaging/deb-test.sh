@@ -22,8 +22,6 @@ echo "checking $deb"
 expected=$(sort <<'LIST'
 /etc/nitro-vsock-proxy/routes.yaml
 /etc/nitro-vsock-proxy/vsock-proxy.yaml
-/etc/nitro-vsock-proxy/workshop.env
-/etc/nitro-vsock-proxy/workshop.yaml
 /lib/systemd/system/nitro-vsock-proxy-routes.service
 /lib/systemd/system/nitro-vsock-proxy.service
 /lib/systemd/system/nitro-vsock-proxy.socket
@@ -36,6 +34,9 @@ expected=$(sort <<'LIST'
 /usr/share/doc/nitro-vsock-proxy/README.md.gz
 /usr/share/doc/nitro-vsock-proxy/changelog.Debian.gz
 /usr/share/doc/nitro-vsock-proxy/copyright
+/usr/share/doc/nitro-vsock-proxy/examples/routes.us-east-1.yaml
+/usr/share/doc/nitro-vsock-proxy/examples/workshop.env
+/usr/share/doc/nitro-vsock-proxy/examples/workshop.yaml
 /usr/share/lintian/overrides/nitro-vsock-proxy
 LIST
 )
@@ -73,7 +74,7 @@ fi
 bin="$root/usr/bin/nitro-vsock-proxy"
 check_installed_binary "$bin" "$version"
 
-echo "# edited by the operator" >>"$root/etc/nitro-vsock-proxy/workshop.yaml"
+echo "# edited by the operator" >>"$root/etc/nitro-vsock-proxy/vsock-proxy.yaml"
 if dpkg "${dpkgroot[@]}" -r nitro-vsock-proxy >/dev/null 2>"$root.err"; then
   pass "dpkg -r removes it; maintainer scripts succeed"
 else
@@ -81,8 +82,8 @@ else
 fi
 check "the binary is gone after dpkg -r" [ ! -e "$bin" ]
 check "the edited conffile stays after dpkg -r (removed only on purge)" \
-  grep -q "edited by the operator" "$root/etc/nitro-vsock-proxy/workshop.yaml"
+  grep -q "edited by the operator" "$root/etc/nitro-vsock-proxy/vsock-proxy.yaml"
 dpkg "${dpkgroot[@]}" -P nitro-vsock-proxy >/dev/null 2>&1
-check "dpkg -P purges the configuration" [ ! -e "$root/etc/nitro-vsock-proxy/workshop.yaml" ]
+check "dpkg -P purges the configuration" [ ! -e "$root/etc/nitro-vsock-proxy/vsock-proxy.yaml" ]
 
 summary

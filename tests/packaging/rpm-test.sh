@@ -31,8 +31,6 @@ expected_files=$(sort <<'LIST'
 /etc/nitro-vsock-proxy
 /etc/nitro-vsock-proxy/routes.yaml
 /etc/nitro-vsock-proxy/vsock-proxy.yaml
-/etc/nitro-vsock-proxy/workshop.env
-/etc/nitro-vsock-proxy/workshop.yaml
 /etc/sysconfig/nitro-vsock-proxy
 /usr/bin/nitro-vsock-proxy
 /usr/share/bash-completion/completions/nitro-vsock-proxy
@@ -45,6 +43,10 @@ expected_files=$(sort <<'LIST'
 /usr/lib/systemd/system/nitro-vsock-proxy@.service
 /usr/share/doc/nitro-vsock-proxy
 /usr/share/doc/nitro-vsock-proxy/README.md
+/usr/share/doc/nitro-vsock-proxy/examples
+/usr/share/doc/nitro-vsock-proxy/examples/routes.us-east-1.yaml
+/usr/share/doc/nitro-vsock-proxy/examples/workshop.env
+/usr/share/doc/nitro-vsock-proxy/examples/workshop.yaml
 /usr/share/licenses/nitro-vsock-proxy
 /usr/share/licenses/nitro-vsock-proxy/LICENSE
 LIST
@@ -113,7 +115,7 @@ check_installed_binary "$bin" "$version"
 check "no stray files outside the package's paths" \
   [ -z "$(cd "$root" && find . -path ./var/lib/rpm -prune -o -path ./bin -prune -o -type f -print | sed 's,^\.,,' | grep -vxF -f <(echo "$actual"))" ]
 
-conf=/etc/nitro-vsock-proxy/workshop.yaml
+conf=/etc/nitro-vsock-proxy/vsock-proxy.yaml
 echo "# edited by the operator" >>"$root$conf"
 if rpm -e "${rpmroot[@]}" nitro-vsock-proxy 2>"$root.err" && [ -z "$(strip_notes "$root.err")" ]; then
   pass "rpm -e --root removes it; scriptlets succeed silently"

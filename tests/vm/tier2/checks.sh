@@ -4,7 +4,7 @@
 # vsock goes to CID 1 (the VM's own loopback transport), TCP to addresses on the VM's lo.
 #
 #   package    rpm -i of the release-1 RPM (the one `make rpm` builds), as on Amazon Linux 2023
-#   workshop   systemctl enable --now nitro-vsock-proxy@workshop (the RPM's workshop.env/.yaml);
+#   workshop   systemctl enable --now nitro-vsock-proxy@workshop (the examples copied into /etc);
 #              the enclave-app chain over vsock gets its answer; sandbox facts of the process
 #   reload     DNS re-pointed at a loopback address: denied (WARN in journalctl -u, and found by
 #              journalctl -u ... NVP_REASON=denied); the allowlist edited + systemctl reload:
@@ -207,19 +207,24 @@ all_exist() {
   local f
   for f in "$@"; do [ -e "$f" ] || { note "missing: $f"; return 1; }; done
 }
-check "it installed the binary, the three units and the three configuration files" all_exist \
-  /usr/bin/nitro-vsock-proxy /usr/lib/systemd/system/{nitro-vsock-proxy.service,nitro-vsock-proxy@.service,nitro-vsock-proxy.socket} \
-  /etc/nitro-vsock-proxy/{vsock-proxy.yaml,workshop.env,workshop.yaml}
+EXAMPLES=/usr/share/doc/nitro-vsock-proxy/examples
+check "it installed the binary, the four units, the two files to edit in /etc and the examples" all_exist \
+  /usr/bin/nitro-vsock-proxy /usr/lib/systemd/system/{nitro-vsock-proxy.service,nitro-vsock-proxy@.service,nitro-vsock-proxy.socket,nitro-vsock-proxy-routes.service} \
+  /etc/nitro-vsock-proxy/{vsock-proxy.yaml,routes.yaml} "$EXAMPLES"/{workshop.env,workshop.yaml,routes.us-east-1.yaml}
+check "only files an operator is meant to edit are in /etc (no workshop samples)" \
+  eval '[ ! -e /etc/nitro-vsock-proxy/workshop.env ] && [ ! -e /etc/nitro-vsock-proxy/workshop.yaml ]'
 note "rpm -q: $(rpm -q nitro-vsock-proxy 2>&1)"
 check "rpm -i starts nothing (the service, instance and socket are inactive)" \
   eval '! systemctl -q is-active "$DEFAULT" "$SOCKET" "$INSTANCE"'
 check "rpm -i enables nothing under Amazon Linux's 'disable *' preset policy (%post: systemctl preset)" \
   eval '[[ $(systemctl is-enabled "$DEFAULT") == disabled && $(systemctl is-enabled "$SOCKET") == disabled ]]'
+# As README.md says: the workshop's instance is the examples copied into /etc, unedited.
+install -m 0644 "$EXAMPLES/workshop.env" /etc/nitro-vsock-proxy/workshop.env
+install -m 0644 "$EXAMPLES/workshop.yaml" "$CONF"
 cp "$CONF" "$W/workshop.yaml.stock"
 
 # ---------------------------------------------------------------------------------------------
 section "workshop: systemctl enable --now nitro-vsock-proxy@workshop, the enclave-app chain over vsock"
-# As README.md says: the RPM's workshop.env and workshop.yaml, unedited.
 rc=0
 timeout 60 systemctl enable --now "$INSTANCE" || rc=$?
 check "systemctl enable --now $INSTANCE succeeds (Type=notify: READY=1 came)" [ "$rc" = 0 ]
@@ -414,8 +419,9 @@ set_dns ip-ranges.amazonaws.com=192.0.2.10 kms.us-east-1.amazonaws.com=192.0.2.1
 section "routes: nitro-vsock-proxy-routes.service serves every route of routes.yaml; reload adds one"
 ROUTES=nitro-vsock-proxy-routes.service
 ROUTES_CONF=/etc/nitro-vsock-proxy/routes.yaml
-check "the RPM installed $ROUTES and routes.yaml (the KMS + Secrets Manager + S3 example)" \
-  eval '[ -f "/usr/lib/systemd/system/$ROUTES" ] && grep -q "remote: secretsmanager.us-east-1.amazonaws.com:443" "$ROUTES_CONF"'
+check "the RPM installed $ROUTES, a commented routes.yaml and the us-east-1 example in the docs" \
+  eval '[ -f "/usr/lib/systemd/system/$ROUTES" ] && grep -q "^#routes:" "$ROUTES_CONF" &&
+    grep -q "remote: secretsmanager.us-east-1.amazonaws.com:443" "$EXAMPLES/routes.us-east-1.yaml"'
 cp "$ROUTES_CONF" "$W/routes.yaml.stock"
 # One upstream per route, each answering with its own name.
 for n in 41 42 43; do
@@ -524,7 +530,10 @@ check "systemd reported no problem in the shipped unit files" \
 section "upgrade: rpm -U to release 2 restarts the running services"
 systemctl start "$INSTANCE"
 check "the instance runs again and answers" eval 'state_is "$INSTANCE" active && answered before-upgrade 5005'
-echo "# edited by the operator before the upgrade" >>"$CONF"
+# The packaged file an operator edits: the default service's allowlist (the workshop's files
+# were copied from the examples, so rpm does not own them).
+PKG_CONF=/etc/nitro-vsock-proxy/vsock-proxy.yaml
+echo "# edited by the operator before the upgrade" >>"$PKG_CONF"
 instance_pid=$(pid_of "$INSTANCE")
 default_pid=$(pid_of "$DEFAULT")
 note "before: $(rpm -q nitro-vsock-proxy); $INSTANCE pid $instance_pid, $DEFAULT pid $default_pid"
@@ -542,8 +551,8 @@ check "the upgrade restarted $DEFAULT (new MainPID, active)" \
 check "the socket unit is still listening" eval 'state_is "$SOCKET" active && vsock_listening 8000'
 check "traffic flows after the upgrade: the workshop chain answers" answered after-upgrade 5005
 check "... and the chain through the socket-activated service answers" answered after-upgrade-kms 5006
-check "the operator's edit of workshop.yaml survived the upgrade (%config(noreplace))" \
-  grep -q 'edited by the operator' "$CONF"
+check "the operator's edit of vsock-proxy.yaml survived the upgrade (%config(noreplace))" \
+  grep -q 'edited by the operator' "$PKG_CONF"
 check "no .rpmnew/.rpmsave from the upgrade (the packaged file did not change)" \
   eval '! ls /etc/nitro-vsock-proxy/*.rpmnew /etc/nitro-vsock-proxy/*.rpmsave 2>/dev/null'
 
@@ -569,10 +578,12 @@ check "the binary and the units are gone" \
   eval '[ ! -e /usr/bin/nitro-vsock-proxy ] && ! ls /usr/lib/systemd/system/nitro-vsock-proxy* 2>/dev/null'
 check "systemd no longer knows the unit files (daemon-reload in %postun)" \
   eval '[ -z "$(systemctl list-unit-files --no-legend "nitro-vsock-proxy*")" ]'
-check "the edited workshop.yaml is kept as workshop.yaml.rpmsave" \
-  grep -q 'edited by the operator' "$CONF.rpmsave"
+check "the edited vsock-proxy.yaml is kept as vsock-proxy.yaml.rpmsave" \
+  grep -q 'edited by the operator' "$PKG_CONF.rpmsave"
 check "the unedited configuration files are removed" \
-  eval '[ ! -e /etc/nitro-vsock-proxy/workshop.env ] && [ ! -e /etc/nitro-vsock-proxy/vsock-proxy.yaml ]'
+  eval '[ ! -e /etc/nitro-vsock-proxy/routes.yaml ] && [ ! -e /etc/nitro-vsock-proxy/vsock-proxy.yaml ]'
+check "the files the operator copied from the examples stay (rpm does not own them)" \
+  eval '[ -e /etc/nitro-vsock-proxy/workshop.env ] && [ -e "$CONF" ]'
 check "rpm no longer lists the package" eval '! rpm -q nitro-vsock-proxy >/dev/null'
 
 # ---------------------------------------------------------------------------------------------
