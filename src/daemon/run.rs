@@ -259,31 +259,9 @@ fn heartbeat(notifier: &Arc<Notifier>) -> Option<Heartbeat> {
 /// The last lines: each route's totals, then the whole daemon's.
 fn log_totals(shared: &Shared, closed_at_stop: usize) {
     for route in shared.routes.get().iter() {
-        let [accepted, denied, dns_failure, unreachable, method_not_allowed, refused_request, over_limit] =
-            route.counters.totals().map(|(_, n)| n);
-        info!(
-            route = %route.listen,
-            accepted,
-            denied,
-            dns_failure,
-            unreachable,
-            method_not_allowed,
-            refused_request,
-            over_limit,
-            "route totals"
-        );
+        route
+            .counters
+            .log("route totals", Some(&route.listen), None);
     }
-    let [accepted, denied, dns_failure, unreachable, method_not_allowed, refused_request, over_limit] =
-        shared.counters.totals().map(|(_, n)| n);
-    info!(
-        accepted,
-        denied,
-        dns_failure,
-        unreachable,
-        method_not_allowed,
-        refused_request,
-        over_limit,
-        closed_at_stop,
-        "stopped"
-    );
+    shared.counters.log("stopped", None, Some(closed_at_stop));
 }

@@ -244,6 +244,26 @@ impl Counters {
             ("over_limit", get(&self.rejected_over_limit)),
         ]
     }
+
+    /// Logs the totals at INFO as one line: `what` (`route totals`, `route removed`, `stopped`),
+    /// the route's listen address when these are one route's counters, and, on the last line,
+    /// how many connections the stop closed.
+    pub fn log(&self, what: &'static str, route: Option<&Endpoint>, closed_at_stop: Option<usize>) {
+        let [accepted, denied, dns_failure, unreachable, method_not_allowed, refused_request, over_limit] =
+            self.totals().map(|(_, n)| n);
+        tracing::info!(
+            route = route.map(tracing::field::display),
+            accepted,
+            denied,
+            dns_failure,
+            unreachable,
+            method_not_allowed,
+            refused_request,
+            over_limit,
+            closed_at_stop,
+            "{what}"
+        );
+    }
 }
 
 /// A route being served.

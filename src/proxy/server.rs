@@ -142,19 +142,9 @@ pub async fn drain_removed_route(route: Arc<Route>, timeout: Duration) {
         );
         route.closed.cancel();
     }
-    let [accepted, denied, dns_failure, unreachable, method_not_allowed, refused_request, over_limit] =
-        route.counters.totals().map(|(_, n)| n);
-    info!(
-        route = %route.listen,
-        accepted,
-        denied,
-        dns_failure,
-        unreachable,
-        method_not_allowed,
-        refused_request,
-        over_limit,
-        "route removed"
-    );
+    route
+        .counters
+        .log("route removed", Some(&route.listen), None);
 }
 
 /// Applies a reload's change to the listeners.
