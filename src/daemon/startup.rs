@@ -618,16 +618,10 @@ pub async fn bind(
 /// Binds `endpoint` for a route (at start-up, or one a reload adds); also returns the unix
 /// socket file this process created, to remove when the route stops.
 pub async fn bind_endpoint(endpoint: &Endpoint) -> Result<(Listener, Option<PathBuf>), String> {
-    let listener = endpoint.bind().await.map_err(|e| {
-        // "Another proxy" only where the OS says the address is taken: for an address this host
-        // does not have, or a missing directory, that guess would send the operator astray.
-        let hint = match (e.kind(), endpoint.bind_hint(&e)) {
-            (std::io::ErrorKind::AddrInUse, _) => "is another proxy already using it?",
-            (_, Some(hint)) => hint,
-            (_, None) => return format!("cannot listen on {endpoint}: {e}"),
-        };
-        format!("cannot listen on {endpoint}: {e} ({hint})")
-    })?;
+    let listener = endpoint
+        .bind()
+        .await
+        .map_err(|e| endpoint.bind_error("listen", &e, "is another proxy already using it?"))?;
     let socket_file = match endpoint {
         Endpoint::Unix(path) => Some(path.clone()),
         _ => None,

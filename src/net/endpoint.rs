@@ -96,12 +96,14 @@ impl fmt::Display for Endpoint {
 }
 
 impl Endpoint {
-    /// What to tell an operator about a failed [`Endpoint::bind`] of this address, besides the
-    /// OS error: `None` for an address in use (the caller knows who else might hold it), a
-    /// fix for the errors that have one, and nothing for the rest.
-    pub fn bind_hint(&self, e: &io::Error) -> Option<&'static str> {
-        match e.kind() {
-            io::ErrorKind::AddrInUse => None,
+    /// The message for a failed [`Endpoint::bind`] of this address, for a listener that is
+    /// `purpose` (`"listen"`, `"listen for metrics"`): the address, the OS error and a hint that
+    /// fits that error. `in_use` is the caller's guess at who holds an address in use; the other
+    /// errors with a fix get theirs, and the rest none, so that an address this host does not
+    /// have is never blamed on another process.
+    pub fn bind_error(&self, purpose: &str, e: &io::Error, in_use: &'static str) -> String {
+        let hint = match e.kind() {
+            io::ErrorKind::AddrInUse => Some(in_use),
             io::ErrorKind::AddrNotAvailable => Some(match self {
                 Endpoint::Vsock { .. } => "no such vsock CID on this host: listen on a port alone (any CID) or on this host's CID",
                 _ => "that IP address is not one of this host's: check `ip addr`, or listen on 0.0.0.0",
@@ -112,6 +114,10 @@ impl Endpoint {
                 _ => "ports below 1024 need root or CAP_NET_BIND_SERVICE",
             }),
             _ => None,
+        };
+        match hint {
+            Some(hint) => format!("cannot {purpose} on {self}: {e} ({hint})"),
+            None => format!("cannot {purpose} on {self}: {e}"),
         }
     }
 

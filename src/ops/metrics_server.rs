@@ -58,14 +58,11 @@ pub fn check_endpoint(endpoint: &Endpoint, given_as: &str) -> Result<(), String>
 /// Binds the metrics listener, with an error that names the address and the OS error.
 pub async fn bind(endpoint: &Endpoint) -> Result<Listener, String> {
     endpoint.bind().await.map_err(|e| {
-        let hint = match (e.kind(), endpoint.bind_hint(&e)) {
-            (std::io::ErrorKind::AddrInUse, _) => {
-                "another process on that address? change --metrics-listen / metrics_listen:"
-            }
-            (_, Some(hint)) => hint,
-            (_, None) => return format!("cannot listen for metrics on {endpoint}: {e}"),
-        };
-        format!("cannot listen for metrics on {endpoint}: {e} ({hint})")
+        endpoint.bind_error(
+            "listen for metrics",
+            &e,
+            "another process on that address? change --metrics-listen / metrics_listen:",
+        )
     })
 }
 
