@@ -170,25 +170,56 @@ fn five_hundred_concurrent_connections() {
         for i in 0..500u32 {
             let barrier = barrier.clone();
             tasks.push(tokio::spawn(async move {
-                let mut conn = connect(LISTEN).await;
+                // Each step names itself: a failure under a loaded CI machine must say which
+                // connection failed where, not just that one did.
+                let step = |what: &'static str| {
+                    move |e: std::io::Error| format!("connection {i}: {what}: {e}")
+                };
                 let msg = format!("connection {i} says hello");
-                conn.write_all(msg.as_bytes()).await.unwrap();
                 let mut buf = vec![0u8; msg.len()];
-                conn.read_exact(&mut buf).await.unwrap();
+                let opened = async {
+                    let mut conn = common::proxy::try_connect(LISTEN)
+                        .await
+                        .map_err(step("connect"))?;
+                    conn.write_all(msg.as_bytes())
+                        .await
+                        .map_err(step("write"))?;
+                    conn.read_exact(&mut buf)
+                        .await
+                        .map_err(step("read the echo"))?;
+                    Ok::<_, String>(conn)
+                }
+                .await;
+                // Every task reaches the barrier, failed or not, so one failure cannot hang
+                // the other 499.
                 barrier.wait().await;
-                conn.shutdown().await.unwrap();
+                let mut conn = opened?;
+                conn.shutdown().await.map_err(step("half-close"))?;
                 let mut rest = Vec::new();
-                conn.read_to_end(&mut rest).await.unwrap();
-                assert!(rest.is_empty());
-                assert_eq!(buf, msg.as_bytes());
+                conn.read_to_end(&mut rest)
+                    .await
+                    .map_err(step("read to EOF"))?;
+                if !rest.is_empty() || buf != msg.as_bytes() {
+                    return Err(format!("connection {i}: echo {buf:?} then {rest:?}"));
+                }
+                Ok::<(), String>(())
             }));
         }
+        let mut failures = Vec::new();
         for t in tasks {
-            tokio::time::timeout(Duration::from_secs(60), t)
-                .await
-                .expect("a connection hung")
-                .unwrap();
+            match tokio::time::timeout(Duration::from_secs(60), t).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(failure))) => failures.push(failure),
+                Ok(Err(panic)) => failures.push(format!("a task panicked: {panic}")),
+                Err(_) => failures.push("a connection hung for 60 s".to_string()),
+            }
         }
+        assert!(
+            failures.is_empty(),
+            "{} of 500 connections failed (upstream accepted {}): {failures:#?}",
+            failures.len(),
+            up.accepted()
+        );
         assert_eq!(up.accepted(), 500);
         let closed = || proxy.logs().matches("connection closed").count();
         // Generous: the last log lines trail the last echo, and the whole suite runs at once.
