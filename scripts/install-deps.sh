@@ -21,10 +21,11 @@
 #               promtool is used; the server it also installs is not run)
 #   curl, openssl: tests/dynamic_routes.rs drives the CONNECT route with `curl -x` and the SNI
 #                  routes with `openssl s_client`, real clients of each protocol
+#   bind9-dnsutils: tests/dns_route.rs asks the dns route with `dig +tcp`, a real DNS client
 #   nftables: tests/keepalive.rs makes an upstream silent (drops its packets) with `nft`, inside
 #             the test's own network namespace
 set -euo pipefail
-needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl python3-prometheus-client prometheus nftables)
+needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl python3-prometheus-client prometheus nftables bind9-dnsutils)
 # `install-deps.sh demo` (make demo): only what building and running the demo takes — the
 # libsystemd link, `ip` and `unshare`/`mount` for its private namespaces.
 if [[ ${1:-} == demo ]]; then

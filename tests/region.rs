@@ -202,7 +202,7 @@ fn metadata_failures_exit_1_and_say_what_to_check() {
         for needle in [
             "instance metadata service at 127.0.0.1:9",
             "kms.{region}.{domain}",
-            "3 attempts",
+            "4 attempts",
             "PUT /latest/api/token: cannot connect",
             "HttpEndpoint=enabled",
         ] {

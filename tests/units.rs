@@ -125,6 +125,9 @@ fn units_carry_the_issue_s_contract() {
             "Type=notify",
             "ExecReload=/bin/kill -HUP $MAINPID",
             "Restart=on-failure",
+            // A port another process holds is retried ten times within 100 s, then given up.
+            "StartLimitIntervalSec=100s",
+            "StartLimitBurst=10",
             "DynamicUser=yes",
             "CapabilityBoundingSet=",
             "NoNewPrivileges=yes",

@@ -37,6 +37,8 @@ pub enum RouteKind {
     Connect,
     /// `mode: sni` with `port:`: the destination is the TLS ClientHello's server name.
     Sni { port: u16 },
+    /// `mode: dns`: DNS over the stream, answered from the allowlist (names it allows by name).
+    Dns,
 }
 
 /// One item of `routes:`: a listen address and where its connections go.
@@ -190,8 +192,8 @@ fn route_kind(r: &RouteFormat) -> Result<RouteKind, (Option<&'static str>, Strin
     match (&r.mode, &r.remote) {
         (None, None) => Err((
             None,
-            "a route needs `remote: HOST:PORT`, or `mode: connect` (HTTP CONNECT) or `mode: sni` \
-             with `port:` (TLS server name)"
+            "a route needs `remote: HOST:PORT`, or `mode: connect` (HTTP CONNECT), `mode: sni` \
+             with `port:` (TLS server name) or `mode: dns` (DNS answered from the allowlist)"
                 .into(),
         )),
         (None, Some(remote)) => {
@@ -216,6 +218,13 @@ fn route_kind(r: &RouteFormat) -> Result<RouteKind, (Option<&'static str>, Strin
                     .into(),
             )),
             None => Ok(RouteKind::Connect),
+        },
+        (Some(ModeField::Dns), None) => match r.port {
+            Some(_) => Err((
+                Some("port"),
+                "a `mode: dns` route answers DNS queries; it connects nowhere: drop `port`".into(),
+            )),
+            None => Ok(RouteKind::Dns),
         },
         (Some(ModeField::Sni), None) => match &r.port {
             Some(port) => Ok(RouteKind::Sni { port: port.0 }),
@@ -243,7 +252,7 @@ fn yaml_error(e: serde_yaml::Error, path: &Path, text: &str) -> ConfigError {
         message.push_str(
             " (check the spelling: the file's keys are `allowlist`, `routes` and `metrics_listen`; an allowlist \
              entry has `address` and `port`; a route has `listen`, `remote` or `mode` (`connect`, \
-             `sni` with `port`), `sni: require`, `max_connections` and `idle_timeout`)",
+             `sni` with `port`, `dns`), `sni: require`, `max_connections` and `idle_timeout`)",
         );
     } else if message.starts_with("missing field `allowlist`") {
         message.push_str(" (the file must have a top-level `allowlist:` list)");
@@ -330,6 +339,7 @@ struct RouteFormat {
 enum ModeField {
     Connect,
     Sni,
+    Dns,
 }
 
 impl ModeField {
@@ -337,6 +347,7 @@ impl ModeField {
         match self {
             ModeField::Connect => "connect",
             ModeField::Sni => "sni",
+            ModeField::Dns => "dns",
         }
     }
 }

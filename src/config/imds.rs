@@ -28,8 +28,11 @@ pub const DEFAULT_ENDPOINT: &str = "169.254.169.254:80";
 /// The token is used for two requests right away.
 const TOKEN_TTL_SECONDS: &str = "60";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-const ATTEMPTS: u32 = 3;
-const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Four attempts, 1 s, 2 s and 4 s apart: a metadata service that refuses at once still costs
+/// a start 7 s, so that with the units' RestartSec=5s such starts stay under their start limit
+/// (ten in 100 s) while a held listen port, which fails in about 2 s, reaches it.
+const ATTEMPTS: u32 = 4;
+const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
 const MAX_RESPONSE: usize = 16 * 1024;
 
 /// What the metadata service said.
@@ -47,17 +50,19 @@ pub async fn instance_info_with_retries(
     needed_by: &str,
 ) -> Result<InstanceInfo, String> {
     let mut attempt = 1;
+    let mut retry_in = FIRST_RETRY_DELAY;
     loop {
         match instance_info(endpoint, with_domain).await {
             Ok(info) => return Ok(info),
             Err(e) if attempt < ATTEMPTS => {
                 tracing::warn!(
                     attempt,
-                    retry_in = ?RETRY_DELAY,
+                    retry_in = ?retry_in,
                     "instance metadata service at {endpoint}: {e}"
                 );
                 attempt += 1;
-                tokio::time::sleep(RETRY_DELAY).await;
+                tokio::time::sleep(retry_in).await;
+                retry_in *= 2;
             }
             Err(e) => {
                 return Err(format!(

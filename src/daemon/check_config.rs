@@ -135,6 +135,8 @@ fn report_reliance(out: &mut String, loaded: &Loaded, route: &Settings, reliance
         "allowed through the current DNS answers of"
     } else if matches!(route.destination, Destination::Fixed { .. }) {
         "allowed by"
+    } else if matches!(route.destination, Destination::Dns) {
+        "answers, per query, the names of"
     } else {
         "may reach, per connection,"
     };

@@ -196,6 +196,10 @@ pub async fn load(
                 ));
                 continue;
             }
+            RouteKind::Dns => {
+                routes.push(Settings::new(spec, Destination::Dns, options.idle_timeout));
+                continue;
+            }
             RouteKind::Sni { port } => {
                 let port = *port;
                 routes.push(Settings::new(
@@ -340,7 +344,32 @@ pub async fn check_route(
             via_dns: false,
         }),
         Destination::Sni { port } => check_sni(policy, route, *port, config_path),
+        Destination::Dns => check_dns(policy, route, config_path),
     }
+}
+
+/// A DNS route answers the names of host-name and wildcard entries (any port); with none, every
+/// query would be blocked.
+fn check_dns(policy: &Policy, route: &Settings, config_path: &Path) -> Result<Reliance, Fatal> {
+    let entries: Vec<usize> = policy
+        .entries()
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e.address, HostPattern::Name(_) | HostPattern::Wildcard(_)))
+        .map(|(i, _)| i)
+        .collect();
+    if entries.is_empty() {
+        return Err(Fatal::Config(format!(
+            "route {route} ({}): no host-name or wildcard entry in {}, so every query would be \
+             answered NXDOMAIN; a dns route answers only names the allowlist allows by name",
+            route.spec.origin,
+            config_path.display()
+        )));
+    }
+    Ok(Reliance {
+        entries,
+        via_dns: false,
+    })
 }
 
 /// An SNI route relies on the entries with its port; with none, nothing could be reached.

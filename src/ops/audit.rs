@@ -208,6 +208,7 @@ fn lead(outcome: Outcome) -> &'static str {
         Outcome::DnsFailure => "connection not made: DNS lookup failed",
         Outcome::Unreachable => "connection not made: upstream unreachable",
         Outcome::Revoked => "connection revoked",
+        Outcome::Refused("dns_blocked") => "DNS query blocked",
         _ => "connection refused",
     }
 }

@@ -135,6 +135,21 @@ struct RouteDirection {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteResult {
+    route: String,
+    result: &'static str,
+}
+
+/// The results of a DNS route's queries, as `nitro_vsock_proxy_dns_queries_total{result}` labels
+/// them: `answered` (addresses), `nodata` (the name is allowed, no address of that type is, or
+/// the type is not answered: HTTPS, SVCB, ...), `nxdomain` (upstream said the name does not
+/// exist), `blocked` (the allowlist does not allow the name by name), `servfail`, `refused` (PTR,
+/// a class other than IN, an opcode other than QUERY), `formerr` (a malformed query).
+pub const DNS_RESULTS: [&str; 7] = [
+    "answered", "nodata", "nxdomain", "blocked", "servfail", "refused", "formerr",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -154,6 +169,7 @@ pub struct Metrics {
     bytes: Family<RouteDirection, Counter>,
     connect_duration: DurationFamily,
     dns_lookups: Family<ResultLabel, Counter>,
+    dns_queries: Family<RouteResult, Counter>,
     reloads: Family<ResultLabel, Counter>,
     audit_suppressed: Counter,
     log_lines_dropped: Counter,
@@ -203,6 +219,13 @@ impl Metrics {
             "dns_lookups",
             "DNS lookups made for the policy, by result (ok, nxdomain, no_records, timeout, error)",
             dns_lookups.clone(),
+        );
+        let dns_queries = Family::<RouteResult, Counter>::default();
+        registry.register(
+            "dns_queries",
+            "Queries answered by dns routes, by route and result (answered, nodata, nxdomain, \
+             blocked, servfail, refused, formerr)",
+            dns_queries.clone(),
         );
         let reloads = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -265,6 +288,7 @@ impl Metrics {
             bytes,
             connect_duration,
             dns_lookups,
+            dns_queries,
             reloads,
             audit_suppressed,
             log_lines_dropped,
@@ -312,6 +336,27 @@ impl Metrics {
             to_client: bytes("to_client"),
             connect_duration: self.connect_duration.get_or_create_owned(&label),
         }
+    }
+
+    /// Shows every result of a dns route's queries at 0, so that rate() works from the start.
+    pub fn dns_route(&self, route: &str) {
+        for result in DNS_RESULTS {
+            drop(self.dns_queries.get_or_create(&RouteResult {
+                route: route.to_owned(),
+                result,
+            }));
+        }
+    }
+
+    /// Counts one query a dns route answered (or left unanswered: a malformed header), by
+    /// its result, one of [`DNS_RESULTS`].
+    pub fn dns_query(&self, route: &str, result: &'static str) {
+        self.dns_queries
+            .get_or_create(&RouteResult {
+                route: route.to_owned(),
+                result,
+            })
+            .inc();
     }
 
     /// Counts one connection's end.

@@ -227,6 +227,32 @@ impl Policy {
             .map(|(_, suffix)| Allowance::Wildcard(suffix.clone()))
     }
 
+    /// The ports for which an exact host-name entry or a wildcard entry allows `name`, in
+    /// ascending order: empty when the allowlist does not allow the name by name. Costs one
+    /// name lookup per port in use, whatever the allowlist's length.
+    pub fn ports_allowing_name(&self, name: &HostName) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .ports
+            .keys()
+            .copied()
+            .filter(|&port| self.name_allowance(name, port).is_some())
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// Whether a connection to `name` (allowed by name for `ports`, see
+    /// [`Policy::ports_allowing_name`]) would be let through to `addr` for at least one of those
+    /// ports: false for a special address (loopback, the metadata service, ...) that no IP or
+    /// CIDR entry of those ports allows. What a DNS route may answer.
+    pub fn would_connect(&self, name: &HostName, ports: &[u16], addr: IpAddr) -> bool {
+        let host = Host::Name(name.clone());
+        let none = Resolutions::new();
+        ports
+            .iter()
+            .any(|&port| self.decide(&host, port, addr, &none).is_ok())
+    }
+
     /// Whether a destination asked for per connection (an HTTP CONNECT target, a TLS server
     /// name) may be tried at all: a name needs a hostname or wildcard entry for `port`; an IP
     /// literal needs an IP or CIDR entry (rules 1–3; another name's DNS answer cannot vouch for

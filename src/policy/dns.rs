@@ -29,6 +29,10 @@ use hickory_resolver::{Hosts, TokioResolver};
 
 use crate::policy::host::HostName;
 
+/// How long an answer from `/etc/hosts` is said to be valid (the file has no TTLs; it is read
+/// at start-up).
+pub const HOSTS_TTL: Duration = Duration::from_secs(300);
+
 /// The longest a "no such name" or "no address" answer is believed.
 pub const NEGATIVE_TTL_CAP: Duration = Duration::from_secs(10);
 
@@ -187,6 +191,15 @@ impl Dns {
     /// duplicates. An empty answer is an error: there is nothing to connect to. Each lookup is
     /// counted in `nitro_vsock_proxy_dns_lookups_total{result}`.
     pub async fn lookup(&self, name: &HostName) -> Result<Vec<IpAddr>, LookupError> {
+        self.lookup_with_ttl(name).await.map(|(ips, _)| ips)
+    }
+
+    /// [`Dns::lookup`] and how long the answer stays valid: the cache entry's remaining TTL (the
+    /// shortest of the records', hickory's own accounting), [`HOSTS_TTL`] for `/etc/hosts`.
+    pub async fn lookup_with_ttl(
+        &self,
+        name: &HostName,
+    ) -> Result<(Vec<IpAddr>, Duration), LookupError> {
         let result = self.lookup_uncounted(name).await;
         crate::ops::metrics::global().dns_lookup(match &result {
             Ok(_) => "ok",
@@ -195,7 +208,10 @@ impl Dns {
         result
     }
 
-    async fn lookup_uncounted(&self, name: &HostName) -> Result<Vec<IpAddr>, LookupError> {
+    async fn lookup_uncounted(
+        &self,
+        name: &HostName,
+    ) -> Result<(Vec<IpAddr>, Duration), LookupError> {
         let fail = |kind: DnsFailure, reason: String| LookupError {
             name: name.clone(),
             kind,
@@ -203,22 +219,22 @@ impl Dns {
         };
         let fqdn = Name::from_ascii(format!("{name}."))
             .map_err(|e| fail(DnsFailure::Error, e.to_string()))?;
-        let answer: Vec<IpAddr> = match self.hosts_answer(&fqdn) {
-            Some(ips) => ips,
-            None => self
-                .resolver
-                .lookup_ip(fqdn)
-                .await
-                .map_err(|e| {
+        let (answer, ttl): (Vec<IpAddr>, Duration) = match self.hosts_answer(&fqdn) {
+            Some(ips) => (ips, HOSTS_TTL),
+            None => {
+                let lookup = self.resolver.lookup_ip(fqdn).await.map_err(|e| {
                     let kind = DnsFailure::of(&e);
                     let reason = match kind {
                         DnsFailure::NoRecords => self.no_address_records().to_owned(),
                         _ => e.to_string(),
                     };
                     fail(kind, reason)
-                })?
-                .iter()
-                .collect(),
+                })?;
+                let ttl = lookup
+                    .valid_until()
+                    .saturating_duration_since(std::time::Instant::now());
+                (lookup.iter().collect(), ttl)
+            }
         };
         let mut ips: Vec<IpAddr> = Vec::new();
         for ip in answer {
@@ -240,7 +256,7 @@ impl Dns {
                 self.no_address_records().to_owned(),
             ));
         }
-        Ok(ips)
+        Ok((ips, ttl))
     }
 
     /// What "no records" means for the families asked for.

@@ -30,6 +30,7 @@ use crate::ops::audit;
 use crate::ops::metrics::Outcome;
 use crate::policy::host::Host;
 use crate::policy::Policy;
+use crate::proxy::dns;
 use crate::proxy::refusal::Refusal;
 use crate::proxy::request::{connect, sni};
 use crate::proxy::revoke::OpenConnection;
@@ -136,8 +137,21 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// The whole life: set up within `--setup-timeout`, then relay. Returns how it ended.
+    /// The whole life: set up within `--setup-timeout`, then relay; a dns route's connection
+    /// instead carries queries, each answered by the policy ([`dns::serve`]). Returns how it
+    /// ended.
     pub async fn run(mut self) -> Outcome {
+        if self.settings.destination == Destination::Dns {
+            let idle_timeout = self.settings.spec.idle_timeout;
+            return dns::serve(
+                self.client,
+                self.peer,
+                &self.route_name,
+                idle_timeout,
+                self.shared,
+            )
+            .await;
+        }
         let started = Instant::now();
         let setup_timeout = self.shared.lifetimes.setup_timeout;
         // Boxed with its timer: the set-up's state (DNS lookups, connect attempts, the deadline)
@@ -219,6 +233,10 @@ impl<'a> Connection<'a> {
                     early: hello.bytes,
                 })
             }
+            // Served by `dns::serve` from `run`; never a request to relay.
+            Destination::Dns => Err(Refusal::BadRequest(connect::BadRequest::Malformed(
+                "a dns route carries DNS queries, not a destination to relay to".into(),
+            ))),
             Destination::Connect => {
                 let request = connect::read_request(&mut self.client)
                     .await

@@ -135,6 +135,8 @@ pub enum Destination {
     Connect,
     /// Each connection's TLS server name, at `port`.
     Sni { port: u16 },
+    /// No upstream: DNS queries answered from the allowlist (see [`crate::proxy::dns`]).
+    Dns,
 }
 
 impl fmt::Display for Destination {
@@ -150,6 +152,7 @@ impl fmt::Display for Destination {
             } => write!(f, "{target} (sni: require)"),
             Destination::Connect => f.write_str("HTTP CONNECT"),
             Destination::Sni { port } => write!(f, "TLS server name:{port}"),
+            Destination::Dns => f.write_str("dns (names the allowlist allows by name)"),
         }
     }
 }
@@ -280,8 +283,17 @@ pub struct Route {
     pub metrics: RouteMetrics,
 }
 
+/// A dns route's query results are shown at 0 from the start (and from a reload that makes a
+/// route one).
+fn show_dns_results(settings: &Settings) {
+    if settings.destination == Destination::Dns {
+        crate::ops::metrics::global().dns_route(&settings.spec.listen.to_string());
+    }
+}
+
 impl Route {
     pub fn new(settings: Settings) -> Route {
+        show_dns_results(&settings);
         Route {
             listen: settings.spec.listen.clone(),
             counters: Counters::default(),
@@ -299,6 +311,7 @@ impl Route {
 
     /// Makes `settings` the ones new connections use.
     pub fn replace_settings(&self, settings: Settings) {
+        show_dns_results(&settings);
         self.settings.set(settings);
     }
 

@@ -10,6 +10,8 @@
 //! * names are case-insensitive and the trailing dot is optional (`Example.COM.` ==
 //!   `example.com`);
 //! * a name that was never `set` (or was `remove`d) answers NXDOMAIN;
+//! * an alias ([`TestDns::set_cname`]) answers its CNAME record and then its target's records;
+//! * a name given a delay ([`TestDns::set_delay`]) is answered that much later;
 //! * a known name with no record of the queried type (e.g. AAAA for a v4-only name, or
 //!   any type other than A/AAAA) answers NOERROR with an empty answer (NODATA);
 //! * every negative answer carries an SOA (owner `.`, TTL 1 s, minimum 1 s) in the
@@ -38,11 +40,15 @@ pub const NEGATIVE_TTL: u32 = 1;
 /// Idle timeout for TCP connections to the test server.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The records of one name (A and AAAA share the TTL).
+/// The records of one name (A and AAAA share the TTL), or an alias of another name.
 #[derive(Clone, Debug)]
 struct Entry {
     ips: Vec<IpAddr>,
     ttl: u32,
+    /// `set_cname`: answered as a CNAME record to this name, then that name's records.
+    cname: Option<String>,
+    /// `set_delay`: how long queries for the name wait before they are answered.
+    delay: Duration,
 }
 
 /// Shared, mutable state: the records and per-name query counters.
@@ -101,8 +107,31 @@ impl TestDns {
             Entry {
                 ips: ips.to_vec(),
                 ttl,
+                cname: None,
+                delay: Duration::ZERO,
             },
         );
+    }
+
+    /// Makes `name` an alias: a CNAME record to `target` (TTL `ttl`), followed in the same
+    /// answer by `target`'s records of the queried type, as a recursive resolver answers.
+    pub fn set_cname(&self, name: &str, target: &str, ttl: u32) {
+        self.lock().entries.insert(
+            normalize(name),
+            Entry {
+                ips: Vec::new(),
+                ttl,
+                cname: Some(normalize(target)),
+                delay: Duration::ZERO,
+            },
+        );
+    }
+
+    /// Makes queries for `name` (already `set`) wait `delay` before they are answered.
+    pub fn set_delay(&self, name: &str, delay: Duration) {
+        if let Some(entry) = self.lock().entries.get_mut(&normalize(name)) {
+            entry.delay = delay;
+        }
     }
 
     /// Removes every record of `name`: it answers NXDOMAIN from the next query on.
@@ -243,25 +272,44 @@ struct Handler {
 }
 
 impl Handler {
-    /// Counts the query and computes (response code, answers).
-    fn answer(&self, name: &Name, qtype: RecordType) -> (ResponseCode, Vec<Record>) {
+    /// Counts the query and computes (response code, answers, how long to wait first).
+    fn answer(&self, name: &Name, qtype: RecordType) -> (ResponseCode, Vec<Record>, Duration) {
         let key = normalize(&name.to_ascii());
         let mut table = lock(&self.table);
         *table.queries.entry(key.clone()).or_insert(0) += 1;
         let Some(entry) = table.entries.get(&key) else {
-            return (ResponseCode::NXDomain, Vec::new());
+            return (ResponseCode::NXDomain, Vec::new(), Duration::ZERO);
         };
-        let answers = entry
-            .ips
-            .iter()
-            .filter(|ip| match qtype {
-                RecordType::A => ip.is_ipv4(),
-                RecordType::AAAA => ip.is_ipv6(),
-                _ => false,
-            })
-            .map(|ip| Record::from_rdata(name.clone(), entry.ttl, RData::from(*ip)))
-            .collect();
-        (ResponseCode::NoError, answers)
+        let delay = entry.delay;
+        let mut answers = Vec::new();
+        let (owner, records) = match &entry.cname {
+            Some(target) => {
+                let target_name = Name::from_ascii(format!("{target}."))
+                    .expect("TestDns: a CNAME target is a valid name");
+                answers.push(Record::from_rdata(
+                    name.clone(),
+                    entry.ttl,
+                    RData::CNAME(hickory_proto::rr::rdata::CNAME(target_name.clone())),
+                ));
+                match table.entries.get(target) {
+                    Some(target_entry) => (target_name, target_entry),
+                    None => return (ResponseCode::NXDomain, answers, delay),
+                }
+            }
+            None => (name.clone(), entry),
+        };
+        answers.extend(
+            records
+                .ips
+                .iter()
+                .filter(|ip| match qtype {
+                    RecordType::A => ip.is_ipv4(),
+                    RecordType::AAAA => ip.is_ipv6(),
+                    _ => false,
+                })
+                .map(|ip| Record::from_rdata(owner.clone(), records.ttl, RData::from(*ip))),
+        );
+        (ResponseCode::NoError, answers, delay)
     }
 }
 
@@ -287,7 +335,10 @@ impl RequestHandler for Handler {
         let query = &queries[0];
         // Answer with the name as the client spelled it (0x20 case randomisation safe).
         let name = query.original().name().clone();
-        let (code, answers) = self.answer(&name, query.query_type());
+        let (code, answers, delay) = self.answer(&name, query.query_type());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let soa = if answers.is_empty() {
             vec![negative_soa()]
         } else {

@@ -38,8 +38,10 @@ source "$(dirname "$0")/lib.sh"
 #   iproute2                   test addresses on lo; enclave-app/run.sh uses ip and ss
 #   dnsmasq-base               a real DNS server in the VM: the daemon's lookups go over UDP
 #                              through its sandbox, and the tests change answers with SIGHUP
-#   socat                      raw vsock clients (VSOCK-CONNECT) and a slow TCP upstream
-PACKAGES=(systemd-sysv udev kmod rpm procps iproute2 dnsmasq-base socat)
+#   socat                      raw vsock clients (VSOCK-CONNECT) and a slow TCP upstream, and
+#                              a second unit holding vsock port 8000 (the migration checks)
+#   man-db                     `man nitro-vsock-proxy` after the RPM installs the page
+PACKAGES=(systemd-sysv udev kmod rpm procps iproute2 dnsmasq-base socat man-db)
 # The archive apt already uses here (its bookworm main index), so no address is written down.
 # shellcheck disable=SC2016 # $(URI) is apt-get's format, not a shell expansion
 MIRROR=${VM_DEBIAN_MIRROR:-$(apt-get indextargets --format '$(URI)' 'Created-By: Packages' 2>/dev/null |
@@ -95,7 +97,7 @@ umount_under "$partial"
 # for rpmbuild's helpers, rpm -i/-U/-e do not run it); udev's hardware database (no hardware to
 # describe); ICU's data (libxml2 <- libarchive, which nothing run here loads). The ldd check
 # below fails the build if a program the tests run lost a library.
-rm -rf "$root"/usr/share/{doc,man,info,locale,lintian,linda}/* \
+rm -rf "$root"/usr/share/{doc,info,locale,lintian,linda}/* "$root"/usr/share/man/* \
   "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin \
   "$root"/var/lib/apt/lists/* "$root"/var/log/* "$root"/debootstrap \
   "$root"/usr/share/perl "$root"/usr/lib/x86_64-linux-gnu/perl "$root"/usr/lib/udev/hwdb.bin \
@@ -120,7 +122,8 @@ done
 ln -sf /dev/null "$root/etc/systemd/system/systemd-networkd-wait-online.service"
 
 for f in /usr/lib/systemd/systemd /usr/bin/systemctl /usr/bin/journalctl /usr/bin/rpm /bin/kill \
-  /usr/sbin/dnsmasq /usr/bin/socat /usr/bin/ss /usr/sbin/ip /usr/bin/getent /usr/bin/pgrep; do
+  /usr/sbin/dnsmasq /usr/bin/socat /usr/bin/ss /usr/sbin/ip /usr/bin/getent /usr/bin/pgrep \
+  /usr/bin/man /usr/bin/groff /usr/bin/nroff; do
   [[ -x $root$f ]] || vm_die "the rootfs lacks $f after debootstrap"
   if chroot "$root" ldd "$f" 2>&1 | grep -q 'not found'; then
     vm_die "$f in the rootfs misses a shared library (removed above?): $(chroot "$root" ldd "$f" 2>&1 | grep 'not found')"

@@ -17,6 +17,8 @@
 #   routes     nitro-vsock-proxy-routes.service with a routes.yaml of two routes: traffic on both
 #              over vsock, each to its own upstream; systemctl reload adds a third; a reload with
 #              a route the allowlist does not allow fails and changes nothing; stop
+#   migration  a second unit holding vsock port 8000 when the default service starts: the bind
+#              message in systemctl status and the journal; retries end at the start limit
 #   socket     the shipped nitro-vsock-proxy.socket + .service, unchanged: the first connection
 #              starts the service (region from a stand-in IMDS at 169.254.169.254), is served
 #   upgrade    rpm -U to release 2 restarts the running instance and the default service;
@@ -218,6 +220,12 @@ check "rpm -i starts nothing (the service, instance and socket are inactive)" \
   eval '! systemctl -q is-active "$DEFAULT" "$SOCKET" "$INSTANCE"'
 check "rpm -i enables nothing under Amazon Linux's 'disable *' preset policy (%post: systemctl preset)" \
   eval '[[ $(systemctl is-enabled "$DEFAULT") == disabled && $(systemctl is-enabled "$SOCKET") == disabled ]]'
+# man-db in the rootfs; `man` formats the page the RPM installed (MANPAGER=cat: no terminal).
+check "man nitro-vsock-proxy shows the installed page (NAME, SYNOPSIS, --config)" \
+  eval 'MANPAGER=cat MANWIDTH=100 man nitro-vsock-proxy >"$W/man.out" 2>"$W/man.err" &&
+    grep -q "^NAME" "$W/man.out" && grep -q "nitro-vsock-proxy" "$W/man.out" &&
+    grep -q "^SYNOPSIS" "$W/man.out" && grep -q -- "--config" "$W/man.out"'
+note "man: $(head -n 4 "$W/man.out" 2>/dev/null | tr -s ' \n' ' ') $(head -c 200 "$W/man.err" 2>/dev/null)"
 # As README.md says: the workshop's instance is the examples copied into /etc, unedited.
 install -m 0644 "$EXAMPLES/workshop.env" /etc/nitro-vsock-proxy/workshop.env
 install -m 0644 "$EXAMPLES/workshop.yaml" "$CONF"
@@ -487,6 +495,40 @@ check "systemctl stop $ROUTES: inactive with Result=success, no route listens" \
     ! vsock_listening 8020 && ! vsock_listening 8021 && ! vsock_listening 8022'
 cp "$W/routes.yaml.stock" "$ROUTES_CONF"
 for n in 41 42 43; do systemctl stop "nvp-upstream-$n.service"; done
+
+# ---------------------------------------------------------------------------------------------
+section "migration: another unit already holds vsock port 8000 when the default service starts"
+# What an operator who has not yet disabled AWS's proxy sees: a second unit (socat standing in
+# for nitro-enclaves-vsock-proxy, under another name so that Conflicts= does not stop it) holds
+# vsock port 8000. Ours exits 1 naming the address (after the metadata stand-in, ≈2 s);
+# Restart=on-failure retries 5 s later, and StartLimitBurst=10 within StartLimitIntervalSec=100s
+# ends the retries (start-limit-hit) after about 70 s.
+systemctl start nvp-imds.socket
+systemd-run --quiet --collect --unit=nvp-holds-8000 socat VSOCK-LISTEN:8000,fork OPEN:/dev/null
+check "the other unit listens on vsock port 8000" wait_for 10 vsock_listening 8000
+BIND_MSG='cannot listen on vsock:8000: Address already in use \(os error 98\) \(is another proxy already using it\?\)'
+migration_since=$(date '+%Y-%m-%d %H:%M:%S')
+rc=0
+systemctl start "$DEFAULT" 2>"$W/migration-start.err" || rc=$?
+check "systemctl start $DEFAULT fails (exit status 1 before READY=1)" \
+  eval '((rc != 0)) && [[ $(prop "$DEFAULT" ExecMainStatus) == 1 ]]'
+check "systemctl status shows the bind message naming the address" \
+  eval 'systemctl status --full --no-pager -n 20 "$DEFAULT" 2>&1 | grep -Eq "$BIND_MSG"'
+check "the journal has it at priority err" \
+  eval 'jlog "$DEFAULT" --since "$migration_since" -p err | grep -Eq "$BIND_MSG"'
+gave_up() { [[ $(prop "$DEFAULT" Result) == start-limit-hit ]] && state_is "$DEFAULT" failed; }
+check "the retries stop within the start limit: failed with Result=start-limit-hit within 100 s" \
+  wait_for 100 gave_up
+starts=$(jcount "$DEFAULT" "$BIND_MSG" --since "$migration_since")
+note "$starts starts, NRestarts=$(prop "$DEFAULT" NRestarts), result $(prop "$DEFAULT" Result)"
+check "ten starts (StartLimitBurst=10), each ending with the bind message" eval '((starts == 10))'
+sleep 7
+check "no start after giving up (still 10 bind messages 7 s later; RestartSec is 5 s)" \
+  eval '(($(jcount "$DEFAULT" "$BIND_MSG" --since "$migration_since") == starts)) && state_is "$DEFAULT" failed'
+systemctl stop nvp-holds-8000.service
+systemctl reset-failed "$DEFAULT"
+check "with the port freed and reset-failed, nothing holds 8000 and the unit is inactive" \
+  eval 'wait_for 10 eval "! vsock_listening 8000" && state_is "$DEFAULT" inactive'
 
 # ---------------------------------------------------------------------------------------------
 section "socket: the shipped nitro-vsock-proxy.socket starts the shipped service on the first connection"
