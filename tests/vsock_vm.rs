@@ -467,6 +467,81 @@ fn connect_and_sni_routes_over_vsock() {
 }
 
 #[test]
+fn dns_route_over_vsock_answers_an_allowed_name_and_blocks_an_unlisted_one() {
+    if !in_vm("vsock_vm") {
+        return;
+    }
+    run_in_netns(|| async {
+        use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+        use hickory_proto::rr::{Name, RData, RecordType};
+        const DNS: u32 = 8053;
+        let dns = TestDns::start(DNS_ADDR.parse().unwrap()).await;
+        dns.set("api.test", &[ip("192.0.2.10")], 60);
+        dns.set("unlisted.test", &[ip("192.0.2.10")], 60);
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "allowlist:\n- {{address: api.test, port: 443}}\nroutes:\n- {{listen: {DNS}, mode: dns}}\n"
+        );
+        let proxy = start_routes_daemon(&dir, &yaml, &[DNS]).await;
+        let (mut conn, peer_port) = vsock_connect(DNS).await;
+        // Two queries pipelined on one vsock stream, each behind its two-byte length.
+        for (id, name) in [(1u16, "api.test."), (2, "unlisted.test.")] {
+            let mut query = Message::new(id, MessageType::Query, OpCode::Query);
+            query.metadata.recursion_desired = true;
+            query.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            query.set_edns(Edns::new());
+            let bytes = query.to_vec().unwrap();
+            let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&bytes);
+            conn.write_all(&framed).await.unwrap();
+        }
+        let mut answers = std::collections::HashMap::new();
+        for _ in 0..2 {
+            let mut len = [0u8; 2];
+            tokio::time::timeout(IO_TIMEOUT, conn.read_exact(&mut len))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            let mut body = vec![0u8; u16::from_be_bytes(len) as usize];
+            conn.read_exact(&mut body).await.unwrap();
+            let m = Message::from_vec(&body).unwrap();
+            answers.insert(m.metadata.id, m);
+        }
+        let allowed = &answers[&1];
+        assert_eq!(allowed.metadata.response_code, ResponseCode::NoError);
+        let ips: Vec<IpAddr> = allowed
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ips, [ip("192.0.2.10")]);
+        assert_eq!(answers[&2].metadata.response_code, ResponseCode::NXDomain);
+        assert!(answers[&2].edns.is_some(), "EDE rides in an OPT record");
+        drop(conn);
+        assert_log_line(
+            &proxy,
+            peer_port,
+            &[
+                &format!("route=vsock:{DNS} "),
+                "queries=2",
+                "connection closed",
+            ],
+        )
+        .await;
+        assert!(
+            proxy
+                .logs()
+                .contains("DNS query blocked: unlisted.test A is not in the allowlist"),
+            "{}",
+            proxy.logs()
+        );
+    });
+}
+
+#[test]
 fn half_close_over_vsock_lets_the_response_through() {
     half_close_over_vsock(8003, "auto");
 }
