@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
 use nitro_vsock_proxy::net::endpoint::Endpoint;
 use reqwest::Url;
 
@@ -34,6 +35,11 @@ pub enum Command {
     Server(Box<ServerArgs>),
     /// Ask the server in enclave CID on PORT for QUERY's S3 prefixes and print the reply.
     Client(ClientArgs),
+    /// Transparent egress: a DNS stub answering synthetic addresses for the names the parent
+    /// answers, and a listener that egress.nft redirects every outbound TCP connection to, which
+    /// asks the parent's connect route for the name. Unmodified apps reach what the parent
+    /// allows, by name.
+    Egress(Box<EgressArgs>),
     /// Demo and tests only: an HTTPS stand-in for ip-ranges.amazonaws.com.
     #[command(name = "demo-https", hide = true)]
     DemoHttps(DemoHttpsArgs),
@@ -144,6 +150,49 @@ pub struct ClientArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct EgressArgs {
+    /// Where the DNS stub listens (UDP and TCP); the enclave's /etc/resolv.conf names it.
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:53")]
+    pub dns_listen: SocketAddr,
+    /// The parent's `mode: dns` route: vsock:CID:PORT (or a unix:PATH / tcp:IP:PORT stand-in).
+    #[arg(long, value_name = "ENDPOINT", default_value = "vsock:3:8053", value_parser = parse_stand_in)]
+    pub parent_dns: Endpoint,
+    /// The pool of synthetic addresses handed to apps, one per name (RFC 2544 benchmarking
+    /// space by default, never routed). Its size bounds how many names are in use at once.
+    #[arg(long, value_name = "CIDR", default_value = "198.18.0.0/15", value_parser = parse_pool)]
+    pub fake_ip: Ipv4Net,
+    /// The transparent listener, where egress.nft redirects outbound TCP connections.
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:15001")]
+    pub listen: SocketAddr,
+    /// The parent's `mode: connect` route (with `sni: require`): vsock:CID:PORT (or a stand-in).
+    #[arg(long, value_name = "ENDPOINT", default_value = "vsock:3:8010", value_parser = parse_stand_in)]
+    pub connect_via: Endpoint,
+    /// The DNS stub answers within this, or SERVFAIL.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub dns_timeout: Duration,
+    /// Time for reaching the parent's connect route and its answer to a CONNECT (the parent's
+    /// own --setup-timeout is 15s); then the app's connection is reset.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub setup_timeout: Duration,
+    /// Close a connection after this long without traffic (default: never).
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Redirected connections open at once; more are closed at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// DNS questions being answered at once; more are answered SERVFAIL at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_dns_queries: u32,
+    /// On SIGTERM/SIGINT: stop accepting, and give open connections this long to finish.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Print the enclave's network set-up for these options (the nftables ruleset, the
+    /// `ip route` commands and the resolv.conf line) as a shell script, and exit.
+    #[arg(long)]
+    pub print_setup: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct DemoHttpsArgs {
     /// IP:PORT to listen on.
     #[arg(long)]
@@ -221,6 +270,24 @@ impl ClientArgs {
     }
 }
 
+impl EgressArgs {
+    pub fn options(&self) -> crate::egress::Options {
+        crate::egress::Options {
+            dns_listen: self.dns_listen,
+            parent_dns: self.parent_dns.clone(),
+            fake_ip: self.fake_ip,
+            listen: self.listen,
+            connect_via: self.connect_via.clone(),
+            dns_timeout: self.dns_timeout,
+            setup_timeout: self.setup_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections as usize,
+            max_dns_queries: self.max_dns_queries as usize,
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
 impl DemoHttpsArgs {
     pub fn options(&self) -> crate::standin::Options {
         crate::standin::Options {
@@ -254,6 +321,34 @@ fn parse_stand_in(s: &str) -> Result<Endpoint, String> {
         ));
     }
     s.parse()
+}
+
+/// A synthetic pool: IPv4, clear of loopback, between a /8 and a /30 (at least two addresses,
+/// at most 16 M names).
+fn parse_pool(s: &str) -> Result<Ipv4Net, String> {
+    let net: Ipv4Net = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 network; write e.g. 198.18.0.0/15"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{s:?} has host bits set; write its network, {}",
+            net.trunc()
+        ));
+    }
+    if !(8..=30).contains(&net.prefix_len()) {
+        return Err(format!(
+            "{s:?}: the pool's prefix length must be 8 to 30 (the default is 198.18.0.0/15)"
+        ));
+    }
+    let loopback: Ipv4Net = "127.0.0.0/8"
+        .parse()
+        .map_err(|_| "unreachable".to_owned())?;
+    if loopback.contains(&net) || net.contains(&loopback.network()) {
+        return Err(format!(
+            "{s:?} overlaps loopback, which egress.nft never redirects; use e.g. 198.18.0.0/15"
+        ));
+    }
+    Ok(net)
 }
 
 fn parse_https_url(s: &str) -> Result<Url, String> {
@@ -346,6 +441,47 @@ mod tests {
         };
         assert_eq!(f.options().target, Endpoint::Unix("/tmp/p.sock".into()));
         assert!(parse(&["server", "5005", "--stand-in", "5006"]).is_err());
+    }
+
+    #[test]
+    fn egress_defaults_are_the_issues() {
+        let Command::Egress(e) = parse(&["egress"]).unwrap().command else {
+            panic!("not egress");
+        };
+        let o = e.options();
+        assert_eq!(o.dns_listen, "127.0.0.1:53".parse().unwrap());
+        assert_eq!(o.parent_dns, Endpoint::Vsock { cid: 3, port: 8053 });
+        assert_eq!(o.fake_ip, "198.18.0.0/15".parse().unwrap());
+        assert_eq!(o.listen, "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(o.connect_via, Endpoint::Vsock { cid: 3, port: 8010 });
+        assert_eq!(o.dns_timeout, Duration::from_secs(2));
+        assert!(!e.print_setup);
+        let Command::Egress(e) = parse(&[
+            "egress",
+            "--parent-dns",
+            "unix:/tmp/dns.sock",
+            "--connect-via",
+            "tcp:127.0.0.1:8010",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not egress");
+        };
+        assert_eq!(
+            e.options().parent_dns,
+            Endpoint::Unix("/tmp/dns.sock".into())
+        );
+        for bad in [
+            "10.0.0.1/8",
+            "127.0.0.0/16",
+            "0.0.0.0/0",
+            "198.18.0.0/31",
+            "fd00::/64",
+            "x",
+        ] {
+            assert!(parse(&["egress", "--fake-ip", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

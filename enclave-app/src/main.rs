@@ -5,7 +5,9 @@
 //!   nitro-vsock-proxy over vsock ([`forwarder`]);
 //! - `server PORT`: answers region queries on vsock with S3 prefixes ([`server`], over
 //!   [`protocol`], [`ranges`], [`cache`] and [`fetch`]);
-//! - `client CID PORT QUERY`: the parent-side client ([`client`]).
+//! - `client CID PORT QUERY`: the parent-side client ([`client`]);
+//! - `egress`: transparent egress, any unmodified client reaching what the parent allows by
+//!   name ([`egress`]).
 //!
 //! [`accept`] is the accept loop they share; [`cli`] the command line; [`standin`] the hidden
 //! `demo-https` command, the HTTPS stand-in for ip-ranges.amazonaws.com used by `make demo` and
@@ -17,6 +19,7 @@ mod accept;
 mod cache;
 mod cli;
 mod client;
+mod egress;
 mod fetch;
 mod forwarder;
 mod protocol;
@@ -41,6 +44,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Client(args) => client::main(args.options()),
+        Command::Egress(args) if args.print_setup => {
+            print!(
+                "{}",
+                egress::setup::script(args.listen, args.dns_listen, args.fake_ip)
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Egress(args) => run_service(egress::run(args.options(), shutdown_signal())),
         Command::Forwarder(args) => run_service(forwarder::run(args.options(), shutdown_signal())),
         // The stand-in has nothing worth draining: it just stops at the signal.
         Command::DemoHttps(args) => run_service(async move {
