@@ -2,10 +2,10 @@
 //! a shell script, for people building their own images.
 //!
 //! This module owns the three parts of that set-up and how they follow from the options: the
-//! nftables ruleset (`enclave-app/egress.nft`, built in, with `--listen`'s port), the routes that
-//! let a `connect()` to a non-loopback address reach the redirect in an enclave that has only
-//! `lo` (with `src 127.0.0.1`: without it the kernel picks 0.0.0.0 and connections hang), and the
-//! resolv.conf line pointing at the stub. `enclave-app/run.sh` does the same with the shipped
+//! nftables ruleset (`enclave-app/egress.nft`, built in, with `--listen`'s port), the address and
+//! routes that let a `connect()` to a non-loopback address reach the redirect in an enclave that
+//! has only `lo` (with `src 127.0.0.1`: without it the kernel picks 0.0.0.0 and connections
+//! hang), and the resolv.conf line pointing at the stub. `enclave-app/run.sh` does the same with the shipped
 //! file.
 
 use std::net::SocketAddr;
@@ -22,9 +22,15 @@ pub fn ruleset(listen: SocketAddr) -> String {
     RULESET.replace(&format!(":{SHIPPED_PORT}"), &format!(":{}", listen.port()))
 }
 
-/// The `ip route` commands: the synthetic pool and every other destination via `lo`.
-pub fn routes(pool: Ipv4Net) -> [String; 2] {
+/// The `ip` commands: an IPv4 address that is not loopback (the pool's network address, never
+/// handed out), then routes for the synthetic pool and every other destination via `lo`.
+///
+/// The address is there for getaddrinfo: with `AI_ADDRCONFIG` (getent, many apps asking for
+/// IPv4 only) glibc answers nothing at all when no interface has an IPv4 address other than
+/// loopback, before it even asks the resolver.
+pub fn ip_commands(pool: Ipv4Net) -> [String; 3] {
     [
+        format!("ip address replace {}/32 dev lo", pool.network()),
         format!("ip route replace {pool} dev lo src 127.0.0.1"),
         "ip route replace default dev lo src 127.0.0.1".to_owned(),
     ]
@@ -46,9 +52,11 @@ pub fn script(listen: SocketAddr, dns_listen: SocketAddr, pool: Ipv4Net) -> Stri
     out.push_str(&ruleset(listen));
     out.push_str(
         "EGRESS_NFT\n\
-         # 2. Routes via lo (an enclave has no other interface), with a source address.\n",
+         # 2. An IPv4 address that is not loopback (glibc's getaddrinfo with AI_ADDRCONFIG answers\n\
+         #    nothing without one), and routes via lo (an enclave has no other interface) with a\n\
+         #    source address (without it the kernel picks 0.0.0.0 and connections hang).\n",
     );
-    for route in routes(pool) {
+    for route in ip_commands(pool) {
         out.push_str(&route);
         out.push('\n');
     }
@@ -79,6 +87,7 @@ mod tests {
             "198.18.0.0/15".parse().unwrap(),
         );
         assert!(s.contains(RULESET), "{s}");
+        assert!(s.contains("ip address replace 198.18.0.0/32 dev lo\n"));
         assert!(s.contains("ip route replace 198.18.0.0/15 dev lo src 127.0.0.1\n"));
         assert!(s.contains("ip route replace default dev lo src 127.0.0.1\n"));
         assert!(s.contains("echo 'nameserver 127.0.0.1' >/etc/resolv.conf\n"));

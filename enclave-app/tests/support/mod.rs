@@ -5,7 +5,11 @@
 //! server with mutable answers). Adds what is enclave-app's own:
 //! * [`process`]: running `enclave-app` and `nitro-vsock-proxy` as processes, with their logs;
 //! * [`chain`]: the whole workshop chain on stand-ins (client → server → forwarder → proxy →
-//!   HTTPS stand-in), one per test.
+//!   HTTPS stand-in), one per test;
+//! * [`enclave`]: an "enclave" network namespace with only `lo` (and its own resolv.conf) next to
+//!   the test's own "parent" namespace, and a TLS upstream with a CA for unmodified clients.
+//!
+//! The daemon's [`upstream`] servers (echo, and as trap listeners) are shared too.
 //!
 //! Each test file uses a subset, hence `dead_code` is allowed here.
 
@@ -15,10 +19,13 @@
 pub mod dns;
 #[path = "../../../tests/common/netns.rs"]
 pub mod netns;
+#[path = "../../../tests/common/upstream.rs"]
+pub mod upstream;
 #[path = "../../../tests/common/vm.rs"]
 pub mod vm;
 
 pub mod chain;
+pub mod enclave;
 pub mod process;
 
 use std::time::{Duration, Instant};
