@@ -44,9 +44,16 @@ struct Parent {
 }
 
 impl Parent {
-    async fn start(sni_require: bool) -> Parent {
+    /// `dns_options`: more of the dns route's settings, e.g. `, idle_timeout: 1s`.
+    async fn start(sni_require: bool, dns_options: &str) -> Parent {
         let dir = tempfile::tempdir().unwrap();
-        for a in ["192.0.2.10", "192.0.2.20", "192.0.2.30", "169.254.169.254"] {
+        for a in [
+            "192.0.2.10",
+            "192.0.2.20",
+            "192.0.2.30",
+            "192.0.2.40",
+            "169.254.169.254",
+        ] {
             add_lo_addr(ip(a));
         }
         let dns = TestDns::start("127.0.0.1:53".parse().unwrap()).await;
@@ -56,6 +63,9 @@ impl Parent {
         dns.set("unlisted.test", &[ip("192.0.2.10")], 60);
         dns.set("rebind.allowed.test", &[ip("169.254.169.254")], 60);
         dns.set("bulk.allowed.test", &[ip("192.0.2.20")], 60);
+        dns.set("slow.allowed.test", &[ip("192.0.2.10")], 60);
+        dns.set_delay("slow.allowed.test", Duration::from_secs(10));
+        dns.set("ip-ranges.amazonaws.com", &[ip("192.0.2.40")], 60);
         let tls = TlsUpstream::start(
             "192.0.2.10:443".parse().unwrap(),
             &[
@@ -84,9 +94,11 @@ impl Parent {
              \x20 - {{address: '*.wild.test', port: 443}}\n\
              \x20 - {{address: rebind.allowed.test, port: 443}}\n\
              \x20 - {{address: bulk.allowed.test, port: 9000}}\n\
+             \x20 - {{address: slow.allowed.test, port: 443}}\n\
+             \x20 - {{address: ip-ranges.amazonaws.com, port: 443}}\n\
              routes:\n\
              \x20 - {{listen: 'unix:{connect}', mode: connect{sni}}}\n\
-             \x20 - {{listen: 'unix:{dns}', mode: dns}}\n",
+             \x20 - {{listen: 'unix:{dns}', mode: dns{dns_options}}}\n",
             connect = dir.path().join("connect.sock").display(),
             dns = dir.path().join("dns.sock").display(),
         );
@@ -146,12 +158,16 @@ struct Egress {
     app: Proc,
 }
 
-async fn enclave(parent: &Parent) -> Egress {
+/// The enclave's namespace with the ruleset, the address and routes `--print-setup` prints for
+/// `extra` options, and resolv.conf naming the stub; nothing running yet.
+async fn bare_enclave(parent: &Parent, extra: &[&str]) -> Enclave {
     let resolv = parent.path("resolv.conf");
     std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
     let enclave = Enclave::start(&resolv);
     enclave.must("nft", &["-f", NFT]).await;
-    let setup = enclave.must(APP, &["egress", "--print-setup"]).await;
+    let mut print = vec!["egress", "--print-setup"];
+    print.extend_from_slice(extra);
+    let setup = enclave.must(APP, &print).await;
     // The address and routes, as printed (`ip link set lo up` is done already).
     let routes: Vec<&str> = setup
         .lines()
@@ -162,13 +178,20 @@ async fn enclave(parent: &Parent) -> Egress {
         let args: Vec<&str> = route.split_whitespace().skip(1).collect();
         enclave.must("ip", &args).await;
     }
-    let args = vec![
+    enclave
+}
+
+/// [`bare_enclave`] with `enclave-app egress` running (`extra` options added), listening.
+async fn enclave(parent: &Parent, extra: &[&str]) -> Egress {
+    let enclave = bare_enclave(parent, extra).await;
+    let mut args = vec![
         "egress".to_owned(),
         "--parent-dns".to_owned(),
         format!("unix:{}", parent.path("dns.sock").display()),
         "--connect-via".to_owned(),
         format!("unix:{}", parent.path("connect.sock").display()),
     ];
+    args.extend(extra.iter().map(|a| a.to_string()));
     let app = enclave
         .run(move || Proc::spawn("enclave-app egress", APP, &args, &[]))
         .await;
@@ -199,8 +222,8 @@ fn text(out: &std::process::Output) -> String {
 #[test]
 fn unmodified_clients_reach_allowed_names_and_nothing_else() {
     run_in_netns(|| async {
-        let parent = Parent::start(true).await;
-        let e = enclave(&parent).await;
+        let parent = Parent::start(true, "").await;
+        let e = enclave(&parent, &[]).await;
         let ca = parent.ca();
 
         // The stub: a synthetic address for an allowed name, NODATA for AAAA, NXDOMAIN with
@@ -464,8 +487,8 @@ fn unmodified_clients_reach_allowed_names_and_nothing_else() {
 #[test]
 fn sixty_four_mib_each_way_and_a_half_close_pass_intact() {
     run_in_netns(|| async {
-        let parent = Parent::start(false).await;
-        let e = enclave(&parent).await;
+        let parent = Parent::start(false, "").await;
+        let e = enclave(&parent, &[]).await;
         let resolved = e
             .enclave
             .must("getent", &["ahostsv4", "bulk.allowed.test"])
@@ -513,4 +536,205 @@ fn sixty_four_mib_each_way_and_a_half_close_pass_intact() {
         );
         parent.assert_traps_untouched();
     });
+}
+
+/// What `dig` (UDP, one try) says about `name`'s A record in the enclave: the status and the
+/// addresses.
+async fn dig_a(e: &Egress, name: &str) -> (String, Vec<String>) {
+    let out = e
+        .enclave
+        .must(
+            "dig",
+            &[
+                "+tries=1",
+                "+time=10",
+                "@127.0.0.1",
+                name,
+                "A",
+                "+noall",
+                "+comments",
+                "+answer",
+            ],
+        )
+        .await;
+    let status = out
+        .split("status: ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or_else(|| panic!("no status from dig: {out}"))
+        .to_owned();
+    let addresses = out
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        .collect();
+    (status, addresses)
+}
+
+/// A connection from the enclave (a plain connect(), redirected by the kernel), as tokio's.
+async fn connect_from(e: &Egress, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let std_stream = e
+        .enclave
+        .run(move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10)))
+        .await?;
+    std_stream.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(std_stream)
+}
+
+async fn echo_round(stream: &mut tokio::net::TcpStream, what: &[u8]) {
+    stream.write_all(what).await.unwrap();
+    let mut back = vec![0u8; what.len()];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut back))
+        .await
+        .expect("no echo within 10 s")
+        .unwrap();
+    assert_eq!(back, what);
+}
+
+#[test]
+fn the_stub_reconnects_answers_in_time_and_never_recycles_an_address_in_use() {
+    run_in_netns(|| async {
+        // The parent closes an idle DNS connection after 1 s; the pool has two addresses.
+        let parent = Parent::start(false, ", idle_timeout: 1s").await;
+        let e = enclave(&parent, &["--fake-ip", "198.18.0.0/30"]).await;
+
+        let (status, bulk) = dig_a(&e, "bulk.allowed.test").await;
+        assert_eq!(
+            (status.as_str(), bulk.as_slice()),
+            ("NOERROR", &["198.18.0.1".to_owned()][..])
+        );
+        let mut open = connect_from(&e, "198.18.0.1:9000".parse().unwrap())
+            .await
+            .unwrap();
+        echo_round(&mut open, b"ping").await;
+
+        // Past the parent's idle timeout: the stub's connection is gone, and the next question
+        // is asked on a new one.
+        assert!(
+            parent
+                .proxy
+                .wait_for_log("end=idle_timeout", Duration::from_secs(5))
+                .await,
+            "the parent closes the idle DNS connection: {}",
+            parent.proxy.logs()
+        );
+        let (status, api) = dig_a(&e, "api.allowed.test").await;
+        assert_eq!(
+            (status.as_str(), api.as_slice()),
+            ("NOERROR", &["198.18.0.2".to_owned()][..])
+        );
+
+        // The pool is full: new names take the least recently used free address, never the
+        // one with an open connection.
+        for name in ["other.allowed.test", "x.wild.test"] {
+            let (status, got) = dig_a(&e, name).await;
+            assert_eq!(
+                (status.as_str(), got.as_slice()),
+                ("NOERROR", &["198.18.0.2".to_owned()][..]),
+                "{name}"
+            );
+        }
+        let (_, bulk_again) = dig_a(&e, "bulk.allowed.test").await;
+        assert_eq!(bulk_again, bulk, "bulk.allowed.test kept its address");
+        echo_round(&mut open, b"still bulk.allowed.test").await;
+        open.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        open.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+
+        // A synthetic address no name holds (the /30's last address is never handed out):
+        // reset at once, the parent never asked.
+        let started = std::time::Instant::now();
+        let refused = async {
+            let mut s = connect_from(&e, "198.18.0.3:443".parse().unwrap()).await?;
+            let mut buf = [0u8; 1];
+            s.read(&mut buf).await
+        };
+        let result = tokio::time::timeout(Duration::from_secs(5), refused)
+            .await
+            .expect("not reset at once");
+        assert!(
+            matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset || e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(
+            e.app
+                .wait_for_log(
+                    "connection to 198.18.0.3 reset: no name holds",
+                    Duration::from_secs(5)
+                )
+                .await,
+            "{}",
+            e.app.logs()
+        );
+
+        // The parent's resolver is slow for this name: SERVFAIL within --dns-timeout (2 s).
+        let started = std::time::Instant::now();
+        let (status, _) = dig_a(&e, "slow.allowed.test").await;
+        assert_eq!(status, "SERVFAIL");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(4),
+            "{took:?}"
+        );
+        // And the stub still answers afterwards.
+        let (status, _) = dig_a(&e, "api.allowed.test").await;
+        assert_eq!(status, "NOERROR");
+        parent.assert_traps_untouched();
+    });
+}
+
+#[test]
+fn print_setup_follows_the_options_and_the_shipped_ruleset() {
+    let out = std::process::Command::new(APP)
+        .args([
+            "egress",
+            "--print-setup",
+            "--listen",
+            "127.0.0.1:16000",
+            "--fake-ip",
+            "100.64.0.0/16",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    let shipped = std::fs::read_to_string(NFT).unwrap();
+    assert!(
+        script.contains(&shipped.replace(":15001", ":16000")),
+        "{script}"
+    );
+    for line in [
+        "ip address replace 100.64.0.0/32 dev lo",
+        "ip route replace 100.64.0.0/16 dev lo src 127.0.0.1",
+        "ip route replace default dev lo src 127.0.0.1",
+        "echo 'nameserver 127.0.0.1' >/etc/resolv.conf",
+    ] {
+        assert!(
+            script.lines().any(|l| l == line),
+            "{line:?} missing:\n{script}"
+        );
+    }
+    let check = std::process::Command::new("sh")
+        .args(["-n", "-c", &script])
+        .status()
+        .unwrap();
+    assert!(check.success(), "not valid sh:\n{script}");
+}
+
+#[test]
+fn the_example_parent_configuration_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/egress.example.yaml");
+    let out = std::process::Command::new(proxy_bin())
+        .args(["--config", example, "--check-config"])
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("-> dns") && said.contains("HTTP CONNECT (sni: require)"),
+        "{said}"
+    );
 }
