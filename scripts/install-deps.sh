@@ -20,10 +20,14 @@
 #   prometheus: tests/metrics_format.rs checks a scrape with `promtool check metrics` (only
 #               promtool is used; the server it also installs is not run)
 #   curl, openssl: tests/dynamic_routes.rs drives the CONNECT route with `curl -x` and the SNI
-#                  routes with `openssl s_client`, real clients of each protocol
-#   bind9-dnsutils: tests/dns_route.rs asks the dns route with `dig +tcp`, a real DNS client
+#                  routes with `openssl s_client`, real clients of each protocol;
+#                  enclave-app/tests/egress.rs runs both (and python3's urllib, which
+#                  python3-prometheus-client brings) unmodified in an "enclave" namespace
+#   bind9-dnsutils: tests/dns_route.rs asks the dns route with `dig +tcp`, a real DNS client;
+#                   enclave-app/tests/egress.rs asks the egress DNS stub with dig
 #   nftables: tests/keepalive.rs makes an upstream silent (drops its packets) with `nft`, inside
-#             the test's own network namespace
+#             the test's own network namespace; enclave-app/tests/egress.rs applies
+#             enclave-app/egress.nft in its "enclave" namespace
 set -euo pipefail
 needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl python3-prometheus-client prometheus nftables bind9-dnsutils)
 # `install-deps.sh demo` (make demo): only what building and running the demo takes — the

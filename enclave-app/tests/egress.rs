@@ -738,3 +738,105 @@ fn the_example_parent_configuration_is_valid() {
         "{said}"
     );
 }
+
+/// Kills, when dropped, every process whose parent is `0` (what a script started in the
+/// background and left running when it exec'd).
+struct KillChildren(u32);
+
+impl Drop for KillChildren {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // Fields after the command name (which may hold spaces): state, ppid, ...
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(self.0) {
+                // SAFETY: kill(2) on a pid we just read; no memory is involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+#[test]
+fn the_images_run_sh_with_egress_serves_the_workshop_by_name() {
+    run_in_netns(|| async {
+        let parent = Parent::start(true, "").await;
+        let document = parent.path("ip-ranges.json");
+        std::fs::copy(support::chain::SAMPLE, &document).unwrap();
+        let standin_ca = parent.path("standin-ca.pem");
+        let _standin =
+            support::chain::start_standin(standin_ca.clone(), "192.0.2.40:443", &document).await;
+        let enclave = bare_enclave(&parent, &[]).await;
+        let server_sock = parent.path("server.sock");
+        let env: Vec<(String, String)> = vec![
+            ("ENCLAVE_APP".into(), APP.into()),
+            ("EGRESS".into(), "1".into()),
+            ("EGRESS_NFT".into(), NFT.into()),
+            (
+                "EGRESS_PARENT_DNS".into(),
+                format!("unix:{}", parent.path("dns.sock").display()),
+            ),
+            (
+                "EGRESS_CONNECT_VIA".into(),
+                format!("unix:{}", parent.path("connect.sock").display()),
+            ),
+            (
+                "SERVER_ARGS".into(),
+                format!(
+                    "--stand-in unix:{} --ca-file {}",
+                    server_sock.display(),
+                    standin_ca.display()
+                ),
+            ),
+        ];
+        let run_sh = concat!(env!("CARGO_MANIFEST_DIR"), "/run.sh");
+        let image = enclave
+            .run(move || {
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                Proc::spawn("run.sh (EGRESS=1)", "sh", &[run_sh], &env)
+            })
+            .await;
+        let _egress = KillChildren(image.pid());
+        let sock = server_sock.clone();
+        let ready = enclave
+            .wait_until(Duration::from_secs(15), move || {
+                netns::unix_listening(&sock)
+            })
+            .await;
+        assert!(
+            ready,
+            "the server is not listening; run.sh's log:\n{}",
+            image.logs()
+        );
+
+        let out =
+            support::chain::client(&format!("unix:{}", server_sock.display()), "us-east-1").await;
+        assert_eq!(
+            out.code(),
+            Some(0),
+            "{out:?}\nrun.sh's log:\n{}",
+            image.logs()
+        );
+        assert_eq!(out.stdout, format!("{}\n", support::chain::US_EAST_1));
+        assert!(
+            image
+                .wait_for_log("target=ip-ranges.amazonaws.com:443", Duration::from_secs(5))
+                .await,
+            "the download went through egress by name: {}",
+            image.logs()
+        );
+        parent.assert_traps_untouched();
+    });
+}

@@ -86,6 +86,11 @@ impl Proc {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the process printed so far (stdout and stderr, by line).
     pub fn logs(&self) -> String {
         lock(&self.output).clone()
