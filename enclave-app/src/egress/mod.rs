@@ -86,7 +86,8 @@ pub async fn run(options: Options, stop: impl Future<Output = ()>) -> Result<(),
         max_connections = options.max_connections,
         "egress listening"
     );
-    // The stub stops with the listener: a name resolved during the drain has nowhere to go.
+    // The stub answers until the drain is over (an open connection's app may still resolve a
+    // name), then stops with everything else.
     let dns = async {
         tokio::join!(
             stub::serve_udp(udp, stub.clone()),
@@ -137,29 +138,50 @@ impl RateLimited {
 
     /// Logs `message` at WARN unless the limit for this second is reached.
     pub fn warn(&self, message: fmt::Arguments<'_>) {
-        let skipped = {
-            let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            if w.start
-                .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1))
-            {
-                w.start = Some(now);
-                w.logged = 0;
-            }
-            if w.logged >= Self::PER_SECOND {
-                w.skipped += 1;
-                return;
-            }
-            w.logged += 1;
-            std::mem::take(&mut w.skipped)
-        };
-        if skipped > 0 {
-            warn!(
+        match self.admit(Instant::now()) {
+            None => {}
+            Some(0) => warn!("{message}"),
+            Some(skipped) => warn!(
                 skipped,
                 "{message} ({skipped} similar lines left out in the last second)"
-            );
-        } else {
-            warn!("{message}");
+            ),
         }
+    }
+
+    /// Whether a line at `now` is logged (`Some`, with how many were left out since the last
+    /// one logged) or left out (`None`).
+    fn admit(&self, now: Instant) -> Option<u64> {
+        let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if w.start
+            .is_none_or(|s| now.saturating_duration_since(s) >= Duration::from_secs(1))
+        {
+            w.start = Some(now);
+            w.logged = 0;
+        }
+        if w.logged >= Self::PER_SECOND {
+            w.skipped += 1;
+            return None;
+        }
+        w.logged += 1;
+        Some(std::mem::take(&mut w.skipped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_most_ten_lines_a_second_and_the_next_one_counts_the_rest() {
+        let limit = RateLimited::default();
+        let t0 = Instant::now();
+        for _ in 0..RateLimited::PER_SECOND {
+            assert_eq!(limit.admit(t0), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(limit.admit(t0 + Duration::from_millis(500)), None);
+        }
+        assert_eq!(limit.admit(t0 + Duration::from_millis(1000)), Some(5));
+        assert_eq!(limit.admit(t0 + Duration::from_millis(1001)), Some(0));
     }
 }

@@ -298,3 +298,244 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<(UdpSocket, Listener), S
     info!(dns_listen = %addr, "DNS stub listening (UDP and TCP)");
     Ok((udp, tcp))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::rdata::opt::EdnsOption;
+    use hickory_proto::rr::Name;
+
+    use super::*;
+
+    /// A stand-in for the parent's dns route on a unix socket in `dir`: each query of
+    /// connection `n` (0, 1, ...) is answered with what `answer(n, query)` gives, or the
+    /// connection is dropped on `None`. Counts queries.
+    async fn fake_parent(
+        dir: &Path,
+        answer: impl Fn(usize, &Message) -> Option<Message> + Send + Sync + 'static,
+    ) -> (Endpoint, Arc<AtomicUsize>) {
+        let endpoint = Endpoint::Unix(dir.join("dns.sock"));
+        let listener = endpoint.bind().await.unwrap();
+        let answer = Arc::new(answer);
+        let queries = Arc::new(AtomicUsize::new(0));
+        let counted = queries.clone();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (answer, counted) = (answer.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let (r, w) = tokio::io::split(stream);
+                    let codec = || {
+                        LengthDelimitedCodec::builder()
+                            .length_field_length(2)
+                            .new_codec()
+                    };
+                    let (mut r, mut w) =
+                        (FramedRead::new(r, codec()), FramedWrite::new(w, codec()));
+                    while let Some(Ok(frame)) = r.next().await {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let query = Message::from_vec(&frame).unwrap();
+                        let Some(reply) = answer(n, &query) else {
+                            return;
+                        };
+                        w.send(Bytes::from(reply.to_vec().unwrap())).await.unwrap();
+                    }
+                });
+            }
+        });
+        (endpoint, queries)
+    }
+
+    fn new_stub(parent: Endpoint, timeout: Duration) -> Stub {
+        Stub {
+            parent: ParentDns::start(parent, timeout),
+            names: Names::new("198.18.0.0/15".parse().unwrap()),
+            timeout,
+            slots: Semaphore::new(8),
+            max_queries: 8,
+            overloaded: RateLimited::default(),
+        }
+    }
+
+    fn query(name: &str, record_type: RecordType, edns: bool) -> Vec<u8> {
+        let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), record_type));
+        if edns {
+            m.set_edns(Edns::new());
+        }
+        m.to_vec().unwrap()
+    }
+
+    /// The parent's answer to `q`: `code`, with an A record of TTL 42 when `address` is set,
+    /// and EDE 15 when the code is NXDOMAIN and the query has EDNS.
+    fn reply(q: &Message, code: ResponseCode, address: Option<&str>) -> Message {
+        let mut m = Message::response(q.metadata.id, OpCode::Query);
+        m.queries = q.queries.clone();
+        m.metadata.response_code = code;
+        if let Some(a) = address {
+            m.add_answer(Record::from_rdata(
+                q.queries[0].name().clone(),
+                42,
+                RData::A(A(a.parse().unwrap())),
+            ));
+        }
+        if q.edns.is_some() {
+            let mut edns = Edns::new();
+            if code == ResponseCode::NXDomain {
+                let mut ede = 15u16.to_be_bytes().to_vec();
+                ede.extend_from_slice(b"not in the allowlist");
+                edns.options_mut().insert(EdnsOption::Unknown(15, ede));
+            }
+            m.set_edns(edns);
+        }
+        m
+    }
+
+    async fn ask(stub: &Stub, name: &str, t: RecordType, edns: bool) -> Message {
+        Message::from_vec(&stub.answer(&query(name, t, edns)).await.unwrap()).unwrap()
+    }
+
+    fn addresses(m: &Message) -> Vec<(String, u32)> {
+        m.answers
+            .iter()
+            .map(|r| (r.data.to_string(), r.ttl))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_question_in_flight_on_a_lost_connection_is_asked_once_more() {
+        let dir = tempfile::tempdir().unwrap();
+        // The first connection drops its first query; the next one answers.
+        let (parent, queries) = fake_parent(dir.path(), |n, q| {
+            (n > 0).then(|| reply(q, ResponseCode::NoError, Some("192.0.2.1")))
+        })
+        .await;
+        let stub = new_stub(parent, Duration::from_secs(5));
+        let m = ask(&stub, "api.test", RecordType::A, false).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.metadata.id, 7, "the app's id is kept");
+        assert_eq!(addresses(&m), [("198.18.0.1".to_owned(), 42)]);
+        assert_eq!(queries.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn the_parents_refusals_pass_with_their_reason_only_to_edns_queries() {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (parent, _) = fake_parent(dir.path(), |_, q| {
+                let name = q.queries[0].name().to_ascii();
+                Some(match name.as_str() {
+                    "blocked.test." => reply(q, ResponseCode::NXDomain, None),
+                    "broken.test." => reply(q, ResponseCode::ServFail, None),
+                    _ => reply(q, ResponseCode::NoError, None),
+                })
+            })
+            .await;
+            let stub = new_stub(parent, Duration::from_secs(5));
+            for t in [RecordType::A, RecordType::AAAA, RecordType::HTTPS] {
+                let m = ask(&stub, "blocked.test", t, true).await;
+                assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{t}");
+                let edns = m.edns.as_ref().expect("EDNS answered with EDNS");
+                assert!(edns.options().get(EDE).is_some(), "{t}: EDE 15 passed on");
+            }
+            let plain = ask(&stub, "blocked.test", RecordType::A, false).await;
+            assert_eq!(plain.metadata.response_code, ResponseCode::NXDomain);
+            assert!(plain.edns.is_none());
+            let broken = ask(&stub, "broken.test", RecordType::A, true).await;
+            assert_eq!(broken.metadata.response_code, ResponseCode::ServFail);
+            // Allowed, but no address the parent would connect to (the metadata service):
+            // NODATA, and no synthetic address spent on it.
+            let empty = ask(&stub, "rebind.test", RecordType::A, false).await;
+            assert_eq!(empty.metadata.response_code, ResponseCode::NoError);
+            assert!(empty.answers.is_empty());
+            assert!(!stub.names.holds("rebind.test"));
+        });
+    }
+
+    #[tokio::test]
+    async fn other_types_are_nodata_ptr_is_refused_and_garbage_is_formerr() {
+        let dir = tempfile::tempdir().unwrap();
+        let (parent, queries) = fake_parent(dir.path(), |_, q| {
+            assert_eq!(q.queries[0].query_type(), RecordType::A, "only A is asked");
+            Some(reply(q, ResponseCode::NoError, Some("192.0.2.1")))
+        })
+        .await;
+        let stub = new_stub(parent, Duration::from_secs(5));
+        let a = ask(&stub, "Api.Test.", RecordType::A, false).await;
+        assert_eq!(addresses(&a), [("198.18.0.1".to_owned(), 42)]);
+        assert_eq!(
+            a.answers[0].name.to_ascii(),
+            "Api.Test.",
+            "as the app spelled it"
+        );
+        assert_eq!(queries.load(Ordering::SeqCst), 1);
+        // The name holds an address: NODATA without asking again.
+        for t in [RecordType::AAAA, RecordType::HTTPS, RecordType::SVCB] {
+            let m = ask(&stub, "api.test", t, false).await;
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{t}");
+            assert!(m.answers.is_empty(), "{t}");
+        }
+        assert_eq!(queries.load(Ordering::SeqCst), 1);
+        // A name the table does not hold: the parent is asked for A, to know it exists.
+        let m = ask(&stub, "new.test", RecordType::AAAA, false).await;
+        assert!(m.answers.is_empty() && m.metadata.response_code == ResponseCode::NoError);
+        assert_eq!(queries.load(Ordering::SeqCst), 2);
+        assert!(
+            !stub.names.holds("new.test"),
+            "no address for an AAAA question"
+        );
+        let ptr = ask(&stub, "1.0.18.198.in-addr.arpa", RecordType::PTR, false).await;
+        assert_eq!(ptr.metadata.response_code, ResponseCode::Refused);
+        assert_eq!(queries.load(Ordering::SeqCst), 2);
+        assert!(
+            stub.answer(b"\x00\x07").await.is_none(),
+            "no header: nothing to answer"
+        );
+        let mut garbage = query("api.test", RecordType::A, false);
+        garbage.truncate(garbage.len() - 3);
+        let m = Message::from_vec(&stub.answer(&garbage).await.unwrap()).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        assert_eq!(m.metadata.id, 7);
+    }
+
+    #[tokio::test]
+    async fn no_answer_in_time_or_no_parent_is_servfail_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        // A parent that takes the connection and never answers.
+        let parent = Endpoint::Unix(dir.path().join("silent.sock"));
+        let listener = parent.bind().await.unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let stub = new_stub(parent, Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let m = ask(&stub, "api.test", RecordType::A, false).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            started.elapsed()
+        );
+
+        let gone = new_stub(
+            Endpoint::Unix(dir.path().join("nobody.sock")),
+            Duration::from_secs(5),
+        );
+        let started = std::time::Instant::now();
+        let m = ask(&gone, "api.test", RecordType::A, false).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a refused connect fails at once"
+        );
+    }
+}
