@@ -66,7 +66,9 @@ deb: deps
 deb-test: deb
 	@tests/packaging/deb-test.sh
 
+# The egress rows need enclave-app next to the daemon (target/release/).
 bench: deps
+	$(CARGO) build --release -p enclave-app
 	$(CARGO) bench --bench relay
 
 # The workshop chain on this machine, offline; ONLINE=1 uses the real ip-ranges.amazonaws.com.

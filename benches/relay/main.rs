@@ -16,6 +16,11 @@
 //! * the proxy's resident memory per idle relayed connection at 1,000 and 9,000 connections
 //!   (each carried a byte end to end), and after they all closed.
 //!
+//! * transparent egress (issue 21): an unmodified client in an "enclave" network namespace
+//!   reaching the sink and the echo server by name through `enclave-app egress` and the
+//!   daemon's dns and connect routes, against a direct connection: 1-stream download GiB/s and
+//!   connection set-up p50 (DNS + connect + a 1-byte echo) — [`egress`];
+//!
 //! * the policy: `--check-config` on a generated allowlist of 100,000 CIDR entries and 10,000
 //!   names (target: under 1 s), and policy decisions per second at 10 and 100,000 entries (the
 //!   "direct" column holds the 10-entry figure: the ratio shows whether a decision grows with the
@@ -29,12 +34,13 @@
 //! `BENCH_PROXY_ARGS="-w 1"` gives it more arguments, `BENCH_RUST_LOG=info` its log level
 //! (default `warn`: no per-connection span or line);
 //! `BENCH_VERBOSE=1` prints every throughput sample; `BENCH_ONLY=latency` (or a comma-separated
-//! list of throughput, connections, latency, idle, policy) measures only those.
+//! list of throughput, connections, latency, idle, egress, policy) measures only those.
 //!
 //! Under `cargo test` (no `--bench` argument) it runs as a smoke test: small sizes, one round,
 //! a debug build, every check made, no meaningful numbers.
 
 mod echo;
+mod egress;
 mod policy;
 mod proxy;
 mod throughput;
@@ -238,6 +244,9 @@ fn main() {
     if wanted("idle") {
         rows.extend(idle_rows(&bench, echo_addr));
     }
+    if wanted("egress") {
+        rows.extend(egress_rows(&bench, echo_addr));
+    }
     if wanted("policy") {
         rows.extend(policy_rows(&bench));
     }
@@ -250,6 +259,35 @@ fn main() {
          INFO line)",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Transparent egress against a direct connection: 1-stream download and connection set-up.
+fn egress_rows(bench: &Bench, echo_addr: SocketAddr) -> Vec<Row> {
+    let scale = &bench.scale;
+    let sink = throughput::start_sink().expect("start the sink server");
+    let setups = if scale.full { 500 } else { 20 };
+    let f = egress::measure(
+        sink,
+        echo_addr,
+        scale.bytes,
+        scale.rounds,
+        setups,
+        &bench.pattern,
+    );
+    vec![
+        Row::new(
+            "egress (enclave ns → parent), 1 stream download, GiB/s",
+            Some(f.direct_gibps),
+            f.egress_gibps,
+            Target::None,
+        ),
+        Row::new(
+            format!("egress set-up p50 (DNS + connect + 1 B echo, {setups}), µs"),
+            Some(f.direct_setup_us),
+            f.egress_setup_us,
+            Target::None,
+        ),
+    ]
 }
 
 /// Loading a large allowlist, and a decision's cost at 10 and at 100,000 entries.
