@@ -408,12 +408,12 @@ fn unmodified_clients_reach_allowed_names_and_nothing_else() {
                 .output("curl", &["-sS", "--cacert", &ca, url], CLIENT)
                 .await;
             assert!(!out.status.success(), "{url}: {}", text(&out));
-            let stderr = String::from_utf8_lossy(&out.stderr);
+            // The reset arrives as curl connects or as it first reads: 7 (could not connect),
+            // 35 (TLS connect error), 52 (empty reply) or 56 (receive failure), never a timeout.
             assert!(
-                stderr.contains("reset")
-                    || stderr.contains("Recv failure")
-                    || stderr.contains("SSL_connect"),
-                "{url}: {stderr}"
+                matches!(out.status.code(), Some(7 | 35 | 52 | 56)),
+                "{url}: {}",
+                text(&out)
             );
             assert!(
                 started.elapsed() < Duration::from_secs(10),
