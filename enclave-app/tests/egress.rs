@@ -592,7 +592,7 @@ async fn echo_round(stream: &mut tokio::net::TcpStream, what: &[u8]) {
 }
 
 #[test]
-fn the_stub_reconnects_answers_in_time_and_never_recycles_an_address_in_use() {
+fn the_stub_reconnects_answers_in_time_never_recycles_an_address_in_use_and_stops_on_sigterm() {
     run_in_netns(|| async {
         // The parent closes an idle DNS connection after 1 s; the pool has two addresses.
         let parent = Parent::start(false, ", idle_timeout: 1s").await;
@@ -682,6 +682,13 @@ fn the_stub_reconnects_answers_in_time_and_never_recycles_an_address_in_use() {
         let (status, _) = dig_a(&e, "api.allowed.test").await;
         assert_eq!(status, "NOERROR");
         parent.assert_traps_untouched();
+
+        // SIGTERM with nothing open: it stops accepting and exits 0 at once.
+        let mut app = e.app;
+        app.signal(libc::SIGTERM);
+        let status = app.wait_exit(Duration::from_secs(10)).await;
+        assert!(status.success(), "{status}: {}", app.logs());
+        assert!(app.logs().contains("stopped accepting"), "{}", app.logs());
     });
 }
 
