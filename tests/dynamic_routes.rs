@@ -49,6 +49,9 @@ struct Setup {
     trap: UpstreamHandle,
     /// `raw.test`: records what it receives until EOF, then answers `recorded` and closes.
     raw: UpstreamHandle,
+    /// The configuration file and its text, for a reload.
+    config: String,
+    yaml: String,
     _dns: TestDns,
     _dir: tempfile::TempDir,
 }
@@ -85,10 +88,8 @@ async fn setup() -> Setup {
     dns.set("raw.test", &[ip("192.0.2.11")], 60);
     dns.set("also-raw.test", &[ip("192.0.2.11")], 60);
     let dir = tempfile::tempdir().unwrap();
-    let config = common::write_allowlist(
-        &dir,
-        &format!(
-            "allowlist:\n\
+    let yaml = format!(
+        "allowlist:\n\
              - {{address: api.test, port: 443}}\n\
              - {{address: '*.s3.test', port: 443}}\n\
              - {{address: rebind.test, port: 443}}\n\
@@ -102,8 +103,8 @@ async fn setup() -> Setup {
              - {{listen: '{REQUIRE}', remote: 'api.test:443', sni: require}}\n\
              - {{listen: '{CONNECT_REQUIRE}', mode: connect, sni: require}}\n\
              - {{listen: '{SNI_ECH}', mode: sni, port: 443, ech: allow}}\n"
-        ),
     );
+    let config = common::write_allowlist(&dir, &yaml);
     let proxy = Proxy::spawn(&[
         "--config",
         &config,
@@ -120,6 +121,8 @@ async fn setup() -> Setup {
         tls,
         trap,
         raw,
+        config,
+        yaml,
         _dns: dns,
         _dir: dir,
     }
@@ -918,5 +921,60 @@ fn a_hello_with_ech_is_refused_where_server_names_are_checked_unless_ech_allow()
         );
         assert_eq!(s.tls.accepted(), 0);
         assert_eq!(s.trap.accepted(), 0);
+    });
+}
+
+#[test]
+fn a_reload_revokes_a_tunnel_to_an_ip_address_whose_server_name_is_no_longer_allowlisted() {
+    run_in_netns(|| async {
+        let s = setup().await;
+        // Two open tunnels to 192.0.2.11: one carrying also-raw.test, one no server name.
+        let mut named = connect(CONNECT_REQUIRE).await;
+        let mut nameless = connect(CONNECT_REQUIRE).await;
+        for (conn, hello) in [
+            (&mut named, client_hello_naming(&["also-raw.test"])),
+            (&mut nameless, client_hello_naming(&[])),
+        ] {
+            conn.write_all(&connect_then("192.0.2.11", &hello))
+                .await
+                .unwrap();
+            let mut established = vec![0u8; ESTABLISHED.len()];
+            tokio::time::timeout(WAIT, conn.read_exact(&mut established))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert!(s.raw.wait_accepted(2, WAIT).await, "{}", s.proxy.logs());
+        // The address stays allowlisted, the name does not.
+        let yaml = s
+            .yaml
+            .replace("- {address: also-raw.test, port: 443}\n", "");
+        assert_ne!(yaml, s.yaml);
+        s.proxy
+            .reload_with(
+                std::path::Path::new(&s.config),
+                &yaml,
+                "allowlist reloaded",
+                1,
+            )
+            .await;
+        assert_eq!(named.read_to_eof(WAIT).await.unwrap_or_default(), b"");
+        assert!(
+            wait_for_line(
+                &s.proxy,
+                &[
+                    "reason=\"revoked\"",
+                    "the TLS server name also-raw.test in the tunnel to 192.0.2.11:443 is no \
+                     longer allowed",
+                ]
+            )
+            .await,
+            "{}",
+            s.proxy.logs()
+        );
+        // The tunnel without a server name is still up: it relays to the end.
+        nameless.shutdown().await.unwrap();
+        let reply = nameless.read_to_eof(WAIT).await.unwrap();
+        assert_eq!(reply, b"recorded", "{}", s.proxy.logs());
     });
 }
