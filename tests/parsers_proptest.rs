@@ -260,7 +260,7 @@ proptest! {
             (read, rest)
         });
         let read = read.unwrap();
-        prop_assert_eq!(read.server_name.as_str(), "api.example.com");
+        prop_assert_eq!(read.name().map(|n| n.as_str()), Ok("api.example.com"));
         prop_assert!(read.bytes.len() >= hello.len());
         // What the route sends upstream first, then what it relays: the input, byte for byte.
         prop_assert_eq!([read.bytes, rest].concat(), input);

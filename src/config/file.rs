@@ -28,17 +28,38 @@ use crate::net::endpoint::Endpoint;
 use crate::policy::allowlist::{Allowlist, Entry};
 
 /// Where a route's connections go.
+///
+/// `require_sni` is `None` without `sni: require`, else what the route does with a ClientHello
+/// that carries ECH: an [`Ech`] exists only on a route that checks a server name, so `ech:`
+/// cannot be set where it would mean nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RouteKind {
     /// `remote: HOST:PORT`, optionally with `sni: require` (the ClientHello's server name must be
     /// the remote's name).
-    Fixed { remote: Remote, require_sni: bool },
-    /// `mode: connect`: an HTTP CONNECT proxy; each request names its destination.
-    Connect,
+    Fixed {
+        remote: Remote,
+        require_sni: Option<Ech>,
+    },
+    /// `mode: connect`: an HTTP CONNECT proxy; each request names its destination. With
+    /// `sni: require`, the first bytes in the tunnel must be a ClientHello naming the CONNECT
+    /// host.
+    Connect { require_sni: Option<Ech> },
     /// `mode: sni` with `port:`: the destination is the TLS ClientHello's server name.
-    Sni { port: u16 },
+    Sni { port: u16, ech: Ech },
     /// `mode: dns`: DNS over the stream, answered from the allowlist (names it allows by name).
     Dns,
+}
+
+/// What a route that checks the TLS server name does with a ClientHello carrying
+/// `encrypted_client_hello`, whose `server_name` is only the outer, public name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ech {
+    /// Refused (`reason="ech"`): the name checked would not be the name reached. The default.
+    #[default]
+    Refuse,
+    /// `ech: allow`: let through, the outer (public) name checked as any server name; the real
+    /// destination name is hidden from the parent.
+    Allow,
 }
 
 /// One item of `routes:`: a listen address and where its connections go.
@@ -189,6 +210,23 @@ fn route_kind(r: &RouteFormat) -> Result<RouteKind, (Option<&'static str>, Strin
             ),
         )
     };
+    let ech = match r.ech {
+        Some(EchField::Allow) => Ech::Allow,
+        None => Ech::Refuse,
+    };
+    // `ech:` says what to do with a ClientHello whose server name is checked: on a route that
+    // checks none it would suggest a check that does not happen.
+    let require_sni = |what: &str| match (&r.sni, &r.ech) {
+        (Some(SniField::Require), _) => Ok(Some(ech)),
+        (None, Some(_)) => Err((
+            Some("ech"),
+            format!(
+                "`ech` applies only to a route that checks the TLS server name (`mode: sni`, \
+                 or `sni: require`); {what} checks none: add `sni: require` or drop `ech`"
+            ),
+        )),
+        (None, None) => Ok(None),
+    };
     match (&r.mode, &r.remote) {
         (None, None) => Err((
             None,
@@ -206,18 +244,25 @@ fn route_kind(r: &RouteFormat) -> Result<RouteKind, (Option<&'static str>, Strin
             }
             Ok(RouteKind::Fixed {
                 remote: remote.0.clone(),
-                require_sni: r.sni.is_some(),
+                require_sni: require_sni("a fixed route without `sni: require`")?,
             })
         }
         (Some(mode), Some(_)) => Err(fixed_only("remote", mode.name())),
-        (Some(mode), None) if r.sni.is_some() => Err(fixed_only("sni", mode.name())),
+        (Some(ModeField::Sni), None) if r.sni.is_some() => Err((
+            Some("sni"),
+            "a `mode: sni` route always checks the TLS server name (it is where the connection \
+             goes); drop `sni`"
+                .into(),
+        )),
         (Some(ModeField::Connect), None) => match r.port {
             Some(_) => Err((
                 Some("port"),
                 "a `mode: connect` route takes the port from each CONNECT request; drop `port`"
                     .into(),
             )),
-            None => Ok(RouteKind::Connect),
+            None => Ok(RouteKind::Connect {
+                require_sni: require_sni("a `mode: connect` route without `sni: require`")?,
+            }),
         },
         (Some(ModeField::Dns), None) => match r.port {
             Some(_) => Err((
@@ -227,7 +272,7 @@ fn route_kind(r: &RouteFormat) -> Result<RouteKind, (Option<&'static str>, Strin
             None => Ok(RouteKind::Dns),
         },
         (Some(ModeField::Sni), None) => match &r.port {
-            Some(port) => Ok(RouteKind::Sni { port: port.0 }),
+            Some(port) => Ok(RouteKind::Sni { port: port.0, ech }),
             None => Err((
                 None,
                 "a `mode: sni` route needs `port:`, the TCP port to connect to (usually 443)"
@@ -252,7 +297,7 @@ fn yaml_error(e: serde_yaml::Error, path: &Path, text: &str) -> ConfigError {
         message.push_str(
             " (check the spelling: the file's keys are `allowlist`, `routes` and `metrics_listen`; an allowlist \
              entry has `address` and `port`; a route has `listen`, `remote` or `mode` (`connect`, \
-             `sni` with `port`, `dns`), `sni: require`, `max_connections` and `idle_timeout`)",
+             `sni` with `port`, `dns`), `sni: require`, `ech: allow`, `max_connections` and `idle_timeout`)",
         );
     } else if message.starts_with("missing field `allowlist`") {
         message.push_str(" (the file must have a top-level `allowlist:` list)");
@@ -328,6 +373,8 @@ struct RouteFormat {
     port: Option<PortField>,
     #[serde(default)]
     sni: Option<SniField>,
+    #[serde(default)]
+    ech: Option<EchField>,
     #[serde(default, deserialize_with = "max_connections")]
     max_connections: Option<u32>,
     #[serde(default)]
@@ -357,6 +404,13 @@ impl ModeField {
 #[serde(rename_all = "lowercase")]
 enum SniField {
     Require,
+}
+
+/// `ech: allow`, the only value (refusing is the default).
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum EchField {
+    Allow,
 }
 
 #[derive(Deserialize)]
@@ -680,19 +734,98 @@ mod tests {
     fn route_kinds() {
         let c = parse_config(&format!(
             "{ALLOW}routes:\n- {{listen: 8010, mode: connect}}\n- {{listen: 8011, mode: sni, port: 443}}\n\
-             - {{listen: 8000, remote: 'kms.example.com:443', sni: require}}\n"
+             - {{listen: 8000, remote: 'kms.example.com:443', sni: require}}\n\
+             - {{listen: 8012, mode: connect, sni: require}}\n"
         ))
         .unwrap();
         let kinds: Vec<&RouteKind> = c.routes.iter().map(|r| &r.kind).collect();
-        assert_eq!(kinds[0], &RouteKind::Connect);
-        assert_eq!(kinds[1], &RouteKind::Sni { port: 443 });
+        assert_eq!(kinds[0], &RouteKind::Connect { require_sni: None });
+        assert_eq!(
+            kinds[1],
+            &RouteKind::Sni {
+                port: 443,
+                ech: Ech::Refuse
+            }
+        );
         assert!(matches!(
             kinds[2],
             RouteKind::Fixed {
-                require_sni: true,
+                require_sni: Some(Ech::Refuse),
                 ..
             }
         ));
+        assert_eq!(
+            kinds[3],
+            &RouteKind::Connect {
+                require_sni: Some(Ech::Refuse)
+            }
+        );
+    }
+
+    #[test]
+    fn ech_allow_is_accepted_on_every_route_that_checks_a_server_name() {
+        let c = parse_config(&format!(
+            "{ALLOW}routes:\n\
+             - {{listen: 8011, mode: sni, port: 443, ech: allow}}\n\
+             - {{listen: 8000, remote: 'kms.example.com:443', sni: require, ech: allow}}\n\
+             - listen: 8012\n  mode: connect\n  ech: allow\n  sni: require\n"
+        ))
+        .unwrap();
+        let kinds: Vec<&RouteKind> = c.routes.iter().map(|r| &r.kind).collect();
+        assert_eq!(
+            kinds[0],
+            &RouteKind::Sni {
+                port: 443,
+                ech: Ech::Allow
+            }
+        );
+        assert!(matches!(
+            kinds[1],
+            RouteKind::Fixed {
+                require_sni: Some(Ech::Allow),
+                ..
+            }
+        ));
+        assert_eq!(
+            kinds[2],
+            &RouteKind::Connect {
+                require_sni: Some(Ech::Allow)
+            }
+        );
+    }
+
+    #[test]
+    fn ech_on_a_route_that_checks_no_server_name_names_the_key_and_line() {
+        for (routes, line) in [
+            (
+                "- {listen: 8000, remote: 'kms.example.com:443', ech: allow}\n",
+                4,
+            ),
+            ("- listen: 8010\n  mode: connect\n  ech: allow\n", 6),
+        ] {
+            let e = parse_config(&format!("{ALLOW}routes:\n{routes}")).expect_err(routes);
+            let msg = e.to_string();
+            assert!(msg.contains("routes[0].ech"), "{msg}");
+            assert!(
+                msg.contains("`ech` applies only to a route that checks"),
+                "{msg}"
+            );
+            assert!(msg.contains("sni: require"), "{msg}");
+            assert_eq!(e.line(), Some(line), "{routes}: {msg}");
+        }
+        // Only `allow` is a value: refusing is the default, and nothing else is meant.
+        let e = parse_config(&format!(
+            "{ALLOW}routes:\n- {{listen: 8011, mode: sni, port: 443, ech: refuse}}\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown variant `refuse`"), "{e}");
+        // `sni: require` is implied on an SNI route, so still refused there.
+        let e = parse_config(&format!(
+            "{ALLOW}routes:\n- {{listen: 8011, mode: sni, port: 443, sni: require, ech: allow}}\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("routes[0].sni"), "{e}");
+        assert!(e.to_string().contains("always checks"), "{e}");
     }
 
     // The seeds below are the way lines were found before [`Locations`]: serde_yaml itself,

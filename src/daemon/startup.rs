@@ -188,10 +188,11 @@ pub async fn load(
     let mut routes = Vec::with_capacity(specs.len());
     for spec in specs {
         let (remote, require_sni) = match &spec.kind {
-            RouteKind::Connect => {
+            RouteKind::Connect { require_sni } => {
+                let require_sni = *require_sni;
                 routes.push(Settings::new(
                     spec,
-                    Destination::Connect,
+                    Destination::Connect { require_sni },
                     options.idle_timeout,
                 ));
                 continue;
@@ -200,11 +201,11 @@ pub async fn load(
                 routes.push(Settings::new(spec, Destination::Dns, options.idle_timeout));
                 continue;
             }
-            RouteKind::Sni { port } => {
-                let port = *port;
+            RouteKind::Sni { port, ech } => {
+                let (port, ech) = (*port, *ech);
                 routes.push(Settings::new(
                     spec,
-                    Destination::Sni { port },
+                    Destination::Sni { port, ech },
                     options.idle_timeout,
                 ));
                 continue;
@@ -339,11 +340,11 @@ pub async fn check_route(
             check_fixed(policy, dns, route, target, config_path).await
         }
         // Decided per connection; what may be asked for is what the entries name.
-        Destination::Connect => Ok(Reliance {
+        Destination::Connect { .. } => Ok(Reliance {
             entries: (0..policy.entries().len()).collect(),
             via_dns: false,
         }),
-        Destination::Sni { port } => check_sni(policy, route, *port, config_path),
+        Destination::Sni { port, .. } => check_sni(policy, route, *port, config_path),
         Destination::Dns => check_dns(policy, route, config_path),
     }
 }

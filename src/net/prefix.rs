@@ -23,8 +23,12 @@ pub enum PrefixError<E> {
 }
 
 /// Reads from `client` until `parse` returns `Some`; the parsed value and the bytes read.
+/// `start` is what was already read from `client` by someone else (the bytes a CONNECT client
+/// sent behind its head are the start of the ClientHello in its tunnel): parsed first, counted
+/// against `max` and handed back at the front of the bytes.
 pub async fn read_prefix<S, T, E>(
     client: &mut S,
+    start: Vec<u8>,
     max: usize,
     timeout: Duration,
     parse: impl Fn(&[u8]) -> Result<Option<T>, E>,
@@ -33,7 +37,7 @@ where
     S: AsyncRead + Unpin,
 {
     let read = async {
-        let mut bytes = Vec::new();
+        let mut bytes = start;
         let mut chunk = [0u8; 2048];
         loop {
             if let Some(parsed) = parse(&bytes).map_err(PrefixError::Parse)? {

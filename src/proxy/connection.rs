@@ -10,6 +10,13 @@
 //! audit trail) before the client is answered (`refuse`), so the log never trails what the
 //! enclave saw.
 //!
+//! A CONNECT route with `sni: require` has one more phase inside `answer`: after `200
+//! Connection Established` (sent only once the upstream is connected, so that an unreachable
+//! one still gets its `502`), the first bytes in the tunnel must be a ClientHello naming the
+//! CONNECT host (for an IP address: no name, or one the allowlist names), and nothing reaches
+//! the upstream before it is judged. Without it, a tunnel to an allowlisted name could carry a
+//! ClientHello for another name served from the same (CDN) address.
+//!
 //! Admission (the connection limits) is [`crate::proxy::server`]'s, which calls [`spawn`]; this
 //! module does not import it.
 
@@ -24,14 +31,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::config::remote::Target;
+use crate::config::Ech;
 use crate::net::endpoint::Stream;
 use crate::net::relay::{relay, LiveBytes, RelayEnd, Side};
 use crate::ops::audit;
 use crate::ops::metrics::Outcome;
-use crate::policy::host::Host;
+use crate::policy::host::{Host, HostName};
 use crate::policy::Policy;
 use crate::proxy::dns;
-use crate::proxy::refusal::Refusal;
+use crate::proxy::refusal::{Expected, Refusal};
 use crate::proxy::request::{connect, sni};
 use crate::proxy::revoke::OpenConnection;
 use crate::proxy::route::{Destination, Route, Settings};
@@ -109,6 +117,8 @@ struct Upstream {
     stream: TcpStream,
     /// The address it reached.
     addr: SocketAddr,
+    /// Each address tried and what became of it, for the audit trail.
+    tried: String,
 }
 
 /// A connection ready to relay.
@@ -118,6 +128,9 @@ struct Ready {
     target: Target,
     /// Bytes already sent upstream (the ClientHello, what followed a CONNECT head).
     early: u64,
+    /// The server name a CONNECT tunnel to an IP address was let through with (`sni: require`),
+    /// which only a name entry allowed: a reload checks it again too.
+    server_name: Option<HostName>,
 }
 
 impl<'a> Connection<'a> {
@@ -174,46 +187,49 @@ impl<'a> Connection<'a> {
     /// Everything before relaying: where to and whether (or the refusal, recorded and
     /// answered), then the answer. `Err` is how the connection ended.
     async fn set_up(&mut self) -> Result<Ready, Outcome> {
-        let (request, upstream) = match self.decide().await {
+        // One version of the policy for the request, every address and a CONNECT tunnel's
+        // ClientHello: a reload in between cannot have one connection judged by two allowlists.
+        let policy = self.shared.policy.get();
+        let (request, upstream) = match self.decide(&policy).await {
             Ok(decided) => decided,
             Err(refusal) => return Err(self.refuse(refusal).await),
         };
-        self.answer(request, upstream).await
+        self.answer(&policy, request, upstream).await
     }
 
     /// The request, the policy's word on it and the upstream connect.
-    async fn decide(&mut self) -> Result<(Request, Upstream), Refusal> {
+    async fn decide(&mut self, policy: &Policy) -> Result<(Request, Upstream), Refusal> {
         let request = self.read_request().await?;
-        // One version of the policy for the request and every address: a reload in between
-        // cannot have one connection judged by two allowlists.
-        let policy = self.shared.policy.get();
-        self.check_policy(&policy, &request)?;
-        let upstream = self.connect(&policy, &request).await?;
+        self.check_policy(policy, &request)?;
+        let upstream = self.connect(policy, &request).await?;
         Ok((request, upstream))
     }
 
     /// Reads what the route's kind needs to know where the connection goes: nothing for a
-    /// fixed route, a ClientHello for `sni: require` and SNI routes, a head for CONNECT ones.
+    /// fixed route, a ClientHello for `sni: require` and SNI routes, a head for CONNECT ones
+    /// (whose tunnel's ClientHello, with `sni: require`, comes after the `200`: see
+    /// [`Self::answer`]).
     async fn read_request(&mut self) -> Result<Request, Refusal> {
         match &self.settings.destination {
             Destination::Fixed {
                 target,
-                require_sni: false,
+                require_sni: None,
             } => Ok(Request {
                 target: target.clone(),
                 early: Vec::new(),
             }),
             Destination::Fixed {
                 target,
-                require_sni: true,
+                require_sni: Some(ech),
             } => {
                 let hello = sni::read_client_hello(&mut self.client)
                     .await
                     .map_err(Refusal::Hello)?;
-                if Host::Name(hello.server_name.clone()) != target.host {
+                let server_name = named_server(&hello, *ech)?;
+                if Host::Name(server_name.clone()) != target.host {
                     return Err(Refusal::SniMismatch {
-                        server_name: hello.server_name,
-                        remote: target.host.clone(),
+                        server_name: server_name.clone(),
+                        expected: Expected::Remote(target.host.clone()),
                     });
                 }
                 Ok(Request {
@@ -221,13 +237,14 @@ impl<'a> Connection<'a> {
                     early: hello.bytes,
                 })
             }
-            Destination::Sni { port } => {
+            Destination::Sni { port, ech } => {
                 let hello = sni::read_client_hello(&mut self.client)
                     .await
                     .map_err(Refusal::Hello)?;
+                let server_name = named_server(&hello, *ech)?.clone();
                 Ok(Request {
                     target: Target {
-                        host: Host::Name(hello.server_name),
+                        host: Host::Name(server_name),
                         port: *port,
                     },
                     early: hello.bytes,
@@ -237,7 +254,7 @@ impl<'a> Connection<'a> {
             Destination::Dns => Err(Refusal::BadRequest(connect::BadRequest::Malformed(
                 "a dns route carries DNS queries, not a destination to relay to".into(),
             ))),
-            Destination::Connect => {
+            Destination::Connect { .. } => {
                 let request = connect::read_request(&mut self.client)
                     .await
                     .map_err(Refusal::BadRequest)?;
@@ -270,8 +287,7 @@ impl<'a> Connection<'a> {
     }
 
     /// Resolves, decides every address and connects (see [`upstream::connect`]); records the
-    /// connect's duration, the upstream reached (in the span) and the decision (in the audit
-    /// trail, when it records allowed connections).
+    /// connect's duration and the upstream reached (in the span).
     async fn connect(&self, policy: &Policy, request: &Request) -> Result<Upstream, Refusal> {
         let Target { host, port } = &request.target;
         let connecting = Instant::now();
@@ -291,29 +307,62 @@ impl<'a> Connection<'a> {
             .connect_duration
             .observe(connecting.elapsed().as_secs_f64());
         tracing::Span::current().record("upstream", tracing::field::display(addr));
-        if audit::records_allowed() {
-            audit::allowed(&audit::Decision {
-                route: &self.route_name,
-                peer: self.peer,
-                requested: Some(host),
-                port: Some(*port),
-                addresses: &tried,
-                outcome: Outcome::Completed,
-                message: &format!("relaying to {addr}"),
-            });
-        }
-        Ok(Upstream { stream, addr })
+        Ok(Upstream {
+            stream,
+            addr,
+            tried,
+        })
     }
 
-    /// Tells a CONNECT client `200`, then sends upstream the bytes read to decide. `Err` is how
-    /// the connection ended: the client or the upstream went away.
-    async fn answer(&mut self, request: Request, upstream: Upstream) -> Result<Ready, Outcome> {
-        let Upstream { mut stream, addr } = upstream;
-        if self.is_connect() {
+    /// Tells a CONNECT client `200` (and, with `sni: require`, judges the ClientHello in its
+    /// tunnel), records the decision in the audit trail when it records allowed connections,
+    /// then sends upstream the bytes read to decide. `Err` is how the connection ended: the
+    /// client or the upstream went away, or the tunnel's first bytes were refused.
+    async fn answer(
+        &mut self,
+        policy: &Policy,
+        mut request: Request,
+        upstream: Upstream,
+    ) -> Result<Ready, Outcome> {
+        let Upstream {
+            mut stream,
+            addr,
+            tried,
+        } = upstream;
+        let mut server_name = None;
+        if let Destination::Connect { require_sni } = self.settings.destination {
             if let Err(e) = connect::established(&mut self.client).await {
                 tracing::debug!(error = %e, "the CONNECT client left before 200");
                 return Err(Outcome::ClientError);
             }
+            if let Some(ech) = require_sni {
+                let start = std::mem::take(&mut request.early);
+                match self.tunnel_hello(policy, &request.target, start, ech).await {
+                    Ok((hello, name)) => {
+                        request.early = hello;
+                        server_name = name;
+                    }
+                    Err(refusal) => {
+                        // Nothing was sent upstream: dropping `stream` closes it unused.
+                        let refusal = Refusal::InTunnel {
+                            target: request.target,
+                            refusal: Box::new(refusal),
+                        };
+                        return Err(self.refuse(refusal).await);
+                    }
+                }
+            }
+        }
+        if audit::records_allowed() {
+            audit::allowed(&audit::Decision {
+                route: &self.route_name,
+                peer: self.peer,
+                requested: Some(&request.target.host),
+                port: Some(request.target.port),
+                addresses: &tried,
+                outcome: Outcome::Completed,
+                message: &format!("relaying to {addr}"),
+            });
         }
         if !request.early.is_empty() {
             if let Err(e) = stream.write_all(&request.early).await {
@@ -330,7 +379,45 @@ impl<'a> Connection<'a> {
             addr,
             target: request.target,
             early: request.early.len() as u64,
+            server_name,
         })
+    }
+
+    /// `sni: require` on a CONNECT route: reads the ClientHello the tunnel starts with (`start`
+    /// is what followed the CONNECT head, the hello's beginning) and judges it against the
+    /// CONNECT `target`: the server name must be its host name; for an IP address, the hello
+    /// may name no server, or one the allowlist allows by name at the port (an address entry
+    /// cannot vouch for a name). Returns the bytes read, to send upstream first, and for an IP
+    /// address the server name admitted by name, if any.
+    async fn tunnel_hello(
+        &mut self,
+        policy: &Policy,
+        target: &Target,
+        start: Vec<u8>,
+        ech: Ech,
+    ) -> Result<(Vec<u8>, Option<HostName>), Refusal> {
+        let hello = sni::read_client_hello_after(&mut self.client, start)
+            .await
+            .map_err(Refusal::Hello)?;
+        refuse_ech(&hello, ech)?;
+        let mismatch = |server_name: &HostName, expected| {
+            Err(Refusal::SniMismatch {
+                server_name: server_name.clone(),
+                expected,
+            })
+        };
+        match (&target.host, hello.server_name) {
+            (Host::Name(host), Some(name)) if name == *host => Ok((hello.bytes, None)),
+            (Host::Name(host), Some(name)) => mismatch(&name, Expected::ConnectHost(host.clone())),
+            (Host::Name(_), None) => Err(Refusal::Hello(sni::HelloError::NoServerName)),
+            (Host::Ip(_), None) => Ok((hello.bytes, None)),
+            (Host::Ip(_), Some(name)) => {
+                match policy.admits_request(&Host::Name(name.clone()), target.port) {
+                    Ok(_) => Ok((hello.bytes, Some(name))),
+                    Err(_) => mismatch(&name, Expected::AllowlistedName { port: target.port }),
+                }
+            }
+        }
     }
 
     /// Records a refusal (both counters of its outcome: `denied`, `dns_failure`, ..., then the
@@ -385,6 +472,7 @@ impl<'a> Connection<'a> {
             port: ready.target.port,
             upstream: ready.addr,
             dynamic,
+            server_name: ready.server_name.clone(),
             revoke: CancellationToken::new(),
         });
         let revoked = registration.token();
@@ -453,6 +541,24 @@ impl<'a> Connection<'a> {
 
     /// A CONNECT route, whose client is answered with a status line.
     fn is_connect(&self) -> bool {
-        matches!(self.settings.destination, Destination::Connect)
+        matches!(self.settings.destination, Destination::Connect { .. })
     }
+}
+
+/// A ClientHello carrying ECH is refused unless the route has `ech: allow`: its server name is
+/// only the outer, public one, so checking it would not check where the connection goes.
+fn refuse_ech(hello: &sni::ClientHello, ech: Ech) -> Result<(), Refusal> {
+    match (hello.ech, ech) {
+        (true, Ech::Refuse) => Err(Refusal::Ech {
+            server_name: hello.server_name.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The server name of a ClientHello a route checks by name (`mode: sni`, `sni: require` on a
+/// fixed route): ECH refused unless allowed, then a name required.
+fn named_server(hello: &sni::ClientHello, ech: Ech) -> Result<&HostName, Refusal> {
+    refuse_ech(hello, ech)?;
+    hello.name().map_err(Refusal::Hello)
 }

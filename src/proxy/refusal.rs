@@ -7,6 +7,10 @@
 //! reason in logs and the audit trail ([`Refusal::reason`]), the message ([`fmt::Display`]), the
 //! metrics outcome ([`Refusal::outcome`]), the HTTP status a CONNECT client is answered with
 //! ([`Refusal::status`]) and the audit trail's requested host and addresses.
+//!
+//! A CONNECT route with `sni: require` reads the ClientHello only after `200 Connection
+//! Established`: a refusal then is [`Refusal::InTunnel`], which is recorded like any other but
+//! has no status to send, since the client already has its answer.
 
 use std::fmt;
 
@@ -25,8 +29,20 @@ pub enum Refusal {
     BadRequest(connect::BadRequest),
     /// An SNI route's (or `sni: require` route's) ClientHello names no usable server.
     Hello(sni::HelloError),
-    /// `sni: require`: the ClientHello names a server other than the route's remote.
-    SniMismatch { server_name: HostName, remote: Host },
+    /// `sni: require`: the ClientHello names a server the route does not let through.
+    SniMismatch {
+        server_name: HostName,
+        expected: Expected,
+    },
+    /// The ClientHello carries `encrypted_client_hello` and the route does not have
+    /// `ech: allow`: its server name (`None`: it has none) is only the outer, public name.
+    Ech { server_name: Option<HostName> },
+    /// A CONNECT route with `sni: require`: the tunnel to `target` was answered `200`, and then
+    /// its first bytes were refused (any of the ClientHello refusals above).
+    InTunnel {
+        target: Target,
+        refusal: Box<Refusal>,
+    },
     /// The CONNECT host or TLS server name is not one the allowlist could allow (checked before
     /// any lookup).
     Denied { target: Target, denial: Denial },
@@ -38,14 +54,28 @@ pub enum Refusal {
     },
 }
 
+/// What an `sni: require` route wanted the server name to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expected {
+    /// A fixed route's remote.
+    Remote(Host),
+    /// The host name of the CONNECT request.
+    ConnectHost(HostName),
+    /// A CONNECT to an IP address: a name the allowlist allows by name (a host-name or wildcard
+    /// entry) at this port, since no address entry vouches for a name.
+    AllowlistedName { port: u16 },
+}
+
 impl Refusal {
     /// A short machine-friendly reason for logs and the audit trail: `bad_request`,
-    /// `malformed_hello`, `sni_mismatch`, `denied`, `dns_failure`, `unreachable`, ...
+    /// `malformed_hello`, `sni_mismatch`, `ech`, `denied`, `dns_failure`, `unreachable`, ...
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::BadRequest(bad) => bad.kind(),
             Refusal::Hello(e) => e.kind(),
             Refusal::SniMismatch { .. } => "sni_mismatch",
+            Refusal::Ech { .. } => "ech",
+            Refusal::InTunnel { refusal, .. } => refusal.reason(),
             Refusal::Denied { .. } => "denied",
             Refusal::Upstream { error, .. } => error.kind(),
         }
@@ -70,20 +100,26 @@ impl Refusal {
                 error: UpstreamError::Unreachable(..),
                 ..
             } => Outcome::Unreachable,
-            Refusal::BadRequest(_) | Refusal::Hello(_) | Refusal::SniMismatch { .. } => {
-                Outcome::Refused(self.reason())
-            }
+            Refusal::InTunnel { refusal, .. } => refusal.outcome(),
+            Refusal::BadRequest(_)
+            | Refusal::Hello(_)
+            | Refusal::SniMismatch { .. }
+            | Refusal::Ech { .. } => Outcome::Refused(self.reason()),
         }
     }
 
     /// The status a CONNECT client is answered with: the bad request's own, 403 denied, 504
     /// when every address timed out, 502 for any other upstream failure (DNS, every address
-    /// failed). `None` for a client already gone and for the refusals only TLS routes make.
+    /// failed). `None` for a client already gone, for the refusals only TLS routes make and for
+    /// a tunnel already answered `200`.
     pub fn status(&self) -> Option<u16> {
         match self {
             Refusal::BadRequest(connect::BadRequest::Closed) => None,
             Refusal::BadRequest(bad) => Some(bad.status()),
-            Refusal::Hello(_) | Refusal::SniMismatch { .. } => None,
+            Refusal::Hello(_)
+            | Refusal::SniMismatch { .. }
+            | Refusal::Ech { .. }
+            | Refusal::InTunnel { .. } => None,
             Refusal::Denied { .. } => Some(403),
             Refusal::Upstream { error, .. } => Some(match error {
                 UpstreamError::Denied(_) => 403,
@@ -101,21 +137,31 @@ impl Refusal {
     }
 
     /// The host and port requested, for the audit trail: known once the request was read and
-    /// taken (`None` for a request that could not be read or a mismatched server name).
+    /// taken (`None` for a request that could not be read or a refused ClientHello, except in a
+    /// CONNECT tunnel, whose target is the CONNECT request's).
     pub fn target(&self) -> Option<&Target> {
         match self {
-            Refusal::Denied { target, .. } | Refusal::Upstream { target, .. } => Some(target),
-            Refusal::BadRequest(_) | Refusal::Hello(_) | Refusal::SniMismatch { .. } => None,
+            Refusal::Denied { target, .. }
+            | Refusal::Upstream { target, .. }
+            | Refusal::InTunnel { target, .. } => Some(target),
+            Refusal::BadRequest(_)
+            | Refusal::Hello(_)
+            | Refusal::SniMismatch { .. }
+            | Refusal::Ech { .. } => None,
         }
     }
 
-    /// Each address tried and what became of it, for the audit trail (none before a lookup).
+    /// Each address tried and what became of it, for the audit trail (none before a lookup; a
+    /// tunnel refused after `200` reached its upstream, which the span's `upstream` names, but
+    /// sent it nothing).
     pub fn addresses(&self) -> String {
         match self {
             Refusal::Upstream { error, .. } => error.addresses(),
             Refusal::BadRequest(_)
             | Refusal::Hello(_)
             | Refusal::SniMismatch { .. }
+            | Refusal::Ech { .. }
+            | Refusal::InTunnel { .. }
             | Refusal::Denied { .. } => audit::NO_ADDRESSES.to_owned(),
         }
     }
@@ -129,11 +175,41 @@ impl fmt::Display for Refusal {
             Refusal::Hello(e) => write!(f, "{e}"),
             Refusal::SniMismatch {
                 server_name,
-                remote,
+                expected: Expected::Remote(remote),
             } => write!(
                 f,
                 "the TLS server name {server_name} is not the route's remote {remote} (sni: require)"
             ),
+            Refusal::SniMismatch {
+                server_name,
+                expected: Expected::ConnectHost(host),
+            } => write!(
+                f,
+                "the TLS server name {server_name} is not the CONNECT host {host} (sni: require)"
+            ),
+            Refusal::SniMismatch {
+                server_name,
+                expected: Expected::AllowlistedName { port },
+            } => write!(
+                f,
+                "the TLS server name {server_name} is not allowlisted by name for port {port} \
+                 (sni: require; a CONNECT to an IP address may carry no server name, or one the \
+                 allowlist names)"
+            ),
+            Refusal::Ech {
+                server_name: Some(name),
+            } => write!(
+                f,
+                "the TLS ClientHello carries encrypted_client_hello (ECH): its server name \
+                 {name} is only the public name, the real one is hidden (ech: allow lets it through)"
+            ),
+            Refusal::Ech { server_name: None } => f.write_str(
+                "the TLS ClientHello carries encrypted_client_hello (ECH): the real server name \
+                 is hidden (ech: allow lets it through)",
+            ),
+            Refusal::InTunnel { target, refusal } => {
+                write!(f, "in the CONNECT tunnel to {target}: {refusal}")
+            }
             Refusal::Denied { target, denial } => write!(f, "{target} is not allowed: {denial}"),
             Refusal::Upstream { error, .. } => write!(f, "{error}"),
         }
@@ -150,6 +226,17 @@ mod tests {
         Target {
             host: Host::Ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7))),
             port: 443,
+        }
+    }
+
+    fn name(text: &str) -> HostName {
+        HostName::parse(text).unwrap()
+    }
+
+    fn in_tunnel(refusal: Refusal) -> Refusal {
+        Refusal::InTunnel {
+            target: target(),
+            refusal: Box::new(refusal),
         }
     }
 
@@ -277,6 +364,36 @@ mod tests {
                 Some(502),
             ),
             (unreachable(&[]), "unreachable", "unreachable", Some(502)),
+            (
+                Refusal::SniMismatch {
+                    server_name: name("b.example"),
+                    expected: Expected::ConnectHost(name("a.example")),
+                },
+                "sni_mismatch",
+                "sni_mismatch",
+                None,
+            ),
+            (
+                Refusal::Ech {
+                    server_name: Some(name("public.example")),
+                },
+                "ech",
+                "ech",
+                None,
+            ),
+            // After 200 the client has its answer: the inner refusal's reason, no status.
+            (
+                in_tunnel(Refusal::Hello(sni::HelloError::NotTls)),
+                "not_tls",
+                "not_tls",
+                None,
+            ),
+            (
+                in_tunnel(Refusal::Ech { server_name: None }),
+                "ech",
+                "ech",
+                None,
+            ),
         ];
         for (refusal, reason, label, status) in cases {
             assert_eq!(
@@ -316,5 +433,20 @@ mod tests {
         let hello = Refusal::Hello(sni::HelloError::NotTls);
         assert_eq!(hello.to_string(), sni::HelloError::NotTls.to_string());
         assert_eq!(hello.target(), None);
+        // A refusal in a CONNECT tunnel is audited with the CONNECT request's target.
+        let tunnel = in_tunnel(Refusal::SniMismatch {
+            server_name: name("b.example"),
+            expected: Expected::ConnectHost(name("a.example")),
+        });
+        assert_eq!(tunnel.target(), Some(&target()));
+        assert_eq!(
+            tunnel.to_string(),
+            "in the CONNECT tunnel to 10.0.0.7:443: the TLS server name b.example is not the \
+             CONNECT host a.example (sni: require)"
+        );
+        assert!(
+            !tunnel.outcome().label().is_empty() && tunnel.outcome().is_refusal(),
+            "{tunnel:?}"
+        );
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::remote::{Remote, Target};
-use crate::config::{Config, RouteKind};
+use crate::config::{Config, Ech, RouteKind};
 use crate::net::endpoint::Endpoint;
 use crate::ops::metrics::{Outcome, RouteMetrics};
 use crate::policy::host::HostPattern;
@@ -72,7 +72,7 @@ pub fn specs(
             listen,
             kind: RouteKind::Fixed {
                 remote,
-                require_sni: false,
+                require_sni: None,
             },
             max_connections: None,
             idle_timeout: None,
@@ -129,14 +129,31 @@ pub fn specs(
 /// Where a route's connections go, its remote filled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Destination {
-    /// One target; with `require_sni`, the ClientHello's server name must be the target's name.
-    Fixed { target: Target, require_sni: bool },
-    /// Each connection's HTTP CONNECT request names it.
-    Connect,
+    /// One target; with `require_sni`, the ClientHello's server name must be the target's name
+    /// (and a hello with ECH is let through only with [`Ech::Allow`]).
+    Fixed {
+        target: Target,
+        require_sni: Option<Ech>,
+    },
+    /// Each connection's HTTP CONNECT request names it; with `require_sni`, the first bytes in
+    /// the tunnel must be a ClientHello naming the CONNECT host (see
+    /// [`crate::proxy::connection`]).
+    Connect { require_sni: Option<Ech> },
     /// Each connection's TLS server name, at `port`.
-    Sni { port: u16 },
+    Sni { port: u16, ech: Ech },
     /// No upstream: DNS queries answered from the allowlist (see [`crate::proxy::dns`]).
     Dns,
+}
+
+/// ` (sni: require)`, ` (sni: require, ech: allow)`, ` (ech: allow)` or nothing: the options
+/// that check the server name, as written in the file.
+fn name_check(f: &mut fmt::Formatter<'_>, require_sni: bool, ech: Ech) -> fmt::Result {
+    match (require_sni, ech) {
+        (false, Ech::Refuse) => Ok(()),
+        (false, Ech::Allow) => f.write_str(" (ech: allow)"),
+        (true, Ech::Refuse) => f.write_str(" (sni: require)"),
+        (true, Ech::Allow) => f.write_str(" (sni: require, ech: allow)"),
+    }
 }
 
 impl fmt::Display for Destination {
@@ -144,14 +161,19 @@ impl fmt::Display for Destination {
         match self {
             Destination::Fixed {
                 target,
-                require_sni: false,
-            } => target.fmt(f),
-            Destination::Fixed {
-                target,
-                require_sni: true,
-            } => write!(f, "{target} (sni: require)"),
-            Destination::Connect => f.write_str("HTTP CONNECT"),
-            Destination::Sni { port } => write!(f, "TLS server name:{port}"),
+                require_sni,
+            } => {
+                target.fmt(f)?;
+                name_check(f, require_sni.is_some(), require_sni.unwrap_or_default())
+            }
+            Destination::Connect { require_sni } => {
+                f.write_str("HTTP CONNECT")?;
+                name_check(f, require_sni.is_some(), require_sni.unwrap_or_default())
+            }
+            Destination::Sni { port, ech } => {
+                write!(f, "TLS server name:{port}")?;
+                name_check(f, false, *ech)
+            }
             Destination::Dns => f.write_str("dns (names the allowlist allows by name)"),
         }
     }
@@ -410,7 +432,7 @@ mod tests {
             listen: listen.parse().unwrap(),
             kind: RouteKind::Fixed {
                 remote,
-                require_sni: false,
+                require_sni: None,
             },
             max_connections: None,
             idle_timeout: idle.map(Duration::from_secs),
@@ -420,7 +442,7 @@ mod tests {
             spec,
             Destination::Fixed {
                 target,
-                require_sni: false,
+                require_sni: None,
             },
             None,
         )
@@ -479,7 +501,7 @@ mod tests {
                 host: Host::parse("a.example").unwrap(),
                 port: 443,
             },
-            require_sni: false,
+            require_sni: None,
         };
         let s = Settings::new(spec.clone(), target.clone(), Some(Duration::from_secs(5)));
         assert_eq!(s.idle_timeout, Some(Duration::from_secs(600)));
@@ -490,6 +512,59 @@ mod tests {
         let s = Settings::new(spec, target, Some(Duration::from_secs(5)));
         assert_eq!(s.idle_timeout, Some(Duration::from_secs(5)));
         assert_eq!(s.to_string(), "vsock:8000 -> a.example:443");
+    }
+
+    #[test]
+    fn destinations_show_the_options_that_check_the_server_name() {
+        let target = Target {
+            host: Host::parse("a.example").unwrap(),
+            port: 443,
+        };
+        for (destination, shown) in [
+            (
+                Destination::Fixed {
+                    target: target.clone(),
+                    require_sni: Some(Ech::Refuse),
+                },
+                "a.example:443 (sni: require)",
+            ),
+            (
+                Destination::Fixed {
+                    target,
+                    require_sni: Some(Ech::Allow),
+                },
+                "a.example:443 (sni: require, ech: allow)",
+            ),
+            (Destination::Connect { require_sni: None }, "HTTP CONNECT"),
+            (
+                Destination::Connect {
+                    require_sni: Some(Ech::Refuse),
+                },
+                "HTTP CONNECT (sni: require)",
+            ),
+            (
+                Destination::Connect {
+                    require_sni: Some(Ech::Allow),
+                },
+                "HTTP CONNECT (sni: require, ech: allow)",
+            ),
+            (
+                Destination::Sni {
+                    port: 443,
+                    ech: Ech::Refuse,
+                },
+                "TLS server name:443",
+            ),
+            (
+                Destination::Sni {
+                    port: 443,
+                    ech: Ech::Allow,
+                },
+                "TLS server name:443 (ech: allow)",
+            ),
+        ] {
+            assert_eq!(destination.to_string(), shown);
+        }
     }
 
     #[test]

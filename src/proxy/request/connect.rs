@@ -89,7 +89,7 @@ impl fmt::Display for BadRequest {
 pub async fn read_request<S: AsyncRead + Unpin>(
     client: &mut S,
 ) -> Result<ConnectRequest, BadRequest> {
-    match read_prefix(client, MAX_HEAD, HEAD_TIMEOUT, parse_head).await {
+    match read_prefix(client, Vec::new(), MAX_HEAD, HEAD_TIMEOUT, parse_head).await {
         Ok((request, _)) => Ok(request),
         Err(PrefixError::Parse(bad)) => Err(bad),
         Err(PrefixError::TooLarge) => Err(BadRequest::TooLarge),

@@ -1,8 +1,13 @@
-//! The TLS ClientHello's server name, for `mode: sni` routes and fixed routes with `sni: require`.
+//! The TLS ClientHello's server name, for `mode: sni` routes and fixed and CONNECT routes with
+//! `sni: require`.
 //!
-//! This module owns reading the first bytes of a connection until they hold a whole ClientHello
-//! (which may span reads and TLS records; at most [`MAX_HELLO`] bytes within [`HELLO_TIMEOUT`])
-//! and taking its `server_name` (host_name), normalised as allowlist names are. The TLS parsing
+//! This module owns reading the first bytes of a connection (or of a CONNECT tunnel) until they
+//! hold a whole ClientHello (which may span reads and TLS records; at most [`MAX_HELLO`] bytes
+//! within [`HELLO_TIMEOUT`]) and taking its `server_name` (host_name), normalised as allowlist
+//! names are, and whether it carries `encrypted_client_hello` (ECH, type 0xfe0d): then its
+//! server name is only the outer, public name, and the name the client really wants is
+//! encrypted to the server (tls-parser 0.12 does not know the type; it is read as the raw type
+//! of an unknown extension, like every extension here). The TLS parsing
 //! is `tls-parser`'s: record headers with `parse_tls_record_header` and records with
 //! `parse_tls_raw_record`, the ClientHello body with `parse_tls_handshake_client_hello`, each
 //! extension's raw type and data with `parse_tls_extension_unknown`, the server name list with
@@ -39,11 +44,30 @@ pub const MAX_HELLO: usize = 16 * 1024;
 /// How long a client has to send its whole ClientHello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A ClientHello's server name and every byte read to get it.
+/// What a whole ClientHello says, and every byte read to get it.
 #[derive(Debug)]
 pub struct ClientHello {
-    pub server_name: HostName,
+    /// The host_name of its `server_name` extension; `None` when it names no server (no
+    /// extension, an empty list, no host_name entry).
+    pub server_name: Option<HostName>,
+    /// Whether it carries `encrypted_client_hello`: `server_name` is then the outer, public
+    /// name only.
+    pub ech: bool,
     pub bytes: Vec<u8>,
+}
+
+impl ClientHello {
+    /// The server name, for routes that need one: a hello without is [`HelloError::NoServerName`].
+    pub fn name(&self) -> Result<&HostName, HelloError> {
+        self.server_name.as_ref().ok_or(HelloError::NoServerName)
+    }
+}
+
+/// What a whole ClientHello message says (see [`ClientHello`]), before the bytes are attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub server_name: Option<HostName>,
+    pub ech: bool,
 }
 
 /// Why no server name was taken. The connection is closed without connecting anywhere.
@@ -100,13 +124,26 @@ impl fmt::Display for HelloError {
     }
 }
 
-/// Reads from `client` until a whole ClientHello has arrived; returns its server name and the
+/// Reads from `client` until a whole ClientHello has arrived; returns what it says and the
 /// bytes read.
 pub async fn read_client_hello<S: AsyncRead + Unpin>(
     client: &mut S,
 ) -> Result<ClientHello, HelloError> {
-    match read_prefix(client, MAX_HELLO, HELLO_TIMEOUT, server_name).await {
-        Ok((server_name, bytes)) => Ok(ClientHello { server_name, bytes }),
+    read_client_hello_after(client, Vec::new()).await
+}
+
+/// As [`read_client_hello`], where `start` is the beginning of the hello, already read from
+/// `client` (what a CONNECT client sent behind its head). The same limits apply to the whole.
+pub async fn read_client_hello_after<S: AsyncRead + Unpin>(
+    client: &mut S,
+    start: Vec<u8>,
+) -> Result<ClientHello, HelloError> {
+    match read_prefix(client, start, MAX_HELLO, HELLO_TIMEOUT, parse).await {
+        Ok((Parsed { server_name, ech }, bytes)) => Ok(ClientHello {
+            server_name,
+            ech,
+            bytes,
+        }),
         Err(PrefixError::Parse(e)) => Err(e),
         Err(PrefixError::TooLarge) => Err(HelloError::TooLarge),
         Err(PrefixError::Timeout) => Err(HelloError::Timeout),
@@ -114,13 +151,30 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(
     }
 }
 
-/// What the bytes so far say: `Ok(None)` while the ClientHello is not whole yet. Pure.
+/// The server name of the bytes so far: `Ok(None)` while the ClientHello is not whole yet, and
+/// a whole hello without one is [`HelloError::NoServerName`]. Pure.
 ///
 /// Bytes after the ClientHello message (in its last record or in later records) are not looked
 /// at: the name comes from the hello alone.
 pub fn server_name(bytes: &[u8]) -> Result<Option<HostName>, HelloError> {
+    match parse(bytes)? {
+        Some(Parsed {
+            server_name: Some(name),
+            ..
+        }) => Ok(Some(name)),
+        Some(Parsed {
+            server_name: None, ..
+        }) => Err(HelloError::NoServerName),
+        None => Ok(None),
+    }
+}
+
+/// What the bytes so far say: `Ok(None)` while the ClientHello is not whole yet. Pure; as
+/// [`server_name`], but a hello without a server name is not an error here (a CONNECT to an IP
+/// address may carry one).
+pub fn parse(bytes: &[u8]) -> Result<Option<Parsed>, HelloError> {
     match client_hello_message(bytes)? {
-        Some(body) => name_in(&body).map(Some),
+        Some(body) => parse_body(&body).map(Some),
         None => Ok(None),
     }
 }
@@ -131,6 +185,8 @@ const CLIENT_HELLO: u8 = 1;
 const HANDSHAKE_HEADER: usize = 4;
 /// The extension type of `server_name` (RFC 6066).
 const SERVER_NAME: u16 = 0;
+/// The extension type of `encrypted_client_hello` (draft-ietf-tls-esni, the one deployed).
+pub const ENCRYPTED_CLIENT_HELLO: u16 = 0xfe0d;
 
 /// The ClientHello message's body, reassembled from the handshake records at the start of
 /// `bytes`, once it is whole; `Ok(None)` until then.
@@ -200,8 +256,8 @@ fn hello_len(handshake: &[u8]) -> Result<Option<usize>, HelloError> {
     }
 }
 
-/// The server name of a whole ClientHello body.
-fn name_in(body: &[u8]) -> Result<HostName, HelloError> {
+/// What a whole ClientHello body says.
+fn parse_body(body: &[u8]) -> Result<Parsed, HelloError> {
     let hello = match parse_tls_handshake_client_hello(body) {
         Ok(([], hello)) => hello,
         // The body is whole, so anything left is not part of a ClientHello (and with it the
@@ -213,8 +269,22 @@ fn name_in(body: &[u8]) -> Result<HostName, HelloError> {
         }
         Err(e) => return Err(HelloError::Malformed(why(&e))),
     };
-    let extensions = hello.ext.ok_or(HelloError::NoServerName)?;
-    let list = server_name_extension(extensions)?.ok_or(HelloError::NoServerName)?;
+    let Some(extensions) = hello.ext else {
+        return Ok(Parsed {
+            server_name: None,
+            ech: false,
+        });
+    };
+    let Extensions { server_name, ech } = read_extensions(extensions)?;
+    let server_name = match server_name {
+        Some(list) => name_in(list)?,
+        None => None,
+    };
+    Ok(Parsed { server_name, ech })
+}
+
+/// The host_name of a `server_name` extension's data, if it has one.
+fn name_in(list: &[u8]) -> Result<Option<HostName>, HelloError> {
     let names = match parse_tls_extension_sni_content(list) {
         Ok((_, TlsExtension::SNI(names))) => names,
         Ok(_) => return Err(HelloError::Malformed("bad server_name extension".into())),
@@ -243,23 +313,35 @@ fn name_in(body: &[u8]) -> Result<HostName, HelloError> {
             "two {kind} entries in the server_name extension (RFC 6066 allows one name of each type)"
         )));
     }
-    let name = names
+    let Some(name) = names
         .iter()
         .find(|(kind, _)| *kind == SNIType::HostName)
         .map(|(_, name)| *name)
-        .ok_or(HelloError::NoServerName)?;
+    else {
+        return Ok(None);
+    };
     let name =
         std::str::from_utf8(name).map_err(|_| HelloError::BadServerName("not UTF-8".into()))?;
-    HostName::parse(name).map_err(HelloError::BadServerName)
+    HostName::parse(name)
+        .map(Some)
+        .map_err(HelloError::BadServerName)
 }
 
-/// The data of the one `server_name` extension, if any, in a ClientHello's extension block.
-/// Every extension is read by its raw type (GREASE values stay distinct), so that any type seen
-/// twice is refused (RFC 8446 4.2), and an extension tls-parser cannot interpret does not hide
-/// the ones after it.
-fn server_name_extension(mut extensions: &[u8]) -> Result<Option<&[u8]>, HelloError> {
+/// The extensions of a ClientHello this module looks at.
+struct Extensions<'a> {
+    /// The data of the one `server_name` extension, if any.
+    server_name: Option<&'a [u8]>,
+    /// Whether `encrypted_client_hello` is there (its content is the server's to read).
+    ech: bool,
+}
+
+/// Reads a ClientHello's extension block. Every extension is read by its raw type (GREASE
+/// values stay distinct), so that any type seen twice is refused (RFC 8446 4.2), and an
+/// extension tls-parser cannot interpret does not hide the ones after it.
+fn read_extensions(mut extensions: &[u8]) -> Result<Extensions<'_>, HelloError> {
     let mut seen = HashSet::new();
     let mut server_name = None;
+    let mut ech = false;
     while !extensions.is_empty() {
         let (after, (kind, data)) = match parse_tls_extension_unknown(extensions) {
             Ok((after, TlsExtension::Unknown(kind, data))) => (after, (kind.0, data)),
@@ -277,12 +359,14 @@ fn server_name_extension(mut extensions: &[u8]) -> Result<Option<&[u8]>, HelloEr
                 "extension {kind} appears twice (RFC 8446 forbids it)"
             )));
         }
-        if kind == SERVER_NAME {
-            server_name = Some(data);
+        match kind {
+            SERVER_NAME => server_name = Some(data),
+            ENCRYPTED_CLIENT_HELLO => ech = true,
+            _ => {}
         }
         extensions = after;
     }
-    Ok(server_name)
+    Ok(Extensions { server_name, ech })
 }
 
 /// A nom error in a few words: its kind, not the (possibly 16 KiB) input it stopped at.
@@ -557,6 +641,112 @@ mod tests {
         }
         // Another handshake message first: refused at its type byte, not once it is whole.
         assert!(malformed(&[22, 3, 1, 0, 1, 2]));
+    }
+
+    #[test]
+    fn an_encrypted_client_hello_extension_is_reported_with_the_outer_name() {
+        let sni = example_server_name_list(&[(0, "public.example")]);
+        let ech = [0u8, 0, 1, 0, 1, 7, 0, 0, 0, 0];
+        for extensions in [
+            vec![(SERVER_NAME, &sni[..]), (ENCRYPTED_CLIENT_HELLO, &ech[..])],
+            vec![(ENCRYPTED_CLIENT_HELLO, &ech[..]), (SERVER_NAME, &sni[..])],
+            vec![
+                (0x0a0a, &[][..]),
+                (ENCRYPTED_CLIENT_HELLO, &[][..]),
+                (SERVER_NAME, &sni[..]),
+            ],
+        ] {
+            let hello = example_client_hello_with(&extensions);
+            let parsed = parse(&hello).unwrap().unwrap();
+            assert!(parsed.ech, "{extensions:?}");
+            assert_eq!(
+                parsed.server_name.map(|n| n.as_str().to_owned()),
+                Some("public.example".to_owned())
+            );
+            // The name alone is still the outer one: callers must look at `ech`.
+            assert_eq!(
+                server_name(&hello).unwrap().unwrap().as_str(),
+                "public.example"
+            );
+        }
+        let plain = parse(&client_hello("a.example")).unwrap().unwrap();
+        assert!(!plain.ech);
+        // The draft ESNI type (0xffce) and a neighbour of 0xfe0d are not ECH.
+        for other in [0xffce, 0xfe0c, 0xfe0e] {
+            let hello = example_client_hello_with(&[(SERVER_NAME, &sni), (other, &[])]);
+            assert!(!parse(&hello).unwrap().unwrap().ech, "{other:#x}");
+        }
+        // Twice is malformed, as any extension twice.
+        let twice = example_client_hello_with(&[
+            (ENCRYPTED_CLIENT_HELLO, &[]),
+            (SERVER_NAME, &sni),
+            (ENCRYPTED_CLIENT_HELLO, &[]),
+        ]);
+        assert!(malformed(&twice), "{:?}", parse(&twice));
+        // Without a server name, ECH is still seen.
+        let nameless = parse(&example_client_hello_with(&[(
+            ENCRYPTED_CLIENT_HELLO,
+            &ech,
+        )]));
+        assert_eq!(
+            nameless,
+            Ok(Some(Parsed {
+                server_name: None,
+                ech: true
+            }))
+        );
+    }
+
+    #[test]
+    fn a_hello_without_a_name_parses_to_none_and_is_no_sni_for_server_name() {
+        for hello in [
+            example_client_hello_with(&[]),
+            example_client_hello_with(&[(0, &[])]),
+            example_client_hello_with(&[(0, &example_server_name_list(&[(7, "x")]))]),
+        ] {
+            assert_eq!(
+                parse(&hello),
+                Ok(Some(Parsed {
+                    server_name: None,
+                    ech: false
+                }))
+            );
+            assert_eq!(server_name(&hello), Err(HelloError::NoServerName));
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_already_read_are_the_start_of_the_hello() {
+        let hello = [&client_hello("tunnel.example")[..], CCS].concat();
+        for at in [0, 1, 5, 20, hello.len() - CCS.len(), hello.len()] {
+            let (start, rest) = hello.split_at(at);
+            let mut client = rest;
+            let read = read_client_hello_after(&mut client, start.to_vec())
+                .await
+                .unwrap();
+            assert_eq!(read.name().unwrap().as_str(), "tunnel.example", "at {at}");
+            assert!(!read.ech);
+            // What was read, followed by what is left, is the input, byte for byte.
+            assert_eq!([&read.bytes[..], client].concat(), hello, "at {at}");
+        }
+        // The start counts against the limit, and is parsed as any other bytes.
+        let mut empty: &[u8] = &[];
+        let start = b"GET / HTTP/1.1\r\n".to_vec();
+        assert_eq!(
+            read_client_hello_after(&mut empty, start)
+                .await
+                .unwrap_err(),
+            HelloError::NotTls
+        );
+        let mut empty: &[u8] = &[];
+        let mut too_much = [&[22u8, 3, 1, 0x40, 0][..], &[1, 0, 0x40, 0]].concat();
+        too_much.resize(MAX_HELLO, 0);
+        assert_eq!(
+            read_client_hello_after(&mut empty, too_much)
+                .await
+                .unwrap_err(),
+            HelloError::TooLarge
+        );
     }
 
     #[test]
