@@ -512,8 +512,9 @@ rc=0
 systemctl start "$DEFAULT" 2>"$W/migration-start.err" || rc=$?
 check "systemctl start $DEFAULT fails (exit status 1 before READY=1)" \
   eval '((rc != 0)) && [[ $(prop "$DEFAULT" ExecMainStatus) == 1 ]]'
+# systemctl status exits 3 for a unit that is not active: `|| true`, or pipefail fails the check.
 check "systemctl status shows the bind message naming the address" \
-  eval 'systemctl status --full --no-pager -n 20 "$DEFAULT" 2>&1 | grep -Eq "$BIND_MSG"'
+  eval '{ systemctl status --full --no-pager -n 20 "$DEFAULT" 2>&1 || true; } | grep -Eq "$BIND_MSG"'
 check "the journal has it at priority err" \
   eval 'jlog "$DEFAULT" --since "$migration_since" -p err | grep -Eq "$BIND_MSG"'
 gave_up() { [[ $(prop "$DEFAULT" Result) == start-limit-hit ]] && state_is "$DEFAULT" failed; }
