@@ -1,8 +1,9 @@
-//! `mode: connect`, `mode: sni` and `sni: require` through the real binary, with real clients
-//! (curl through the CONNECT route, `openssl s_client` for SNI) and a real TLS upstream. Each
-//! test has its own network namespace, DNS server and a trap listener on the instance metadata
-//! address, which must never see a connection. A recording raw TCP upstream (`raw.test`) shows
-//! byte for byte what an SNI route sent on.
+//! `mode: connect`, `mode: sni` and `sni: require` (on fixed and CONNECT routes) through the
+//! real binary, with real clients (curl through the CONNECT routes, `openssl s_client` for SNI)
+//! and a real TLS upstream, and ClientHellos carrying ECH. Each test has its own network
+//! namespace, DNS server and a trap listener on the instance metadata address, which must never
+//! see a connection. A recording raw TCP upstream (`raw.test`, `also-raw.test`: two names on one
+//! address, as a CDN serves them) shows byte for byte what a route sent on.
 
 mod common;
 
@@ -14,8 +15,10 @@ use std::time::Duration;
 
 use common::dns::TestDns;
 use common::hello::{
-    application_data, client_hello_naming, client_hello_with_extension_per_name, CHANGE_CIPHER_SPEC,
+    application_data, client_hello_naming, client_hello_with_extension_per_name, outer_ech_payload,
+    with_extension, CHANGE_CIPHER_SPEC, ENCRYPTED_CLIENT_HELLO,
 };
+use common::metrics::{scrape, value};
 use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::{connect, Proxy};
 use common::tls::{tls_server, TlsServer};
@@ -30,6 +33,11 @@ const WAIT: Duration = Duration::from_secs(20);
 const CONNECT: &str = "tcp:127.0.0.1:8010";
 const SNI: &str = "tcp:127.0.0.1:8011";
 const REQUIRE: &str = "tcp:127.0.0.1:8012";
+/// `mode: connect` with `sni: require`.
+const CONNECT_REQUIRE: &str = "tcp:127.0.0.1:8013";
+/// `mode: sni` with `ech: allow`.
+const SNI_ECH: &str = "tcp:127.0.0.1:8014";
+const METRICS_URL: &str = "http://127.0.0.1:9190/metrics";
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -41,13 +49,16 @@ struct Setup {
     trap: UpstreamHandle,
     /// `raw.test`: records what it receives until EOF, then answers `recorded` and closes.
     raw: UpstreamHandle,
+    /// The configuration file and its text, for a reload.
+    config: String,
+    yaml: String,
     _dns: TestDns,
     _dir: tempfile::TempDir,
 }
 
 /// The TLS upstream on 192.0.2.10:443 for every test name; DNS: api.test, bucket.s3.test and
 /// evil.test there, rebind.test at the instance metadata address (a trap listens there),
-/// raw.test at 192.0.2.11 (a recording raw TCP upstream listens there).
+/// raw.test and also-raw.test at 192.0.2.11 (a recording raw TCP upstream listens there).
 async fn setup() -> Setup {
     add_lo_addr(ip("192.0.2.10"));
     add_lo_addr(ip("192.0.2.11"));
@@ -75,24 +86,34 @@ async fn setup() -> Setup {
     }
     dns.set("rebind.test", &[ip("169.254.169.254")], 60);
     dns.set("raw.test", &[ip("192.0.2.11")], 60);
+    dns.set("also-raw.test", &[ip("192.0.2.11")], 60);
     let dir = tempfile::tempdir().unwrap();
-    let config = common::write_allowlist(
-        &dir,
-        &format!(
-            "allowlist:\n\
+    let yaml = format!(
+        "allowlist:\n\
              - {{address: api.test, port: 443}}\n\
              - {{address: '*.s3.test', port: 443}}\n\
              - {{address: rebind.test, port: 443}}\n\
              - {{address: raw.test, port: 443}}\n\
+             - {{address: also-raw.test, port: 443}}\n\
              - {{address: 192.0.2.10, port: 443}}\n\
+             - {{address: 192.0.2.11, port: 443}}\n\
              routes:\n\
              - {{listen: '{CONNECT}', mode: connect}}\n\
              - {{listen: '{SNI}', mode: sni, port: 443}}\n\
-             - {{listen: '{REQUIRE}', remote: 'api.test:443', sni: require}}\n"
-        ),
+             - {{listen: '{REQUIRE}', remote: 'api.test:443', sni: require}}\n\
+             - {{listen: '{CONNECT_REQUIRE}', mode: connect, sni: require}}\n\
+             - {{listen: '{SNI_ECH}', mode: sni, port: 443, ech: allow}}\n"
     );
-    let proxy = Proxy::spawn(&["--config", &config, "--nameserver", "127.0.0.1:53"]);
-    for listen in [CONNECT, SNI, REQUIRE] {
+    let config = common::write_allowlist(&dir, &yaml);
+    let proxy = Proxy::spawn(&[
+        "--config",
+        &config,
+        "--nameserver",
+        "127.0.0.1:53",
+        "--metrics-listen",
+        "tcp:127.0.0.1:9190",
+    ]);
+    for listen in [CONNECT, SNI, REQUIRE, CONNECT_REQUIRE, SNI_ECH] {
         proxy.wait_ready(listen).await;
     }
     Setup {
@@ -100,6 +121,8 @@ async fn setup() -> Setup {
         tls,
         trap,
         raw,
+        config,
+        yaml,
         _dns: dns,
         _dir: dir,
     }
@@ -107,15 +130,17 @@ async fn setup() -> Setup {
 
 /// `curl -x` through the CONNECT route: (the CONNECT status curl saw, the body).
 async fn curl_via_connect(url: &str) -> (String, String) {
+    curl_via(CONNECT, url, &[]).await
+}
+
+/// `curl -x` through the CONNECT route on `listen`, with `extra` options (`--connect-to`):
+/// (the CONNECT status curl saw, the body).
+async fn curl_via(listen: &str, url: &str, extra: &[&str]) -> (String, String) {
+    let proxy = format!("http://{}", listen.strip_prefix("tcp:").unwrap());
     let out = tokio::process::Command::new("curl")
         .args(["-sS", "-k", "--max-time", "15", "--noproxy", ""])
-        .args([
-            "-x",
-            "http://127.0.0.1:8010",
-            "-w",
-            "\n%{http_connect}",
-            url,
-        ])
+        .args(extra)
+        .args(["-x", &proxy, "-w", "\n%{http_connect}", url])
         .env_remove("http_proxy")
         .env_remove("https_proxy")
         .output()
@@ -610,5 +635,346 @@ fn sni_routes_refuse_a_hello_with_two_server_names() {
             let reply = connect(SNI).await.round_trip(&hello, WAIT).await;
             assert_eq!(reply.unwrap(), b"recorded", "{}", s.proxy.logs());
         }
+    });
+}
+
+/// `CONNECT host:443` followed, in the same write, by `tunnel` (the tunnel's first bytes).
+fn connect_then(host: &str, tunnel: &[u8]) -> Vec<u8> {
+    [
+        format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes(),
+        tunnel,
+    ]
+    .concat()
+}
+
+const ESTABLISHED: &str = "HTTP/1.1 200 Connection Established\r\n\r\n";
+
+/// The connections counted under `outcome` on `route`, as Prometheus scrapes them.
+fn outcomes(route: &str, outcome: &str) -> f64 {
+    value(
+        &scrape(METRICS_URL, None),
+        &format!("nitro_vsock_proxy_connections_total{{outcome=\"{outcome}\",route=\"{route}\"}}"),
+    )
+}
+
+#[test]
+fn connect_route_with_sni_require_tunnels_only_the_connect_hosts_server_name() {
+    run_in_netns(|| async {
+        let s = setup().await;
+        // The CONNECT host's own name, exact and through a wildcard: end to end.
+        for name in ["api.test", "bucket.s3.test"] {
+            let (status, body) = curl_via(CONNECT_REQUIRE, &format!("https://{name}/"), &[]).await;
+            assert_eq!(
+                (status.as_str(), body.as_str()),
+                ("200", format!("hello {name}\n").as_str()),
+                "{}",
+                s.proxy.logs()
+            );
+        }
+        // CONNECT api.test:443, then a ClientHello for bucket.s3.test: allowlisted too, and
+        // served from the same address, which is exactly what must not pass.
+        let (status, body) = curl_via(
+            CONNECT_REQUIRE,
+            "https://bucket.s3.test/",
+            &["--connect-to", "bucket.s3.test:443:api.test:443"],
+        )
+        .await;
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("200", ""),
+            "{}",
+            s.proxy.logs()
+        );
+        assert!(
+            wait_for_line(
+                &s.proxy,
+                &[
+                    "reason=\"sni_mismatch\"",
+                    "route=\"tcp:127.0.0.1:8013\"",
+                    "requested=api.test",
+                    "in the CONNECT tunnel to api.test:443: the TLS server name bucket.s3.test \
+                     is not the CONNECT host api.test (sni: require)",
+                ]
+            )
+            .await,
+            "{}",
+            s.proxy.logs()
+        );
+        tokio::time::sleep(audit_window()).await;
+        // An IP address: no server name passes, a name allowlisted by name passes, another
+        // name (evil.test is not allowlisted, though its address is) does not.
+        let (status, body) = curl_via(CONNECT_REQUIRE, "https://192.0.2.10/", &[]).await;
+        assert_eq!((status.as_str(), body.as_str()), ("200", "hello -\n"));
+        let to_ip = |name: &str| format!("{name}:443:192.0.2.10:443");
+        let (status, body) = curl_via(
+            CONNECT_REQUIRE,
+            "https://api.test/",
+            &["--connect-to", &to_ip("api.test")],
+        )
+        .await;
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("200", "hello api.test\n")
+        );
+        let (status, body) = curl_via(
+            CONNECT_REQUIRE,
+            "https://evil.test/",
+            &["--connect-to", &to_ip("evil.test")],
+        )
+        .await;
+        assert_eq!((status.as_str(), body.as_str()), ("200", ""));
+        assert!(
+            wait_for_line(
+                &s.proxy,
+                &[
+                    "reason=\"sni_mismatch\"",
+                    "requested=192.0.2.10",
+                    "the TLS server name evil.test is not allowlisted by name for port 443",
+                ]
+            )
+            .await,
+            "{}",
+            s.proxy.logs()
+        );
+        assert_eq!(
+            s.tls.names_seen(),
+            ["api.test", "bucket.s3.test", "-", "api.test"],
+            "{}",
+            s.proxy.logs()
+        );
+        assert_eq!(outcomes(CONNECT_REQUIRE, "sni_mismatch"), 2.0);
+        // Without `sni: require`, the same tunnel carries the other name: why it is there.
+        let (status, body) = curl_via(
+            CONNECT,
+            "https://bucket.s3.test/",
+            &["--connect-to", "bucket.s3.test:443:api.test:443"],
+        )
+        .await;
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("200", "hello bucket.s3.test\n")
+        );
+        assert_eq!(s.trap.accepted(), 0);
+    });
+}
+
+#[test]
+fn connect_route_with_sni_require_judges_the_tunnels_first_bytes_before_the_upstream_sees_any() {
+    run_in_netns(|| async {
+        let s = setup().await;
+        let hello = client_hello_naming(&["raw.test"]);
+        let nameless = client_hello_naming(&[]);
+        // The hello right behind the head, in one write, and what follows it: relayed whole.
+        let flight = [&hello[..], &CHANGE_CIPHER_SPEC].concat();
+        let reply = connect(CONNECT_REQUIRE)
+            .await
+            .round_trip(&connect_then("raw.test", &flight), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            format!("{ESTABLISHED}recorded"),
+            "{}",
+            s.proxy.logs()
+        );
+        let report = s.raw.wait_result(WAIT).await;
+        assert_eq!(report.head, flight, "not relayed byte for byte");
+        // An IP address and no server name.
+        let reply = connect(CONNECT_REQUIRE)
+            .await
+            .round_trip(&connect_then("192.0.2.11", &nameless), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            format!("{ESTABLISHED}recorded")
+        );
+        assert_eq!(s.raw.wait_reports(2, WAIT).await[1].head, nameless);
+
+        // Each refused after its 200, with its reason; the hello sent in one write with the
+        // head, or after the 200 as a client that waits for it does.
+        let ech = with_extension(&hello, ENCRYPTED_CLIENT_HELLO, &outer_ech_payload());
+        let refused: [(&str, &[u8], &str); 5] = [
+            (
+                "raw.test",
+                &client_hello_naming(&["also-raw.test"]),
+                "sni_mismatch",
+            ),
+            (
+                "raw.test",
+                b"GET / HTTP/1.1\r\nHost: raw.test\r\n\r\n",
+                "not_tls",
+            ),
+            ("raw.test", &nameless, "no_sni"),
+            ("raw.test", &ech, "ech"),
+            (
+                "192.0.2.11",
+                &client_hello_naming(&["evil.test"]),
+                "sni_mismatch",
+            ),
+        ];
+        for (i, (host, tunnel, reason)) in refused.iter().enumerate() {
+            let mut conn = connect(CONNECT_REQUIRE).await;
+            if i % 2 == 0 {
+                conn.write_all(&connect_then(host, tunnel)).await.unwrap();
+            } else {
+                conn.write_all(&connect_then(host, b"")).await.unwrap();
+                let mut established = vec![0u8; ESTABLISHED.len()];
+                tokio::time::timeout(WAIT, conn.read_exact(&mut established))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(String::from_utf8_lossy(&established), ESTABLISHED);
+                conn.write_all(tunnel).await.unwrap();
+            }
+            let reply = conn.read_to_eof(WAIT).await.unwrap_or_default();
+            let expected = if i % 2 == 0 { ESTABLISHED } else { "" };
+            assert_eq!(String::from_utf8_lossy(&reply), expected, "{reason}");
+            let needles = [
+                &format!("reason=\"{reason}\"")[..],
+                "route=\"tcp:127.0.0.1:8013\"",
+                &format!("requested={host}"),
+                "decision=\"refused\"",
+            ];
+            assert!(
+                wait_for_line(&s.proxy, &needles).await,
+                "{needles:?}: {}",
+                s.proxy.logs()
+            );
+            // The next one with the same reason must get its own line.
+            tokio::time::sleep(audit_window()).await;
+        }
+        // The upstream was connected to (the 200 comes after the connect), but got nothing.
+        let reports = s.raw.wait_reports(2 + refused.len(), WAIT).await;
+        let received: Vec<u64> = reports.iter().map(|r| r.received).collect();
+        assert_eq!(
+            received.iter().filter(|&&n| n > 0).count(),
+            2,
+            "{received:?} {}",
+            s.proxy.logs()
+        );
+        for (outcome, count) in [
+            ("sni_mismatch", 2.0),
+            ("not_tls", 1.0),
+            ("no_sni", 1.0),
+            ("ech", 1.0),
+        ] {
+            assert_eq!(outcomes(CONNECT_REQUIRE, outcome), count, "{outcome}");
+        }
+        assert_eq!(s.trap.accepted(), 0);
+    });
+}
+
+#[test]
+fn a_hello_with_ech_is_refused_where_server_names_are_checked_unless_ech_allow() {
+    run_in_netns(|| async {
+        let s = setup().await;
+        // A real ClientHello (rustls TLS 1.3) with an outer encrypted_client_hello added.
+        let ech_hello = |name: &str| {
+            let hello = rustls_client_hello(&mut rustls_tls13_client(name));
+            with_extension(&hello, ENCRYPTED_CLIENT_HELLO, &outer_ech_payload())
+        };
+        let hello = ech_hello("raw.test");
+        assert_eq!(
+            nitro_vsock_proxy::proxy::request::sni::parse(&hello)
+                .unwrap()
+                .map(|p| p.ech),
+            Some(true)
+        );
+        // Refused by default: `mode: sni`, and `sni: require` on a fixed route.
+        assert_eq!(raw(SNI, &hello).await, "", "{}", s.proxy.logs());
+        assert_eq!(raw(REQUIRE, &ech_hello("api.test")).await, "");
+        for (route, name) in [(SNI, "raw.test"), (REQUIRE, "api.test")] {
+            let needles = [
+                &format!("route={route}")[..],
+                "reason=\"ech\"",
+                &format!("its server name {name} is only the public name"),
+            ];
+            assert!(
+                wait_for_line(&s.proxy, &needles).await,
+                "{needles:?}: {}",
+                s.proxy.logs()
+            );
+        }
+        assert_eq!(s.raw.accepted(), 0, "{}", s.proxy.logs());
+        assert_eq!(s.tls.accepted(), 0, "{}", s.proxy.logs());
+        assert_eq!(outcomes(SNI, "ech"), 1.0);
+        assert_eq!(outcomes(REQUIRE, "ech"), 1.0);
+        // `ech: allow`: relayed byte for byte, the outer name checked as any server name.
+        let reply = connect(SNI_ECH).await.round_trip(&hello, WAIT).await;
+        assert_eq!(reply.unwrap(), b"recorded", "{}", s.proxy.logs());
+        let report = s.raw.wait_result(WAIT).await;
+        assert_eq!(report.head, hello, "not relayed byte for byte");
+        assert_eq!(raw(SNI_ECH, &ech_hello("evil.test")).await, "");
+        assert!(
+            wait_for_line(
+                &s.proxy,
+                &[
+                    "route=tcp:127.0.0.1:8014",
+                    "reason=\"denied\"",
+                    "evil.test:443 is not allowed"
+                ]
+            )
+            .await,
+            "{}",
+            s.proxy.logs()
+        );
+        assert_eq!(s.tls.accepted(), 0);
+        assert_eq!(s.trap.accepted(), 0);
+    });
+}
+
+#[test]
+fn a_reload_revokes_a_tunnel_to_an_ip_address_whose_server_name_is_no_longer_allowlisted() {
+    run_in_netns(|| async {
+        let s = setup().await;
+        // Two open tunnels to 192.0.2.11: one carrying also-raw.test, one no server name.
+        let mut named = connect(CONNECT_REQUIRE).await;
+        let mut nameless = connect(CONNECT_REQUIRE).await;
+        for (conn, hello) in [
+            (&mut named, client_hello_naming(&["also-raw.test"])),
+            (&mut nameless, client_hello_naming(&[])),
+        ] {
+            conn.write_all(&connect_then("192.0.2.11", &hello))
+                .await
+                .unwrap();
+            let mut established = vec![0u8; ESTABLISHED.len()];
+            tokio::time::timeout(WAIT, conn.read_exact(&mut established))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert!(s.raw.wait_accepted(2, WAIT).await, "{}", s.proxy.logs());
+        // The address stays allowlisted, the name does not.
+        let yaml = s
+            .yaml
+            .replace("- {address: also-raw.test, port: 443}\n", "");
+        assert_ne!(yaml, s.yaml);
+        s.proxy
+            .reload_with(
+                std::path::Path::new(&s.config),
+                &yaml,
+                "allowlist reloaded",
+                1,
+            )
+            .await;
+        assert_eq!(named.read_to_eof(WAIT).await.unwrap_or_default(), b"");
+        assert!(
+            wait_for_line(
+                &s.proxy,
+                &[
+                    "reason=\"revoked\"",
+                    "the TLS server name also-raw.test in the tunnel to 192.0.2.11:443 is no \
+                     longer allowed",
+                ]
+            )
+            .await,
+            "{}",
+            s.proxy.logs()
+        );
+        // The tunnel without a server name is still up: it relays to the end.
+        nameless.shutdown().await.unwrap();
+        let reply = nameless.read_to_eof(WAIT).await.unwrap();
+        assert_eq!(reply, b"recorded", "{}", s.proxy.logs());
     });
 }

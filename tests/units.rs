@@ -304,3 +304,39 @@ fn the_shipped_routes_example_passes_check_config() {
         assert!(stdout.contains(route), "{route}: {stdout}");
     }
 }
+
+/// The example's commented CONNECT route, uncommented as an operator would, is valid and shown
+/// with its `sni: require`.
+#[test]
+fn the_routes_examples_commented_connect_route_passes_check_config() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/routes.example.yaml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let commented = "  # - listen: 8010\n  #   mode: connect\n  #   sni: require\n";
+    assert!(text.contains(commented), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(
+        &path,
+        text.replace(
+            commented,
+            "  - listen: 8010\n    mode: connect\n    sni: require\n",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("route vsock:8010 -> HTTP CONNECT (sni: require)"),
+        "{stdout}"
+    );
+}

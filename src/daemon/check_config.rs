@@ -136,7 +136,7 @@ fn report_reliance(out: &mut String, loaded: &Loaded, route: &Settings, reliance
     } else if matches!(route.destination, Destination::Fixed { .. }) {
         "allowed by"
     } else if matches!(route.destination, Destination::Dns) {
-        "answers, per query, the names of"
+        "answers the names allowed by"
     } else {
         "may reach, per connection,"
     };

@@ -84,7 +84,7 @@ impl Outcome {
     /// The label value: `completed`, `idle_timeout`, ..., or a CONNECT/SNI refusal's reason
     /// (`bad_request`, `method_not_allowed`, `head_too_large`, `head_timeout`, `not_tls`,
     /// `malformed_hello`, `no_sni`, `bad_sni`, `hello_too_large`, `hello_timeout`,
-    /// `hello_truncated`, `sni_mismatch`, `client_closed`).
+    /// `hello_truncated`, `sni_mismatch`, `ech`, `client_closed`).
     pub fn label(self) -> &'static str {
         match self {
             Outcome::Completed => "completed",

@@ -128,6 +128,9 @@ struct Ready {
     target: Target,
     /// Bytes already sent upstream (the ClientHello, what followed a CONNECT head).
     early: u64,
+    /// The server name a CONNECT tunnel to an IP address was let through with (`sni: require`),
+    /// which only a name entry allowed: a reload checks it again too.
+    server_name: Option<HostName>,
 }
 
 impl<'a> Connection<'a> {
@@ -326,6 +329,7 @@ impl<'a> Connection<'a> {
             addr,
             tried,
         } = upstream;
+        let mut server_name = None;
         if let Destination::Connect { require_sni } = self.settings.destination {
             if let Err(e) = connect::established(&mut self.client).await {
                 tracing::debug!(error = %e, "the CONNECT client left before 200");
@@ -334,7 +338,10 @@ impl<'a> Connection<'a> {
             if let Some(ech) = require_sni {
                 let start = std::mem::take(&mut request.early);
                 match self.tunnel_hello(policy, &request.target, start, ech).await {
-                    Ok(hello) => request.early = hello,
+                    Ok((hello, name)) => {
+                        request.early = hello;
+                        server_name = name;
+                    }
                     Err(refusal) => {
                         // Nothing was sent upstream: dropping `stream` closes it unused.
                         let refusal = Refusal::InTunnel {
@@ -372,6 +379,7 @@ impl<'a> Connection<'a> {
             addr,
             target: request.target,
             early: request.early.len() as u64,
+            server_name,
         })
     }
 
@@ -379,14 +387,15 @@ impl<'a> Connection<'a> {
     /// is what followed the CONNECT head, the hello's beginning) and judges it against the
     /// CONNECT `target`: the server name must be its host name; for an IP address, the hello
     /// may name no server, or one the allowlist allows by name at the port (an address entry
-    /// cannot vouch for a name). Returns the bytes read, to send upstream first.
+    /// cannot vouch for a name). Returns the bytes read, to send upstream first, and for an IP
+    /// address the server name admitted by name, if any.
     async fn tunnel_hello(
         &mut self,
         policy: &Policy,
         target: &Target,
         start: Vec<u8>,
         ech: Ech,
-    ) -> Result<Vec<u8>, Refusal> {
+    ) -> Result<(Vec<u8>, Option<HostName>), Refusal> {
         let hello = sni::read_client_hello_after(&mut self.client, start)
             .await
             .map_err(Refusal::Hello)?;
@@ -397,23 +406,18 @@ impl<'a> Connection<'a> {
                 expected,
             })
         };
-        match (&target.host, &hello.server_name) {
-            (Host::Name(host), Some(name)) if name == host => {}
-            (Host::Name(host), Some(name)) => {
-                return mismatch(name, Expected::ConnectHost(host.clone()))
-            }
-            (Host::Name(_), None) => return Err(Refusal::Hello(sni::HelloError::NoServerName)),
-            (Host::Ip(_), None) => {}
+        match (&target.host, hello.server_name) {
+            (Host::Name(host), Some(name)) if name == *host => Ok((hello.bytes, None)),
+            (Host::Name(host), Some(name)) => mismatch(&name, Expected::ConnectHost(host.clone())),
+            (Host::Name(_), None) => Err(Refusal::Hello(sni::HelloError::NoServerName)),
+            (Host::Ip(_), None) => Ok((hello.bytes, None)),
             (Host::Ip(_), Some(name)) => {
-                if policy
-                    .admits_request(&Host::Name(name.clone()), target.port)
-                    .is_err()
-                {
-                    return mismatch(name, Expected::AllowlistedName { port: target.port });
+                match policy.admits_request(&Host::Name(name.clone()), target.port) {
+                    Ok(_) => Ok((hello.bytes, Some(name))),
+                    Err(_) => mismatch(&name, Expected::AllowlistedName { port: target.port }),
                 }
             }
         }
-        Ok(hello.bytes)
     }
 
     /// Records a refusal (both counters of its outcome: `denied`, `dns_failure`, ..., then the
@@ -468,6 +472,7 @@ impl<'a> Connection<'a> {
             port: ready.target.port,
             upstream: ready.addr,
             dynamic,
+            server_name: ready.server_name.clone(),
             revoke: CancellationToken::new(),
         });
         let revoked = registration.token();

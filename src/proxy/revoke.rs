@@ -4,7 +4,9 @@
 //! upstream address reached, and a token that closes the connection) and the re-check a reload
 //! runs against its new policy: a connection whose upstream address the new policy would deny —
 //! with exactly the decision a new connection would get ([`crate::policy::Policy::decide`],
-//! rule 5's names resolved again from the shared cache) — is closed and counted as `revoked`.
+//! rule 5's names resolved again from the shared cache) — is closed and counted as `revoked`, and
+//! so is one whose requested name, or the server name that let a CONNECT tunnel to an IP address
+//! through (`sni: require`), the new policy no longer admits.
 //! With `--no-revoke-on-reload` the registry is still kept but nothing is closed.
 
 use std::collections::HashMap;
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::policy::dns::Dns;
-use crate::policy::host::Host;
+use crate::policy::host::{Host, HostName};
 use crate::policy::{Denial, Policy, Resolutions};
 
 /// One relayed connection, as the re-check needs it.
@@ -27,6 +29,9 @@ pub struct OpenConnection {
     pub upstream: SocketAddr,
     /// A CONNECT or SNI route: the requested name itself is checked again too.
     pub dynamic: bool,
+    /// The TLS server name a CONNECT tunnel to an IP address carried (`sni: require`), allowed
+    /// only by a name entry: checked again too, as a new tunnel's would be.
+    pub server_name: Option<HostName>,
     /// Cancelled to close the connection.
     pub revoke: CancellationToken,
 }
@@ -132,6 +137,16 @@ async fn still_allowed(policy: &Policy, dns: &Dns, conn: &OpenConnection) -> Res
         policy
             .admits_request(&conn.host, conn.port)
             .map_err(|d| format!("{}:{} is no longer allowed: {d}", conn.host, conn.port))?;
+    }
+    if let Some(name) = &conn.server_name {
+        policy
+            .admits_request(&Host::Name(name.clone()), conn.port)
+            .map_err(|d| {
+                format!(
+                    "the TLS server name {name} in the tunnel to {}:{} is no longer allowed: {d}",
+                    conn.host, conn.port
+                )
+            })?;
     }
     let ip = conn.upstream.ip();
     let mut resolutions = Resolutions::new();

@@ -91,3 +91,59 @@ pub fn application_data(len: u16, fill: u8) -> Vec<u8> {
     record.resize(5 + len as usize, fill);
     record
 }
+
+/// `hello` (one handshake record holding one whole ClientHello, as a TLS client's first write
+/// is) with the extension (`kind`, `data`) inserted first in its extension list, and the
+/// extension list's, the handshake message's and the record's lengths fixed to match. First, so
+/// that a `pre_shared_key` extension stays last (RFC 8446 4.2.11). Bytes after the record (a
+/// ChangeCipherSpec, early data) are kept as they are.
+pub fn with_extension(hello: &[u8], kind: u16, data: &[u8]) -> Vec<u8> {
+    let u16_at = |at: usize| usize::from(u16::from_be_bytes([hello[at], hello[at + 1]]));
+    assert_eq!(hello[0], 22, "not a handshake record");
+    assert_eq!(hello[5], 1, "not a ClientHello");
+    let record_end = 5 + u16_at(3);
+    // Record header (5), handshake header (4), legacy_version (2), random (32).
+    let mut at = 5 + 4 + 2 + 32;
+    at += 1 + usize::from(hello[at]); // legacy_session_id
+    at += 2 + u16_at(at); // cipher_suites
+    at += 1 + usize::from(hello[at]); // legacy_compression_methods
+    let extensions_len_at = at;
+    let message_end = 5 + 4 + u32::from_be_bytes([0, hello[6], hello[7], hello[8]]) as usize;
+    assert_eq!(
+        extensions_len_at + 2 + u16_at(extensions_len_at),
+        message_end,
+        "the extensions do not end the ClientHello"
+    );
+    assert_eq!(message_end, record_end, "not one ClientHello in one record");
+    let mut extension = kind.to_be_bytes().to_vec();
+    extension.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    extension.extend_from_slice(data);
+    let grow = extension.len();
+    let mut out = hello[..extensions_len_at + 2].to_vec();
+    out.extend_from_slice(&extension);
+    out.extend_from_slice(&hello[extensions_len_at + 2..]);
+    let set_u16 = |out: &mut Vec<u8>, at: usize, add: usize| {
+        let value = usize::from(u16::from_be_bytes([out[at], out[at + 1]])) + add;
+        out[at..at + 2].copy_from_slice(&(value as u16).to_be_bytes());
+    };
+    set_u16(&mut out, 3, grow);
+    set_u16(&mut out, extensions_len_at, grow);
+    let message_len = u32::from_be_bytes([0, out[6], out[7], out[8]]) as usize + grow;
+    out[6..9].copy_from_slice(&(message_len as u32).to_be_bytes()[1..]);
+    out
+}
+
+/// The `encrypted_client_hello` extension type (draft-ietf-tls-esni), as browsers send it.
+pub const ENCRYPTED_CLIENT_HELLO: u16 = 0xfe0d;
+
+/// An outer `encrypted_client_hello` extension's data, in its layout: type outer (0), an HPKE
+/// cipher suite (HKDF-SHA256, AES-128-GCM), a config id, an encapsulated key and a payload
+/// (random bytes here: only the server that holds the ECH key could read a real one).
+pub fn outer_ech_payload() -> Vec<u8> {
+    let mut data = vec![0, 0, 1, 0, 1, 0x2a];
+    data.extend_from_slice(&32u16.to_be_bytes());
+    data.extend_from_slice(&[0x11; 32]);
+    data.extend_from_slice(&200u16.to_be_bytes());
+    data.extend_from_slice(&[0x5c; 200]);
+    data
+}
