@@ -333,6 +333,7 @@ impl Relay<'_> {
             revoke: CancellationToken::new(),
         });
         let revoked = registration.token();
+        tracing::debug!(to = %self.spec.to, "relaying");
         let live = LiveBytes {
             to_upstream: self.route.metrics.to_upstream.inner(),
             to_client: self.route.metrics.to_client.inner(),
