@@ -1,11 +1,13 @@
 //! `enclave-app`: the enclave side of the Nitro Enclaves workshop's secure local channel.
 //!
-//! One binary, three commands with the workshop's arguments:
+//! One binary, the workshop's three commands with its arguments, and the ingress bridge:
 //! - `forwarder LOCAL_IP LOCAL_PORT REMOTE_CID REMOTE_PORT`: TCP in the enclave to the parent's
 //!   nitro-vsock-proxy over vsock ([`forwarder`]);
 //! - `server PORT`: answers region queries on vsock with S3 prefixes ([`server`], over
 //!   [`protocol`], [`ranges`], [`cache`] and [`fetch`]);
-//! - `client CID PORT QUERY`: the parent-side client ([`client`]).
+//! - `client CID PORT QUERY`: the parent-side client ([`client`]);
+//! - `ingress --listen vsock:PORT --to tcp:IP:PORT`: the parent's ingress route into a TCP
+//!   server in the enclave, keeping or consuming its PROXY header ([`ingress`]).
 //!
 //! [`accept`] is the accept loop they share; [`cli`] the command line; [`standin`] the hidden
 //! `demo-https` command, the HTTPS stand-in for ip-ranges.amazonaws.com used by `make demo` and
@@ -19,6 +21,7 @@ mod cli;
 mod client;
 mod fetch;
 mod forwarder;
+mod ingress;
 mod protocol;
 mod query_reader;
 mod ranges;
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Client(args) => client::main(args.options()),
         Command::Forwarder(args) => run_service(forwarder::run(args.options(), shutdown_signal())),
+        Command::Ingress(args) => run_service(ingress::run(args.options(), shutdown_signal())),
         // The stand-in has nothing worth draining: it just stops at the signal.
         Command::DemoHttps(args) => run_service(async move {
             tokio::select! {
