@@ -120,6 +120,17 @@ async fn connect_from(source: &str) -> TcpStream {
     socket.connect(to).await.unwrap()
 }
 
+/// A load balancer's connection from 127.0.0.5 that names `client` in a v2 header, with `data`
+/// after it; returns the enclave's answer line and the stream.
+async fn through_lb(client: &str, data: &[u8]) -> (String, TcpStream) {
+    let mut lb = connect_from("127.0.0.5").await;
+    let mut first = v2_header(client, "203.0.113.1:443");
+    first.extend_from_slice(data);
+    lb.write_all(&first).await.unwrap();
+    let line = read_line(&mut lb).await;
+    (line, lb)
+}
+
 /// Reads one line (the enclave's answer) within [`WAIT`]; empty if the connection closed first.
 async fn read_line<S: AsyncRead + Unpin>(stream: &mut S) -> String {
     let mut line = Vec::new();
@@ -375,6 +386,61 @@ fn a_trusted_load_balancers_header_is_honoured_and_a_bad_one_closes() {
         );
         assert_eq!(enclave.accepted(), 2);
         drop((lb, lb6));
+    });
+}
+
+#[test]
+fn a_load_balancers_clients_each_have_their_own_per_peer_slots() {
+    run_in_netns(|| async {
+        let _enclave = Enclave::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = route(
+            "    allow_from: [\"10.0.0.0/8\"]\n    proxy_protocol: v2\n    accept_proxy_protocol: [\"127.0.0.5\"]\n",
+        );
+        let (proxy, _) = start(&dir, &yaml, &["--max-connections-per-peer", "1"]).await;
+        // Two clients through one load balancer: the limit is per client, not per balancer.
+        let (a, _conn_a) = through_lb("10.1.1.1:1000", b"").await;
+        assert_eq!(a, "client=10.1.1.1:1000 dest=203.0.113.1:443");
+        let (b, _conn_b) = through_lb("10.1.1.2:1000", b"").await;
+        assert_eq!(b, "client=10.1.1.2:1000 dest=203.0.113.1:443");
+        // A second connection of the first client is over its limit.
+        let (c, _conn_c) = through_lb("10.1.1.1:1001", b"").await;
+        assert_eq!(c, "", "closed without an answer");
+        assert!(
+            proxy
+                .wait_for_log("--max-connections-per-peer (1) for client 10.1.1.1", WAIT)
+                .await,
+            "{}",
+            proxy.logs()
+        );
+    });
+}
+
+#[test]
+fn a_dual_stack_listeners_ipv4_client_is_judged_and_named_as_ipv4() {
+    run_in_netns(|| async {
+        let enclave = Enclave::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "routes:\n  - listen: \"tcp:[::]:8443\"\n    mode: ingress\n    to: \"tcp:{ENCLAVE}\"\n    allow_from: [\"127.0.0.2\"]\n    proxy_protocol: v1\n"
+        );
+        let config = write_config(&dir, &yaml);
+        let proxy = Proxy::spawn(&["--config", &config]);
+        proxy.wait_ready("tcp:[::]:8443").await;
+        let mut conn = connect_from("127.0.0.2").await;
+        let port = conn.local_addr().unwrap().port();
+        conn.write_all(b"v4").await.unwrap();
+        assert_eq!(
+            read_line(&mut conn).await,
+            format!("client=127.0.0.2:{port} dest=127.0.0.1:8443")
+        );
+        assert!(enclave
+            .received(0)
+            .starts_with(b"PROXY TCP4 127.0.0.2 127.0.0.1 "));
+        let mut refused = connect_from("127.0.0.3").await;
+        assert!(closed_without_a_byte(&mut refused).await);
+        assert_eq!(enclave.accepted(), 1);
+        drop(proxy);
     });
 }
 

@@ -66,8 +66,9 @@ pub fn peer_key(peer: &str) -> String {
         return format!("vsock:{cid}");
     }
     if let Some(rest) = peer.strip_prefix("tcp:") {
+        // An IPv4-mapped peer of a dual-stack listener is that IPv4 peer.
         if let Ok(addr) = rest.parse::<std::net::SocketAddr>() {
-            return format!("tcp:{}", addr.ip());
+            return format!("tcp:{}", addr.ip().to_canonical());
         }
         if let Ok(ip) = rest.parse::<IpAddr>() {
             return format!("tcp:{ip}");
@@ -295,6 +296,7 @@ mod tests {
         assert_eq!(peer_key("vsock:16:1034"), "vsock:16");
         assert_eq!(peer_key("tcp:127.0.0.2:5555"), "tcp:127.0.0.2");
         assert_eq!(peer_key("tcp:[::1]:5555"), "tcp:::1");
+        assert_eq!(peer_key("tcp:[::ffff:127.0.0.2]:5555"), "tcp:127.0.0.2");
         assert_eq!(peer_key("unix:/run/x.sock"), "unix");
     }
 

@@ -122,6 +122,7 @@ pub async fn serve(
             );
         }
     };
+    let connecting = Instant::now();
     let connected = tokio::time::timeout_at(deadline, connect(spec, &who)).await;
     let upstream = match connected {
         Ok(Ok(upstream)) => upstream,
@@ -149,6 +150,10 @@ pub async fn serve(
             return Outcome::SetupTimeout;
         }
     };
+    route
+        .metrics
+        .connect_duration
+        .observe(connecting.elapsed().as_secs_f64());
     tracing::Span::current().record("upstream", tracing::field::display(&spec.to));
     if !who.early.is_empty() {
         route.metrics.to_upstream.inc_by(who.early.len() as u64);
