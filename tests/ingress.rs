@@ -445,6 +445,60 @@ fn a_dual_stack_listeners_ipv4_client_is_judged_and_named_as_ipv4() {
 }
 
 #[test]
+fn a_unix_listeners_clients_are_judged_by_the_header_they_must_send() {
+    run_in_netns(|| async {
+        let enclave = Enclave::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("in.sock");
+        let listen = format!("unix:{}", sock.display());
+        let yaml = |accept: &str| {
+            format!(
+                "routes:\n  - listen: \"{listen}\"\n    mode: ingress\n    to: \"tcp:{ENCLAVE}\"\n    allow_from: [\"10.0.0.0/8\"]\n    proxy_protocol: v2\n{accept}"
+            )
+        };
+        let config = write_config(&dir, &yaml("    accept_proxy_protocol: [\"127.0.0.1\"]\n"));
+        let proxy = Proxy::spawn(&["--config", &config]);
+        proxy.wait_ready(&listen).await;
+        let mut conn = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        let mut first = v1_header("10.1.2.3:4444", "10.0.0.1:443");
+        first.extend_from_slice(b"via unix");
+        conn.write_all(&first).await.unwrap();
+        assert_eq!(
+            read_line(&mut conn).await,
+            "client=10.1.2.3:4444 dest=10.0.0.1:443"
+        );
+        // The header's client outside allow_from is refused like any other.
+        let mut outside = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        outside
+            .write_all(&v1_header("192.0.2.1:1", "10.0.0.1:443"))
+            .await
+            .unwrap();
+        assert_eq!(read_line(&mut outside).await, "");
+        assert_eq!(enclave.accepted(), 1);
+        // Without accept_proxy_protocol a unix client has no address to judge: refused.
+        proxy
+            .reload_with(
+                std::path::Path::new(&config),
+                &yaml(""),
+                "allowlist reloaded",
+                1,
+            )
+            .await;
+        let mut bare = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        let _ = bare.write_all(b"hello").await;
+        assert_eq!(read_line(&mut bare).await, "");
+        assert!(
+            proxy
+                .wait_for_log("has no address to judge by allow_from", WAIT)
+                .await,
+            "{}",
+            proxy.logs()
+        );
+        assert_eq!(enclave.accepted(), 1);
+    });
+}
+
+#[test]
 fn a_reload_that_tightens_allow_from_revokes_open_connections() {
     run_in_netns(|| async {
         let _enclave = Enclave::start().await;

@@ -97,15 +97,19 @@ pub async fn serve(
         tracing::Span::current().record("client", tracing::field::display(addresses.client));
     }
     let admitted = match client_ip {
-        Some(ip) => spec.sources.admits(ip).map_err(|denied| denied.to_string()),
+        Some(ip) => spec
+            .sources
+            .admits(ip)
+            .map(|block| (ip, block))
+            .map_err(|denied| denied.to_string()),
         None => Err(format!(
             "the client of {peer} has no address to judge by allow_from: a unix: listener's \
              clients must come through a load balancer that sends a PROXY header \
              (accept_proxy_protocol)"
         )),
     };
-    let block = match admitted {
-        Ok(block) => block,
+    let (client_ip, block) = match admitted {
+        Ok(admitted) => admitted,
         Err(message) => {
             let refused = Refused {
                 outcome: Outcome::Denied,
@@ -159,22 +163,17 @@ pub async fn serve(
         route.metrics.to_upstream.inc_by(who.early.len() as u64);
     }
     if audit::records_allowed() {
-        let client = client_ip.map_or_else(String::new, |ip| ip.to_string());
         audit::allowed(&audit::Decision {
             route: &route_name,
             peer: &audited_peer,
             requested: Some(&spec.to),
             port: None,
-            addresses: &format!("{client} allowed (allow_from {block})"),
+            addresses: &format!("{client_ip} allowed (allow_from {block})"),
             outcome: Outcome::Completed,
             reason: None,
             message: &format!("relaying to {}", spec.to),
         });
     }
-    let Some(client_ip) = client_ip else {
-        // Unreachable: a client without an address was refused above.
-        return Outcome::Denied;
-    };
     Relay {
         client,
         upstream,
