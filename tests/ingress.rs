@@ -525,7 +525,7 @@ fn a_reload_that_tightens_allow_from_revokes_open_connections() {
         assert!(
             proxy
                 .logs()
-                .contains("1 open connection the new allowlist or allow_from denies closed"),
+                .contains("1 open ingress connection the new allow_from refuses closed"),
             "{}",
             proxy.logs()
         );

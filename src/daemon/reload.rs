@@ -141,21 +141,29 @@ pub async fn reload(r: &mut Reloader) -> Result<String, ReloadError> {
 /// client the route's new `allow_from` refuses (unless `--no-revoke-on-reload`); the summary's
 /// part about them.
 async fn revoke(r: &Reloader, ingress: &IngressSources) -> String {
-    let revoked = if r.options.no_revoke_on_reload {
-        0
-    } else {
-        let policy = r.shared.policy.get();
-        let dns = r.shared.dns.get();
-        r.shared.relayed.revoke_denied(&policy, &dns, ingress).await
-    };
-    if revoked > 0 {
-        format!(
-            "; {revoked} open connection{} the new allowlist or allow_from denies closed",
-            if revoked == 1 { "" } else { "s" }
-        )
-    } else {
-        String::new()
+    if r.options.no_revoke_on_reload {
+        return String::new();
     }
+    let policy = r.shared.policy.get();
+    let dns = r.shared.dns.get();
+    let revoked = r.shared.relayed.revoke_denied(&policy, &dns, ingress).await;
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let mut summary = String::new();
+    if revoked.by_allowlist > 0 {
+        let n = revoked.by_allowlist;
+        summary.push_str(&format!(
+            "; {n} open connection{} the new allowlist denies closed",
+            plural(n)
+        ));
+    }
+    if revoked.by_allow_from > 0 {
+        let n = revoked.by_allow_from;
+        summary.push_str(&format!(
+            "; {n} open ingress connection{} the new allow_from refuses closed",
+            plural(n)
+        ));
+    }
+    summary
 }
 
 /// Applies `plan` to the `current` routes: removed ones stop accepting and drain, changed ones

@@ -50,6 +50,15 @@ pub enum Recheck {
 /// The sources of each ingress route of a reloaded file, by listen address.
 pub type IngressSources = HashMap<String, Sources>;
 
+/// How many connections a reload closed, by what refused them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Revoked {
+    /// Outbound connections the new allowlist denies.
+    pub by_allowlist: usize,
+    /// Ingress connections whose client the route's new `allow_from` refuses.
+    pub by_allow_from: usize,
+}
+
 /// Why a reload closed a connection: set before its token is cancelled.
 pub type RevokeReason = Arc<Mutex<Option<String>>>;
 
@@ -137,8 +146,8 @@ impl Registry {
         policy: &Policy,
         dns: &Dns,
         ingress: &IngressSources,
-    ) -> usize {
-        let mut revoked = 0;
+    ) -> Revoked {
+        let mut revoked = Revoked::default();
         for (conn, reason) in self.snapshot() {
             let verdict = match &conn.check {
                 Recheck::Upstream {
@@ -160,7 +169,10 @@ impl Registry {
                     *slot = Some(why);
                 }
                 conn.revoke.cancel();
-                revoked += 1;
+                match conn.check {
+                    Recheck::Upstream { .. } => revoked.by_allowlist += 1,
+                    Recheck::Source { .. } => revoked.by_allow_from += 1,
+                }
             }
         }
         revoked
