@@ -16,6 +16,10 @@
 //! * the proxy's resident memory per idle relayed connection at 1,000 and 9,000 connections
 //!   (each carried a byte end to end), and after they all closed.
 //!
+//! * an ingress route (`mode: ingress`, no PROXY header) against `socat TCP-LISTEN:P,fork,reuseaddr
+//!   TCP:...` (the hop it replaces) and a direct connection: connections per second from 32
+//!   clients and 64-byte round trips (p50, unpinned, median of 5) — [`ingress_rows`];
+//!
 //! * the policy: `--check-config` on a generated allowlist of 100,000 CIDR entries and 10,000
 //!   names (target: under 1 s), and policy decisions per second at 10 and 100,000 entries (the
 //!   "direct" column holds the 10-entry figure: the ratio shows whether a decision grows with the
@@ -29,7 +33,7 @@
 //! `BENCH_PROXY_ARGS="-w 1"` gives it more arguments, `BENCH_RUST_LOG=info` its log level
 //! (default `warn`: no per-connection span or line);
 //! `BENCH_VERBOSE=1` prints every throughput sample; `BENCH_ONLY=latency` (or a comma-separated
-//! list of throughput, connections, latency, idle, policy) measures only those.
+//! list of throughput, connections, latency, idle, policy, ingress) measures only those.
 //!
 //! Under `cargo test` (no `--bench` argument) it runs as a smoke test: small sizes, one round,
 //! a debug build, every check made, no meaningful numbers.
@@ -237,6 +241,11 @@ fn main() {
     }
     if wanted("idle") {
         rows.extend(idle_rows(&bench, echo_addr));
+    }
+    if wanted("ingress") {
+        let (more, note) = ingress_rows(&bench, echo_addr);
+        rows.extend(more);
+        notes.extend(note);
     }
     if wanted("policy") {
         rows.extend(policy_rows(&bench));
@@ -453,6 +462,77 @@ fn latency_rows(bench: &Bench, echo_addr: SocketAddr) -> Vec<Row> {
     }
 
     rows
+}
+
+/// An ingress route (the network to the enclave) against the socat hop it replaces and against
+/// a direct connection: connections per second and 64-byte round trips. Rows comparing with
+/// socat carry socat's figure in the "direct" column. Without socat installed, those rows are
+/// left out and a note says so.
+fn ingress_rows(bench: &Bench, echo_addr: SocketAddr) -> (Vec<Row>, Vec<String>) {
+    let scale = &bench.scale;
+    let limit = ["--max-connections".to_owned(), "10000".to_owned()];
+    let args = [limit.as_slice(), bench.proxy_args.as_slice()].concat();
+    let ingress = Proxy::start_ingress(echo_addr, &args).expect("start the ingress proxy");
+    let socat = Proxy::start_socat(echo_addr).map(|started| started.expect("start socat"));
+    // One measurement of each path per round, in rotating order so drift hits all alike.
+    let mut targets = vec![("direct", echo_addr), ("ingress", ingress.addr)];
+    if let Some(socat) = &socat {
+        targets.push(("socat", socat.addr));
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let mut p50: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for round in 0..scale.connection_rounds.max(scale.latency_runs) {
+        for i in 0..targets.len() {
+            let i = (i + round) % targets.len();
+            let addr = targets[i].1;
+            if round < scale.connection_rounds {
+                let rate =
+                    echo::connection_rate(addr, scale.connection_clients, scale.connection_time);
+                rates[i].push(rate.per_second);
+            }
+            if round < scale.latency_runs {
+                p50[i].push(echo::round_trips(addr, scale.round_trips, None).p50_us);
+            }
+        }
+    }
+    let (direct_rate, ingress_rate) = (median(&rates[0]), median(&rates[1]));
+    let (direct_p50, ingress_p50) = (median(&p50[0]), median(&p50[1]));
+    let clients = scale.connection_clients;
+    let mut rows = vec![
+        Row::new(
+            format!("ingress conn/s, {clients} clients, 1-byte echo"),
+            Some(direct_rate),
+            ingress_rate,
+            Target::RatioAtLeast(0.80),
+        ),
+        Row::new(
+            "ingress 64 B RTT p50 unpinned, µs",
+            Some(direct_p50),
+            ingress_p50,
+            Target::DirectPlus(10.0),
+        ),
+    ];
+    let mut notes = Vec::new();
+    if socat.is_some() {
+        rows.push(Row::new(
+            format!("ingress conn/s vs socat (direct column: socat), {clients} clients"),
+            Some(median(&rates[2])),
+            ingress_rate,
+            Target::RatioAtLeast(5.0),
+        ));
+        rows.push(Row::new(
+            "ingress 64 B RTT p50 vs socat (direct column: socat), µs",
+            Some(median(&p50[2])),
+            ingress_p50,
+            Target::None,
+        ));
+    } else {
+        notes.push(
+            "ingress: socat is not installed (scripts/install-deps.sh installs it): no socat rows"
+                .to_owned(),
+        );
+    }
+    (rows, notes)
 }
 
 /// The proxy's memory per idle relayed connection, in a proxy of its own, and after they close.

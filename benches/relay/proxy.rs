@@ -73,24 +73,94 @@ impl Proxy {
             }
         }
         let child = command.spawn()?;
-        let mut proxy = Proxy {
+        Proxy::ready(Proxy {
             child,
             addr,
             _dir: dir,
-        };
+        })
+    }
+
+    /// Starts the proxy with one `mode: ingress` route, `tcp:127.0.0.1:P` to `tcp:upstream`
+    /// (the enclave's stand-in), admitting 127.0.0.0/8 and sending no PROXY header (the echo
+    /// upstream would echo it), with `extra` arguments. Returns once it accepts connections.
+    pub fn start_ingress(
+        upstream: SocketAddr,
+        extra: &[impl AsRef<std::ffi::OsStr>],
+    ) -> io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("routes.yaml");
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        std::fs::write(
+            &config,
+            format!(
+                "routes:\n- {{listen: 'tcp:{addr}', mode: ingress, to: 'tcp:{upstream}', \
+                 allow_from: ['127.0.0.0/8']}}\n"
+            ),
+        )?;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nitro-vsock-proxy"));
+        command
+            .arg("--config")
+            .arg(&config)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child = command.spawn()?;
+        Proxy::ready(Proxy {
+            child,
+            addr,
+            _dir: dir,
+        })
+    }
+
+    /// Starts `socat TCP-LISTEN:P,fork,reuseaddr TCP:upstream`, the hop an ingress route
+    /// replaces (one process per connection). `None` when socat is not installed.
+    pub fn start_socat(upstream: SocketAddr) -> Option<io::Result<Self>> {
+        let socat = ["/usr/bin/socat", "/bin/socat"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let started = (|| {
+            let dir = tempfile::tempdir()?;
+            let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            let child = Command::new(socat)
+                .arg(format!(
+                    "TCP-LISTEN:{},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
+                    addr.port()
+                ))
+                .arg(format!("TCP:{upstream}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            Proxy::ready(Proxy {
+                child,
+                addr,
+                _dir: dir,
+            })
+        })();
+        Some(started)
+    }
+
+    /// Waits until `proxy` accepts connections, or says why it did not.
+    fn ready(mut proxy: Proxy) -> io::Result<Proxy> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = proxy.child.try_wait()? {
                 return Err(io::Error::other(format!(
-                    "the proxy exited at start-up ({status}); see its messages above"
+                    "it exited at start-up ({status}); see its messages above"
                 )));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            if TcpStream::connect_timeout(&proxy.addr, Duration::from_millis(200)).is_ok() {
                 return Ok(proxy);
             }
             if Instant::now() >= deadline {
                 return Err(io::Error::other(format!(
-                    "the proxy did not accept connections on {addr} within {START_TIMEOUT:?}"
+                    "nothing accepted connections on {} within {START_TIMEOUT:?}",
+                    proxy.addr
                 )));
             }
             thread::sleep(Duration::from_millis(20));

@@ -83,17 +83,22 @@ pub async fn serve(
     let deadline = started + shared.lifetimes.setup_timeout;
     let route_name = route.listen.to_string();
     let via_header = reads_header(spec, &client);
-    let who = match identify(&mut client, via_header, deadline, shared).await {
+    let Client {
+        addresses,
+        early,
+        // Held until the connection ends, however it ends.
+        _peer_slot,
+    } = match identify(&mut client, via_header, deadline, shared).await {
         Ok(who) => who,
         Err(refused) => return refuse(route, shared, &route_name, peer, None, refused),
     };
     // The client as logged and audited: the load balancer's client when it named one.
-    let client_ip = who.addresses.map(|a| a.client.ip());
-    let audited_peer = match (via_header, who.addresses) {
+    let client_ip = addresses.map(|a| a.client.ip());
+    let audited_peer = match (via_header, addresses) {
         (true, Some(a)) => format!("tcp:{}", a.client),
         _ => peer.to_owned(),
     };
-    if let Some(addresses) = who.addresses.filter(|_| via_header) {
+    if let Some(addresses) = addresses.filter(|_| via_header) {
         tracing::Span::current().record("client", tracing::field::display(addresses.client));
     }
     let admitted = match client_ip {
@@ -127,7 +132,9 @@ pub async fn serve(
         }
     };
     let connecting = Instant::now();
-    let connected = tokio::time::timeout_at(deadline, connect(spec, &who)).await;
+    let early_bytes = early.len() as u64;
+    // `early` moves into the connect, so it is freed once sent, not held by an idle connection.
+    let connected = tokio::time::timeout_at(deadline, connect(spec, addresses, early)).await;
     let upstream = match connected {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(message)) => {
@@ -159,8 +166,8 @@ pub async fn serve(
         .connect_duration
         .observe(connecting.elapsed().as_secs_f64());
     tracing::Span::current().record("upstream", tracing::field::display(&spec.to));
-    if !who.early.is_empty() {
-        route.metrics.to_upstream.inc_by(who.early.len() as u64);
+    if early_bytes > 0 {
+        route.metrics.to_upstream.inc_by(early_bytes);
     }
     if audit::records_allowed() {
         audit::allowed(&audit::Decision {
@@ -177,7 +184,7 @@ pub async fn serve(
     Relay {
         client,
         upstream,
-        early: who.early.len() as u64,
+        early: early_bytes,
         client_ip,
         audited_peer: &audited_peer,
         route,
@@ -262,18 +269,23 @@ fn socket_addresses(client: &Stream) -> Option<Addresses> {
 }
 
 /// Connects to the enclave and sends the route's PROXY header and the client's first bytes.
-async fn connect(spec: &Ingress, who: &Client) -> Result<Stream, String> {
+async fn connect(
+    spec: &Ingress,
+    addresses: Option<Addresses>,
+    early: Vec<u8>,
+) -> Result<Stream, String> {
     let mut upstream = spec
         .to
         .connect()
         .await
         .map_err(|e| format!("cannot connect to the enclave at {}: {e}", spec.to))?;
-    let mut first = match who.addresses {
+    let mut first = match addresses {
         Some(addresses) => proxy_header::encode(spec.proxy_protocol, addresses)
             .map_err(|e| format!("cannot build the PROXY header: {e}"))?,
         None => Vec::new(),
     };
-    first.extend_from_slice(&who.early);
+    first.extend_from_slice(&early);
+    drop(early);
     if !first.is_empty() {
         upstream.write_all(&first).await.map_err(|e| {
             format!(
