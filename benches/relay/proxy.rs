@@ -58,20 +58,7 @@ impl Proxy {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        if let Some(cpu) = pin_cpu {
-            // SAFETY: between fork and exec only sched_setaffinity(2), which is async-signal-safe,
-            // runs, on a set built before the fork.
-            let set = cpu_set(cpu);
-            unsafe {
-                command.pre_exec(move || {
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
-                    {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
+        pin(&mut command, pin_cpu);
         let child = command.spawn()?;
         Proxy::ready(Proxy {
             child,
@@ -82,9 +69,11 @@ impl Proxy {
 
     /// Starts the proxy with one `mode: ingress` route, `tcp:127.0.0.1:P` to `tcp:upstream`
     /// (the enclave's stand-in), admitting 127.0.0.0/8 and sending no PROXY header (the echo
-    /// upstream would echo it), with `extra` arguments. Returns once it accepts connections.
+    /// upstream would echo it), with `extra` arguments, pinned as [`Proxy::start`] is. Returns
+    /// once it accepts connections.
     pub fn start_ingress(
         upstream: SocketAddr,
+        pin_cpu: Option<usize>,
         extra: &[impl AsRef<std::ffi::OsStr>],
     ) -> io::Result<Self> {
         let dir = tempfile::tempdir()?;
@@ -109,6 +98,7 @@ impl Proxy {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        pin(&mut command, pin_cpu);
         let child = command.spawn()?;
         Proxy::ready(Proxy {
             child,
@@ -118,15 +108,17 @@ impl Proxy {
     }
 
     /// Starts `socat TCP-LISTEN:P,fork,reuseaddr TCP:upstream`, the hop an ingress route
-    /// replaces (one process per connection). `None` when socat is not installed.
-    pub fn start_socat(upstream: SocketAddr) -> Option<io::Result<Self>> {
+    /// replaces (one process per connection), pinned as [`Proxy::start`] is (its children
+    /// inherit the CPU). `None` when socat is not installed.
+    pub fn start_socat(upstream: SocketAddr, pin_cpu: Option<usize>) -> Option<io::Result<Self>> {
         let socat = ["/usr/bin/socat", "/bin/socat"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())?;
         let started = (|| {
             let dir = tempfile::tempdir()?;
             let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-            let child = Command::new(socat)
+            let mut command = Command::new(socat);
+            command
                 .arg(format!(
                     "TCP-LISTEN:{},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
                     addr.port()
@@ -134,8 +126,9 @@ impl Proxy {
                 .arg(format!("TCP:{upstream}"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
+                .stderr(Stdio::null());
+            pin(&mut command, pin_cpu);
+            let child = command.spawn()?;
             Proxy::ready(Proxy {
                 child,
                 addr,
@@ -212,6 +205,27 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// With `pin_cpu`, `command`'s process (and every thread and child it starts) runs on that CPU
+/// only.
+fn pin(command: &mut Command, pin_cpu: Option<usize>) {
+    if let Some(cpu) = pin_cpu {
+        // SAFETY: between fork and exec only sched_setaffinity(2), which is async-signal-safe,
+        // runs, on a set built before the fork.
+        let set = cpu_set(cpu);
+        unsafe {
+            command.pre_exec(move || {
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(io::Error::other(format!(
+                        "sched_setaffinity: {}",
+                        io::Error::last_os_error()
+                    )));
+                }
+                Ok(())
+            });
+        }
     }
 }
 
