@@ -152,9 +152,34 @@ pub struct Options {
     #[arg(long)]
     pub no_revoke_on_reload: bool,
 
+    /// With `enclaves:` entries that match by name, pcr0-2 or debug: the command that lists the
+    /// running enclaves as JSON (nitro-cli's), split on whitespace and run without a shell,
+    /// killed after 5s. Run at start-up, for a connection from a CID it did not list (at most
+    /// once a second) and every --enclaves-refresh.
+    #[arg(long, value_name = "COMMAND", default_value = DEFAULT_ENCLAVES_COMMAND, value_parser = parse_command)]
+    pub enclaves_command: String,
+
+    /// How often --enclaves-command runs to notice enclaves started, replaced or terminated.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
+    pub enclaves_refresh: Duration,
+
     /// The EC2 instance metadata service, asked for {region}/{domain} in REMOTE_ADDR.
     #[arg(long, value_name = "IP:PORT", default_value = crate::config::imds::DEFAULT_ENDPOINT)]
     pub imds_endpoint: SocketAddr,
+}
+
+/// nitro-cli's listing of the running enclaves, with their measurements.
+pub const DEFAULT_ENCLAVES_COMMAND: &str = "nitro-cli describe-enclaves --metadata";
+
+fn parse_command(s: &str) -> Result<String, String> {
+    if s.split_whitespace().next().is_none() {
+        return Err(
+            "the command is empty: give a program and its arguments, like \
+                    \"nitro-cli describe-enclaves --metadata\""
+                .into(),
+        );
+    }
+    Ok(s.to_owned())
 }
 
 fn parse_listen(s: &str) -> Result<Endpoint, String> {

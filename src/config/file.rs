@@ -27,6 +27,7 @@ use crate::config::remote::Remote;
 use crate::net::endpoint::Endpoint;
 use crate::net::proxy_header::Version as ProxyProtocol;
 use crate::policy::allowlist::{Allowlist, Entry};
+use crate::policy::enclaves::{Enclave, Match};
 use crate::policy::source::{self, Sources};
 
 /// Where a route's connections go.
@@ -89,6 +90,9 @@ pub struct RouteConfig {
     pub idle_timeout: Option<Duration>,
     /// Where the item starts in the file.
     pub line: Option<usize>,
+    /// `enclaves:`, the ids of the `enclaves:` entries whose peers may use this route; `None`:
+    /// every peer.
+    pub enclaves: Option<Vec<String>>,
 }
 
 /// The whole file.
@@ -101,6 +105,10 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `metrics_listen:`, where to serve Prometheus metrics (`tcp:` or `unix:`), if set.
     pub metrics_listen: Option<Endpoint>,
+    /// `enclaves:`, the per-enclave entries, in file order.
+    pub enclaves: Vec<Enclave>,
+    /// The line of each `enclaves:` entry, in the same order.
+    pub enclave_lines: Vec<Option<usize>>,
 }
 
 /// Reads and parses the configuration file at `path`. Blocking (reads a file, parses up to
@@ -125,9 +133,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let ingress_only = file.routes.as_ref().is_some_and(|r| {
         !r.is_empty() && r.iter().all(|r| matches!(r.mode, Some(ModeField::Ingress)))
     });
+    // An `enclaves:` entry's allowlist is an allowlist too: a file may give every name to one
+    // enclave and none to the rest.
+    let enclave_entries = file.enclaves.as_ref().is_some_and(|list| {
+        list.iter()
+            .any(|e| e.allowlist.as_ref().is_some_and(|a| !a.is_empty()))
+    });
     let entries = match file.allowlist {
         Some(entries) if !entries.is_empty() => entries,
-        _ if ingress_only => Vec::new(),
+        _ if ingress_only || enclave_entries => Vec::new(),
         _ => {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -135,7 +149,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 column: None,
                 message: "`allowlist` is empty: add at least one entry such as \
                           `- {address: ip-ranges.amazonaws.com, port: 443}` (only a file whose \
-                          routes are all `mode: ingress` may leave it out)"
+                          routes are all `mode: ingress`, or whose `enclaves:` entries have \
+                          allowlists, may leave it out)"
                     .into(),
             })
         }
@@ -143,6 +158,37 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let locations = Locations::find(text);
     let allowlist_lines = (0..entries.len())
         .map(|i| locations.line("allowlist", i))
+        .collect();
+    let invalid = |section: &str, i: usize, key: Option<&str>, message: String| {
+        let (line, column) = locations.get(section, i, key).unzip();
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            line,
+            column,
+            message: format!(
+                "{section}[{i}]{}: {message}",
+                key.map_or_else(String::new, |k| format!(".{k}"))
+            ),
+        }
+    };
+    let mut enclaves: Vec<Enclave> = Vec::new();
+    for (i, e) in file.enclaves.unwrap_or_default().into_iter().enumerate() {
+        let enclave = enclave(e).map_err(|(key, m)| invalid("enclaves", i, key, m))?;
+        if let Some(first) = enclaves.iter().position(|seen| seen.id == enclave.id) {
+            return Err(invalid(
+                "enclaves",
+                i,
+                Some("id"),
+                format!(
+                    "id {:?} is already the id of enclaves[{first}]; each entry needs its own",
+                    enclave.id
+                ),
+            ));
+        }
+        enclaves.push(enclave);
+    }
+    let enclave_lines = (0..enclaves.len())
+        .map(|i| locations.line("enclaves", i))
         .collect();
     let allowlist = Allowlist {
         entries: entries
@@ -183,12 +229,56 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 ),
             }
         })?;
+        let route_enclaves = match r.enclaves {
+            None => None,
+            Some(_) if matches!(kind, RouteKind::Ingress(_)) => {
+                return Err(invalid(
+                    "routes",
+                    i,
+                    Some("enclaves"),
+                    "a `mode: ingress` route's clients are the network's, not enclaves: \
+                     `allow_from` says who may connect; drop `enclaves`"
+                        .into(),
+                ))
+            }
+            Some(ids) if ids.is_empty() => {
+                return Err(invalid(
+                    "routes",
+                    i,
+                    Some("enclaves"),
+                    "`enclaves: []` would let no peer use the route: list the ids of \
+                     `enclaves:` entries, or drop the key to let every peer use it"
+                        .into(),
+                ))
+            }
+            Some(ids) => {
+                if let Some(unknown) = ids.iter().find(|id| !enclaves.iter().any(|e| e.id == **id))
+                {
+                    let known: Vec<&str> = enclaves.iter().map(|e| e.id.as_str()).collect();
+                    return Err(invalid(
+                        "routes",
+                        i,
+                        Some("enclaves"),
+                        format!(
+                            "{unknown:?} is not the id of an `enclaves:` entry ({})",
+                            if known.is_empty() {
+                                "the file has none".to_owned()
+                            } else {
+                                format!("the ids are {}", known.join(", "))
+                            }
+                        ),
+                    ));
+                }
+                Some(ids)
+            }
+        };
         routes.push(RouteConfig {
             listen: r.listen.0,
             kind,
             max_connections: r.max_connections,
             idle_timeout: r.idle_timeout.map(|d| d.0),
             line: locations.line("routes", i),
+            enclaves: route_enclaves,
         });
     }
     let metrics_listen = match file.metrics_listen {
@@ -210,6 +300,87 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         allowlist_lines,
         routes,
         metrics_listen,
+        enclaves,
+        enclave_lines,
+    })
+}
+
+fn entries_of(list: Vec<EntryFormat>) -> Allowlist {
+    Allowlist {
+        entries: list
+            .into_iter()
+            .map(|e| Entry {
+                address: e.address.0,
+                port: e.port.0,
+            })
+            .collect(),
+    }
+}
+
+/// One `enclaves:` entry from its keys; an error names the key that is wrong (or none).
+fn enclave(e: EnclaveFormat) -> Result<Enclave, (Option<&'static str>, String)> {
+    let id = e.id.trim().to_owned();
+    let id_ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !id_ok {
+        return Err((
+            Some("id"),
+            format!(
+                "{:?} is not an id: 1 to 64 letters, digits, `-`, `_` or `.` (it labels logs, \
+                 metrics and routes' `enclaves:`)",
+                e.id
+            ),
+        ));
+    }
+    let m = e.matcher;
+    let mut pcrs: [Option<String>; 3] = [None, None, None];
+    for (i, (key, value)) in [("match", m.pcr0), ("match", m.pcr1), ("match", m.pcr2)]
+        .into_iter()
+        .enumerate()
+    {
+        if let Some(value) = value {
+            let hex = value.trim().to_ascii_lowercase();
+            if hex.len() != 96 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err((
+                    Some(key),
+                    format!(
+                        "pcr{i}: {value:?} is not a PCR: 96 hex digits (SHA-384), as \
+                         `nitro-cli describe-enclaves` and `nitro-cli build-enclave` print it"
+                    ),
+                ));
+            }
+            pcrs[i] = Some(hex);
+        }
+    }
+    let source = match &m.source {
+        Some(block) => Some(
+            crate::policy::source::parse_block(block)
+                .map_err(|err| (Some("match"), format!("source: {err}")))?,
+        ),
+        None => None,
+    };
+    let matcher = Match {
+        cid: m.cid,
+        name: m.name,
+        pcrs,
+        debug: m.debug,
+        source,
+    };
+    if matcher == Match::default() {
+        return Err((
+            Some("match"),
+            "`match` needs at least one key: cid, name, pcr0, pcr1, pcr2, debug or source (an \
+             entry that matched every peer would be the top-level allowlist)"
+                .into(),
+        ));
+    }
+    Ok(Enclave {
+        id,
+        matcher,
+        allowlist: entries_of(e.allowlist.unwrap_or_default()),
     })
 }
 
@@ -421,10 +592,12 @@ fn yaml_error(e: serde_yaml::Error, path: &Path, text: &str) -> ConfigError {
     let indentation = &line_text[..line_text.len() - line_text.trim_start().len()];
     if message.contains("unknown field") {
         message.push_str(
-            " (check the spelling: the file's keys are `allowlist`, `routes` and `metrics_listen`; an allowlist \
+            " (check the spelling: the file's keys are `allowlist`, `routes`, `enclaves` and `metrics_listen`; an allowlist \
              entry has `address` and `port`; a route has `listen`, `remote` or `mode` (`connect`, \
              `sni` with `port`, `dns`, `ingress` with `to`, `allow_from`, `proxy_protocol`, \
-             `accept_proxy_protocol`), `sni: require`, `ech: allow`, `max_connections` and `idle_timeout`)",
+             `accept_proxy_protocol`), `sni: require`, `ech: allow`, `max_connections`, `idle_timeout` and \
+             `enclaves`; an `enclaves:` entry has `id`, `match` (`cid`, `name`, `pcr0`, `pcr1`, \
+             `pcr2`, `debug`, `source`) and `allowlist`)",
         );
     } else if message.starts_with("missing field `allowlist`") {
         message.push_str(" (the file must have a top-level `allowlist:` list)");
@@ -486,6 +659,36 @@ struct FileFormat {
     allowlist: Option<Vec<EntryFormat>>,
     routes: Option<Vec<RouteFormat>>,
     metrics_listen: Option<ListenField>,
+    enclaves: Option<Vec<EnclaveFormat>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnclaveFormat {
+    id: String,
+    #[serde(rename = "match")]
+    matcher: MatchFormat,
+    #[serde(default)]
+    allowlist: Option<Vec<EntryFormat>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatchFormat {
+    #[serde(default)]
+    cid: Option<u32>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    pcr0: Option<String>,
+    #[serde(default)]
+    pcr1: Option<String>,
+    #[serde(default)]
+    pcr2: Option<String>,
+    #[serde(default)]
+    debug: Option<bool>,
+    #[serde(default)]
+    source: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -514,6 +717,8 @@ struct RouteFormat {
     proxy_protocol: Option<String>,
     #[serde(default)]
     accept_proxy_protocol: Option<Vec<String>>,
+    #[serde(default)]
+    enclaves: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::config::cli::Options;
 use crate::daemon::settings::Settings as DaemonSettings;
-use crate::daemon::startup::{self, check_route, Fatal, Loaded, Metadata, Reliance, Routes};
+use crate::daemon::startup::{self, check_route_in, Fatal, Loaded, Metadata, Reliance, Routes};
 use crate::policy::dns::Dns;
 use crate::proxy::route::{Destination, Settings};
 
@@ -26,13 +26,15 @@ pub async fn check_config(options: &Options) -> u8 {
             return 2;
         }
     };
+    let mut warnings = loaded.warnings.clone();
+    warnings.extend(enclaves_command_warning(options, &loaded).await);
     if loaded.routes.is_empty() {
         // The file alone: no route to check, so no resolver is needed either.
-        for w in &loaded.warnings {
+        for w in &warnings {
             eprintln!("warning: {w}");
         }
-        print!("{}", summary(path, &loaded));
-        return verdict(path, 0, loaded.warnings.len());
+        print!("{}{}", summary(path, &loaded), enclaves(&loaded));
+        return verdict(path, 0, warnings.len());
     }
     let settings = DaemonSettings::from_options(options, &loaded.config);
     let dns = match Dns::new(&settings.dns) {
@@ -49,11 +51,75 @@ pub async fn check_config(options: &Options) -> u8 {
             problems += 1;
         }
     }
-    for w in &loaded.warnings {
+    out.push_str(&enclaves(&loaded));
+    for w in &warnings {
         eprintln!("warning: {w}");
     }
     print!("{out}");
-    verdict(path, problems, loaded.warnings.len())
+    verdict(path, problems, warnings.len())
+}
+
+/// With entries that match by name, PCR or debug: runs `--enclaves-command` once, as start-up
+/// would. A failure is a warning (the daemon would start, with those matches failing closed).
+async fn enclaves_command_warning(options: &Options, loaded: &Loaded) -> Option<String> {
+    if !loaded.policies.needs_table() {
+        return None;
+    }
+    let identity = crate::proxy::identity::Identity::new(&options.enclaves_command);
+    match identity.run_once().await {
+        crate::proxy::identity::Run::Ok(n) => {
+            println!(
+                "--enclaves-command ({}) lists {n} running enclave{}",
+                options.enclaves_command,
+                if n == 1 { "" } else { "s" }
+            );
+            None
+        }
+        run => Some(format!(
+            "--enclaves-command ({}) {}: `enclaves:` entries that match by name, pcr0-2 or \
+             debug would match nothing until it works (cid and source still match)",
+            options.enclaves_command, run
+        )),
+    }
+}
+
+/// One line per `enclaves:` entry: what it matches, its allowlist, and the routes its peers
+/// may use (every route without `enclaves:`, and those that list it).
+fn enclaves(loaded: &Loaded) -> String {
+    let mut out = String::new();
+    for (index, (id, matcher, entries)) in loaded.policies.entries().enumerate() {
+        let line = loaded
+            .config
+            .enclave_lines
+            .get(index)
+            .copied()
+            .flatten()
+            .map_or_else(String::new, |l| format!(", line {l}"));
+        let routes: Vec<String> = loaded
+            .routes
+            .iter()
+            .filter(|r| !matches!(r.destination, Destination::Ingress(_)))
+            .filter(|r| {
+                r.spec
+                    .enclaves
+                    .as_ref()
+                    .is_none_or(|ids| ids.iter().any(|i| i == id))
+            })
+            .map(|r| r.spec.listen.to_string())
+            .collect();
+        let routes = if routes.is_empty() {
+            "no route".to_owned()
+        } else {
+            routes.join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "enclave {id} (enclaves[{index}]{line}): matches {matcher}; {entries} allowlist \
+             entr{} beside the top-level allowlist; may use {routes}",
+            if entries == 1 { "y" } else { "ies" }
+        );
+    }
+    out
 }
 
 /// The first line: the file, how many routes and allowlist entries. With no route at all (no
@@ -95,7 +161,7 @@ async fn report_route(
         route.spec.origin,
         limits(route)
     );
-    match check_route(&loaded.policy, dns, route, path).await {
+    match check_route_in(&loaded.policies, dns, route, path).await {
         Ok(reliance) => {
             report_reliance(out, loaded, route, reliance);
             true
@@ -140,6 +206,15 @@ fn report_reliance(out: &mut String, loaded: &Loaded, route: &Settings, reliance
     } else {
         "may reach, per connection,"
     };
+    if let Some((index, id)) = &reliance.enclave {
+        let _ = writeln!(
+            out,
+            "  {how} the allowlist of enclave {id} (enclaves[{index}]): only its peers reach it"
+        );
+    }
+    if let Some(ids) = &route.spec.enclaves {
+        let _ = writeln!(out, "  only for the enclaves {}", ids.join(", "));
+    }
     for index in reliance.entries {
         let Some(entry) = loaded.policy.entries().get(index) else {
             // The indexes come from this policy; one out of range would be a bug, not worth a

@@ -18,8 +18,8 @@ use crate::daemon::startup::{self, Fatal, Metadata, Prepared};
 use crate::daemon::status::StatusLine;
 use crate::net::endpoint::Endpoint;
 use crate::ops::systemd::Notifier;
-use crate::proxy::revoke::IngressSources;
-use crate::proxy::route::{self, Destination, ReloadPlan, Route, Settings};
+use crate::proxy::revoke::RouteChecks;
+use crate::proxy::route::{self, ReloadPlan, Route, Settings};
 use crate::proxy::server::{self, Command, ServedRoute};
 use crate::proxy::shared::Shared;
 
@@ -99,17 +99,17 @@ pub async fn reload(r: &mut Reloader) -> Result<String, ReloadError> {
     if settings.metrics_listen != r.metrics_listen {
         warn!("metrics_listen: changed in the file; the metrics endpoint moves only on restart");
     }
-    r.shared.policy.set(loaded.policy);
+    let needs_table = loaded.policies.needs_table();
+    r.shared.policy.set(loaded.policies);
     r.shared.dns.set(dns);
-    let ingress: IngressSources = loaded
-        .routes
-        .iter()
-        .filter_map(|s| match &s.destination {
-            Destination::Ingress(i) => Some((s.spec.listen.to_string(), i.sources.clone())),
-            _ => None,
-        })
-        .collect();
-    let revoked = revoke(r, &ingress).await;
+    r.shared.enclaves.set_needed(needs_table);
+    if needs_table && !r.shared.enclaves.table().is_available() {
+        // Entries that match by name or PCR are new (or the command has been failing): ask
+        // before judging open connections with them.
+        r.shared.enclaves.refresh().await;
+    }
+    let checks = route::checks(&loaded.routes);
+    let revoked = revoke(r, &checks).await;
     let order: Vec<Endpoint> = loaded
         .routes
         .iter()
@@ -140,13 +140,18 @@ pub async fn reload(r: &mut Reloader) -> Result<String, ReloadError> {
 /// Closes the open connections the new allowlist denies, and the ingress connections whose
 /// client the route's new `allow_from` refuses (unless `--no-revoke-on-reload`); the summary's
 /// part about them.
-async fn revoke(r: &Reloader, ingress: &IngressSources) -> String {
+async fn revoke(r: &Reloader, checks: &RouteChecks) -> String {
     if r.options.no_revoke_on_reload {
         return String::new();
     }
-    let policy = r.shared.policy.get();
+    let policies = r.shared.policy.get();
+    let table = r.shared.enclaves.table();
     let dns = r.shared.dns.get();
-    let revoked = r.shared.relayed.revoke_denied(&policy, &dns, ingress).await;
+    let revoked = r
+        .shared
+        .relayed
+        .revoke_denied(&policies, &table, &dns, checks)
+        .await;
     let plural = |n: usize| if n == 1 { "" } else { "s" };
     let mut summary = String::new();
     if revoked.by_allowlist > 0 {

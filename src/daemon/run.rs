@@ -32,6 +32,7 @@ use crate::daemon::status::{refresh_status, StatusLine};
 use crate::net::accept::Heartbeat;
 use crate::net::endpoint::{Endpoint, Listener};
 use crate::ops::systemd::Notifier;
+use crate::proxy::identity::Identity;
 use crate::proxy::route::Route;
 use crate::proxy::server::{self, ServerLimits};
 use crate::proxy::shared::Shared;
@@ -92,6 +93,11 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
     notifier.ready(&status.render());
 
     let (stop, hup) = Signals::split(signals);
+    let enclaves = tokio::spawn(refresh_enclaves(
+        built.shared.clone(),
+        options.enclaves_refresh,
+        !options.no_revoke_on_reload,
+    ));
     let (commands, command_queue) = mpsc::unbounded_channel();
     let reloader = Reloader {
         options,
@@ -102,7 +108,8 @@ async fn serve(options: Options, notifier: Arc<Notifier>) -> Result<(), Fatal> {
         status: status.clone(),
         metrics_listen: built.metrics_listen,
     };
-    let tasks = spawn(built.metrics, hup, reloader, &notifier, &status);
+    let mut tasks = spawn(built.metrics, hup, reloader, &notifier, &status);
+    tasks.push(enclaves.abort_handle());
     let shutdown = stopping(stop, tasks, notifier.clone(), status);
     let left = server::serve(
         built.served,
@@ -160,7 +167,16 @@ async fn build(options: &Options, metadata: &mut Metadata) -> Result<Built, Fata
     let Bound { served, metrics } =
         startup::bind(&routes, settings.metrics_listen.as_ref()).await?;
     let allowlist_entries = loaded.policy.entries().len();
-    let mut shared = Shared::new(loaded.policy, dns, settings.upstream);
+    let needs_table = loaded.policies.needs_table();
+    log_enclaves(&loaded.policies);
+    let mut shared = Shared::new(loaded.policies, dns, settings.upstream);
+    shared.enclaves = Identity::new(&options.enclaves_command);
+    shared.enclaves.set_needed(needs_table);
+    if needs_table {
+        // Before READY=1, so that the first connections are matched by name and PCR; a
+        // failure is logged and leaves those matches failing closed, never a failed start.
+        shared.enclaves.refresh().await;
+    }
     shared.lifetimes = settings.lifetimes;
     shared.peers = settings.peers;
     let shared = Arc::new(shared);
@@ -242,6 +258,51 @@ async fn stopping(
         task.abort();
     }
     notifier.stopping(&format!("stopping ({name}): {}", status.render()));
+}
+
+/// One line per `enclaves:` entry at start-up: its id, what it matches, its allowlist's size.
+fn log_enclaves(policies: &crate::policy::enclaves::PolicySet) {
+    for (id, matcher, entries) in policies.entries() {
+        info!(
+            enclave = id,
+            "enclaves: entry {id} matches {matcher}; {entries} allowlist entr{} beside the top-level allowlist",
+            if entries == 1 { "y" } else { "ies" }
+        );
+    }
+}
+
+/// Runs `--enclaves-command` every `every` (while an entry needs it) and, when the running
+/// enclaves changed, closes the open connections their peers may no longer have (an enclave
+/// replaced by another image under the same name or CID loses what its entry gave), as a
+/// reload does, unless `--no-revoke-on-reload`.
+async fn refresh_enclaves(shared: Arc<Shared>, every: std::time::Duration, revoke: bool) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        if !shared.enclaves.refresh().await || !revoke {
+            continue;
+        }
+        let policies = shared.policy.get();
+        let table = shared.enclaves.table();
+        let dns = shared.dns.get();
+        let settings: Vec<Arc<crate::proxy::route::Settings>> =
+            shared.routes.get().iter().map(|r| r.settings()).collect();
+        let checks = crate::proxy::route::checks(settings.iter().map(|s| s.as_ref()));
+        let revoked = shared
+            .relayed
+            .revoke_denied(&policies, &table, &dns, &checks)
+            .await;
+        if revoked.by_allowlist > 0 {
+            info!(
+                revoked = revoked.by_allowlist,
+                "the running enclaves changed: closed {} open connection{} their peers may no longer have",
+                revoked.by_allowlist,
+                if revoked.by_allowlist == 1 { "" } else { "s" }
+            );
+        }
+    }
 }
 
 /// WATCHDOG=1 from the accept loop, when the service manager asks for it.

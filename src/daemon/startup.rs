@@ -27,6 +27,7 @@ use crate::config::{self, Config};
 use crate::daemon::settings::Settings as DaemonSettings;
 use crate::net::endpoint::{Endpoint, Listener};
 use crate::policy::dns::{Dns, DnsFailure, LookupError};
+use crate::policy::enclaves::PolicySet;
 use crate::policy::host::{special_kind, Host, HostPattern, SpecialKind};
 use crate::policy::overlap::{overlaps, OverlapKind};
 use crate::policy::{Allowance, Policy};
@@ -98,7 +99,10 @@ impl Metadata {
 /// The configuration, loaded.
 pub struct Loaded {
     pub config: Config,
+    /// The top-level allowlist alone.
     pub policy: Policy,
+    /// The top-level allowlist and each `enclaves:` entry's.
+    pub policies: PolicySet,
     /// Every route to serve, its remote filled, in order: the positional one first.
     pub routes: Vec<Settings>,
     /// Allowlist entries that add nothing (duplicates, shadowed by a wider entry), one message
@@ -196,11 +200,12 @@ pub async fn load(
     let config = load_file(path).await?;
     let positional = options.positional_route();
     if need == Routes::Optional && positional.is_none() && config.routes.is_empty() {
-        let policy = Policy::new(config.allowlist.clone());
+        let policies = PolicySet::new(config.allowlist.clone(), config.enclaves.clone());
         let warnings = overlap_warnings(&config, path);
         return Ok(Loaded {
             config,
-            policy,
+            policy: policies.base(),
+            policies,
             routes: Vec::new(),
             warnings,
         });
@@ -264,12 +269,13 @@ pub async fn load(
         };
         routes.push(Settings::new(spec, destination, options.idle_timeout));
     }
-    let policy = Policy::new(config.allowlist.clone());
+    let policies = PolicySet::new(config.allowlist.clone(), config.enclaves.clone());
     let mut warnings = overlap_warnings(&config, path);
     warnings.extend(ingress_warnings(&routes, path));
     Ok(Loaded {
         config,
-        policy,
+        policy: policies.base(),
+        policies,
         routes,
         warnings,
     })
@@ -349,6 +355,34 @@ async fn off_runtime<T: Send + 'static>(
 pub struct Reliance {
     pub entries: Vec<usize>,
     pub via_dns: bool,
+    /// The `enclaves:` entry (index, id) whose allowlist allows the route when the top-level
+    /// one does not: only peers matching it reach the remote.
+    pub enclave: Option<(usize, String)>,
+}
+
+/// [`check_route`] against the top-level allowlist, and when that does not allow the route,
+/// against each `enclaves:` entry's beside it: a route whose remote only one entry allows is
+/// valid (connections from other peers are refused per connection).
+pub async fn check_route_in(
+    policies: &PolicySet,
+    dns: &Dns,
+    route: &Settings,
+    config_path: &Path,
+) -> Result<Reliance, Fatal> {
+    let top = check_route(&policies.base(), dns, route, config_path).await;
+    let Err(Fatal::Config(why)) = top else {
+        return top;
+    };
+    let ids: Vec<String> = policies.entries().map(|(id, _, _)| id.to_owned()).collect();
+    for (index, id) in ids.into_iter().enumerate() {
+        if let Ok(mut reliance) =
+            check_route(&policies.with_entry(index), dns, route, config_path).await
+        {
+            reliance.enclave = Some((index, id));
+            return Ok(reliance);
+        }
+    }
+    Err(Fatal::Config(why))
 }
 
 /// Checks that `route`'s remote is allowed at all. A name allowlisted as such needs no DNS, so a
@@ -369,7 +403,7 @@ pub async fn check_route(
         // Decided per connection; what may be asked for is what the entries name.
         Destination::Connect { .. } => Ok(Reliance {
             entries: (0..policy.entries().len()).collect(),
-            via_dns: false,
+            ..Reliance::default()
         }),
         Destination::Sni { port, .. } => check_sni(policy, route, *port, config_path),
         Destination::Dns => check_dns(policy, route, config_path),
@@ -388,7 +422,10 @@ fn check_dns(policy: &Policy, route: &Settings, config_path: &Path) -> Result<Re
         .filter(|(_, e)| matches!(e.address, HostPattern::Name(_) | HostPattern::Wildcard(_)))
         .map(|(i, _)| i)
         .collect();
-    if entries.is_empty() {
+    let any = policy
+        .all_entries()
+        .any(|e| matches!(e.address, HostPattern::Name(_) | HostPattern::Wildcard(_)));
+    if !any {
         return Err(Fatal::Config(format!(
             "route {route} ({}): no host-name or wildcard entry in {}, so every query would be \
              answered NXDOMAIN; a dns route answers only names the allowlist allows by name",
@@ -398,7 +435,7 @@ fn check_dns(policy: &Policy, route: &Settings, config_path: &Path) -> Result<Re
     }
     Ok(Reliance {
         entries,
-        via_dns: false,
+        ..Reliance::default()
     })
 }
 
@@ -416,7 +453,7 @@ fn check_sni(
         .filter(|(_, e)| e.port == port)
         .map(|(i, _)| i)
         .collect();
-    if entries.is_empty() {
+    if !policy.all_entries().any(|e| e.port == port) {
         return Err(Fatal::Config(format!(
             "route {route} ({}): no allowlist entry in {} has port {port}, so nothing \
              could ever be reached through it",
@@ -426,7 +463,7 @@ fn check_sni(
     }
     Ok(Reliance {
         entries,
-        via_dns: false,
+        ..Reliance::default()
     })
 }
 
@@ -443,7 +480,7 @@ async fn check_fixed(
     if let Some(allowance) = statically {
         return Ok(Reliance {
             entries: policy.entry_for(&allowance, port).into_iter().collect(),
-            via_dns: false,
+            ..Reliance::default()
         });
     }
     let via_dns = match host {
@@ -464,6 +501,7 @@ async fn check_fixed(
             return Ok(Reliance {
                 entries,
                 via_dns: true,
+                enclave: None,
             });
         }
     }
@@ -540,7 +578,7 @@ fn not_allowed(
 /// Checks every route; all problems are reported at once. The result is a configuration error
 /// if any route is not allowed, a runtime error if only DNS kept us from telling.
 pub async fn check_routes(
-    policy: &Policy,
+    policy: &PolicySet,
     dns: &Dns,
     routes: &[Settings],
     config_path: &Path,
@@ -549,7 +587,7 @@ pub async fn check_routes(
     let mut config_errors = Vec::new();
     let mut runtime_errors = Vec::new();
     for route in routes {
-        match check_route(policy, dns, route, config_path).await {
+        match check_route_in(policy, dns, route, config_path).await {
             Ok(r) => {
                 if r.via_dns {
                     info!(route = %route.spec.listen, remote = %route.destination, "the remote is allowed through the current DNS answers of allowlisted entries");
@@ -607,7 +645,7 @@ pub async fn prepare(options: &Options, metadata: &mut Metadata) -> Result<Prepa
     log_warnings(&loaded.warnings);
     let settings = DaemonSettings::from_options(options, &loaded.config);
     let dns = Dns::new(&settings.dns).map_err(Fatal::Runtime)?;
-    check_routes(&loaded.policy, &dns, &loaded.routes, &options.config).await?;
+    check_routes(&loaded.policies, &dns, &loaded.routes, &options.config).await?;
     Ok(Prepared {
         loaded,
         dns,

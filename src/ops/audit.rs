@@ -37,6 +37,8 @@ pub struct Decision<'a> {
     pub route: &'a str,
     /// As accepted: `vsock:CID:PORT`, `tcp:IP:PORT` or `unix:PATH`.
     pub peer: &'a str,
+    /// The ids of the `enclaves:` entries the peer matched, comma-separated, or `-`.
+    pub enclave: &'a str,
     /// The route's remote, the CONNECT host or the TLS server name, as requested.
     pub requested: Option<&'a dyn fmt::Display>,
     pub port: Option<u16>,
@@ -196,6 +198,7 @@ pub fn refused(d: &Decision<'_>) {
                 decision = "refused",
                 route = d.route,
                 peer = d.peer,
+                enclave = d.enclave,
                 requested = d.requested.map(tracing::field::display),
                 port = d.port,
                 addresses = d.addresses,
@@ -229,6 +232,7 @@ pub fn allowed(d: &Decision<'_>) {
         decision = "allowed",
         route = d.route,
         peer = d.peer,
+        enclave = d.enclave,
         requested = d.requested.map(tracing::field::display),
         port = d.port,
         addresses = d.addresses,

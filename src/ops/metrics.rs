@@ -155,6 +155,17 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EnclaveOutcome {
+    enclave: String,
+    outcome: &'static str,
+}
+
+/// The results of `--enclaves-command`, as `nitro_vsock_proxy_enclaves_command_runs_total{result}`
+/// labels them: `ok`, `failed` (could not start, or exited non-zero), `timeout` (killed after
+/// 5 s), `invalid` (printed something that is not describe-enclaves' JSON).
+pub const ENCLAVES_COMMAND_RESULTS: [&str; 4] = ["ok", "failed", "timeout", "invalid"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -170,6 +181,8 @@ pub struct Metrics {
     connect_duration: DurationFamily,
     dns_lookups: Family<ResultLabel, Counter>,
     dns_queries: Family<RouteResult, Counter>,
+    enclave_connections: Family<EnclaveOutcome, Counter>,
+    enclaves_command_runs: Family<ResultLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
     audit_suppressed: Counter,
     log_lines_dropped: Counter,
@@ -226,6 +239,19 @@ impl Metrics {
             "Queries answered by dns routes, by route and result (answered, nodata, nxdomain, \
              blocked, servfail, refused, formerr)",
             dns_queries.clone(),
+        );
+        let enclave_connections = Family::<EnclaveOutcome, Counter>::default();
+        registry.register(
+            "enclave_connections",
+            "Connections by the enclaves: entry they matched (one per entry; - for none) and by \
+             how they ended",
+            enclave_connections.clone(),
+        );
+        let enclaves_command_runs = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "enclaves_command_runs",
+            "Runs of --enclaves-command, by result (ok, failed, timeout, invalid)",
+            enclaves_command_runs.clone(),
         );
         let reloads = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -289,6 +315,8 @@ impl Metrics {
             connect_duration,
             dns_lookups,
             dns_queries,
+            enclave_connections,
+            enclaves_command_runs,
             reloads,
             audit_suppressed,
             log_lines_dropped,
@@ -357,6 +385,49 @@ impl Metrics {
                 result,
             })
             .inc();
+    }
+
+    /// Shows every result of `--enclaves-command` at 0, once it is used.
+    pub fn enclaves_command_used(&self) {
+        for result in ENCLAVES_COMMAND_RESULTS {
+            drop(
+                self.enclaves_command_runs
+                    .get_or_create(&ResultLabel { result }),
+            );
+        }
+    }
+
+    /// Counts one run of `--enclaves-command`, by one of [`ENCLAVES_COMMAND_RESULTS`].
+    pub fn enclaves_command_run(&self, result: &'static str) {
+        self.enclaves_command_runs
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts one connection's end once for each `enclaves:` id it matched (`-` for none).
+    pub fn enclave_connection_ended<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a str>,
+        outcome: Outcome,
+    ) {
+        let mut any = false;
+        for id in ids {
+            any = true;
+            self.enclave_connections
+                .get_or_create(&EnclaveOutcome {
+                    enclave: id.to_owned(),
+                    outcome: outcome.label(),
+                })
+                .inc();
+        }
+        if !any {
+            self.enclave_connections
+                .get_or_create(&EnclaveOutcome {
+                    enclave: "-".to_owned(),
+                    outcome: outcome.label(),
+                })
+                .inc();
+        }
     }
 
     /// Counts one connection's end.

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::policy::allowlist::{Allowlist, Entry};
 use ipnet::IpNet;
@@ -73,14 +74,15 @@ impl fmt::Display for Denial {
 /// The current DNS answers of allowlisted host names (rule 5), keyed by name.
 pub type Resolutions = HashMap<HostName, Vec<IpAddr>>;
 
-/// The allowlist compiled for decisions. Cheap to share; replaced whole on reload.
+/// One allowlist compiled for decisions (the top-level one, or one `enclaves:` entry's); a
+/// connection decides with a [`Policy`] of one or more of them.
 ///
 /// Decisions follow the rules above in file order (the first entry that allows an address is the
 /// one an operator is shown), but never scan the list: each port's entries are indexed by
 /// address, by prefix length and network, by name and by wildcard suffix, so a decision costs
 /// about the same at 10 entries as at 100,000 (at most one hash lookup per prefix length in use).
 #[derive(Clone, Debug)]
-pub struct Policy {
+pub struct Rules {
     allowlist: Allowlist,
     ports: HashMap<u16, PortRules>,
 }
@@ -164,9 +166,9 @@ impl PortRules {
     }
 }
 
-impl Policy {
+impl Rules {
     /// Compiles `allowlist`, in time linear in its length.
-    pub fn new(allowlist: Allowlist) -> Policy {
+    pub fn new(allowlist: Allowlist) -> Rules {
         let mut ports: HashMap<u16, PortRules> = HashMap::new();
         for (index, entry) in allowlist.entries.iter().enumerate() {
             ports
@@ -178,7 +180,7 @@ impl Policy {
             rules.names_sorted.sort();
             rules.names_sorted.dedup();
         }
-        Policy { allowlist, ports }
+        Rules { allowlist, ports }
     }
 
     pub fn entries(&self) -> &[Entry] {
@@ -242,7 +244,7 @@ impl Policy {
     }
 
     /// Whether a connection to `name` (allowed by name for `ports`, see
-    /// [`Policy::ports_allowing_name`]) would be let through to `addr` for at least one of those
+    /// [`Rules::ports_allowing_name`]) would be let through to `addr` for at least one of those
     /// ports: false for a special address (loopback, the metadata service, ...) that no IP or
     /// CIDR entry of those ports allows. What a DNS route may answer.
     pub fn would_connect(&self, name: &HostName, ports: &[u16], addr: IpAddr) -> bool {
@@ -256,7 +258,7 @@ impl Policy {
     /// Whether a destination asked for per connection (an HTTP CONNECT target, a TLS server
     /// name) may be tried at all: a name needs a hostname or wildcard entry for `port`; an IP
     /// literal needs an IP or CIDR entry (rules 1–3; another name's DNS answer cannot vouch for
-    /// an address the enclave chose). Every address is then decided by [`Policy::decide`].
+    /// an address the enclave chose). Every address is then decided by [`Rules::decide`].
     pub fn admits_request(&self, requested: &Host, port: u16) -> Result<Allowance, Denial> {
         match requested {
             Host::Name(name) => self
@@ -365,6 +367,137 @@ impl Policy {
             }
         }
         Err(Denial::NotAllowlisted)
+    }
+}
+
+/// What one connection may reach: the top-level allowlist and the allowlists of the
+/// `enclaves:` entries its peer matched (see [`crate::policy::enclaves`]), decided as the union
+/// of their entries. Each rule above holds for the union exactly when it holds for one of the
+/// parts (a rule is a test of one entry, and whether an address is special does not depend on
+/// the allowlist), so a decision is the first part's allowance, or, when none allows, the one
+/// denial every part gives. Cheap to build: the parts are shared.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// The top-level allowlist first, then the matched entries' in file order; never empty.
+    parts: Vec<Arc<Rules>>,
+}
+
+impl Policy {
+    /// `allowlist` alone (no `enclaves:`).
+    pub fn new(allowlist: Allowlist) -> Policy {
+        Policy::from_parts(vec![Arc::new(Rules::new(allowlist))])
+    }
+
+    /// The union of `parts`; the first is the top-level allowlist.
+    pub fn from_parts(parts: Vec<Arc<Rules>>) -> Policy {
+        let parts = if parts.is_empty() {
+            vec![Arc::new(Rules::new(Allowlist::default()))]
+        } else {
+            parts
+        };
+        Policy { parts }
+    }
+
+    /// The top-level allowlist's entries (indexes in start-up's route checks refer to them).
+    pub fn entries(&self) -> &[Entry] {
+        self.parts[0].entries()
+    }
+
+    /// Every entry of every part, top-level first: what this connection may reach.
+    pub fn all_entries(&self) -> impl Iterator<Item = &Entry> {
+        self.parts.iter().flat_map(|p| p.entries().iter())
+    }
+
+    /// See [`Rules::allows_remote_statically`].
+    pub fn allows_remote_statically(&self, remote: &Host, port: u16) -> bool {
+        self.static_allowance(remote, port).is_some()
+    }
+
+    /// See [`Rules::static_allowance`].
+    pub fn static_allowance(&self, remote: &Host, port: u16) -> Option<Allowance> {
+        self.parts
+            .iter()
+            .find_map(|p| p.static_allowance(remote, port))
+    }
+
+    /// See [`Rules::ports_allowing_name`]: over every part.
+    pub fn ports_allowing_name(&self, name: &HostName) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .parts
+            .iter()
+            .flat_map(|p| p.ports_allowing_name(name))
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// See [`Rules::would_connect`].
+    pub fn would_connect(&self, name: &HostName, ports: &[u16], addr: IpAddr) -> bool {
+        let host = Host::Name(name.clone());
+        let none = Resolutions::new();
+        ports
+            .iter()
+            .any(|&port| self.decide(&host, port, addr, &none).is_ok())
+    }
+
+    /// See [`Rules::admits_request`].
+    pub fn admits_request(&self, requested: &Host, port: u16) -> Result<Allowance, Denial> {
+        let mut denial = Denial::NotAllowlisted;
+        for part in &self.parts {
+            match part.admits_request(requested, port) {
+                Ok(allowance) => return Ok(allowance),
+                Err(d) => denial = d,
+            }
+        }
+        Err(denial)
+    }
+
+    /// The entries with `port` in every part, for telling an operator what is allowed.
+    pub fn entries_with_port(&self, port: u16) -> Vec<&Entry> {
+        self.parts
+            .iter()
+            .flat_map(|p| p.entries_with_port(port))
+            .collect()
+    }
+
+    /// See [`Rules::names_to_resolve`]: over every part, each name once.
+    pub fn names_to_resolve(&self, remote: &Host, port: u16) -> Vec<HostName> {
+        if self.parts.len() == 1 {
+            return self.parts[0].names_to_resolve(remote, port);
+        }
+        let mut names: Vec<HostName> = self
+            .parts
+            .iter()
+            .flat_map(|p| p.names_to_resolve(remote, port))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The index in the top-level allowlist of the entry that gave `allowance` (see
+    /// [`Rules::entry_for`]).
+    pub fn entry_for(&self, allowance: &Allowance, port: u16) -> Option<usize> {
+        self.parts[0].entry_for(allowance, port)
+    }
+
+    /// See [`Rules::decide`]: the first part's allowance, else the denial.
+    pub fn decide(
+        &self,
+        remote: &Host,
+        port: u16,
+        addr: IpAddr,
+        resolutions: &Resolutions,
+    ) -> Result<Allowance, Denial> {
+        let mut denial = Denial::NotAllowlisted;
+        for part in &self.parts {
+            match part.decide(remote, port, addr, resolutions) {
+                Ok(allowance) => return Ok(allowance),
+                Err(d) => denial = d,
+            }
+        }
+        Err(denial)
     }
 }
 
@@ -494,7 +627,7 @@ mod tests {
                     port: if on_443 { 443 } else { 80 },
                 })
                 .collect();
-            let policy = Policy::new(Allowlist { entries: entries.clone() });
+            let policy = Rules::new(Allowlist { entries: entries.clone() });
             let port = if port_443 { 443 } else { 80 };
             let remote = remote(REMOTES[remote_pick]);
             let mut resolutions = Resolutions::new();
@@ -511,8 +644,8 @@ mod tests {
         }
     }
 
-    fn policy(yaml: &str) -> Policy {
-        Policy::new(
+    fn policy(yaml: &str) -> Rules {
+        Rules::new(
             crate::config::parse(yaml, Path::new("test.yaml"))
                 .unwrap()
                 .allowlist,

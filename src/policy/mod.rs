@@ -8,9 +8,10 @@
 pub mod allowlist;
 pub mod decision;
 pub mod dns;
+pub mod enclaves;
 pub mod host;
 pub mod overlap;
 pub mod source;
 
 pub use allowlist::{Allowlist, Entry};
-pub use decision::{Allowance, Denial, Policy, Resolutions};
+pub use decision::{Allowance, Denial, Policy, Resolutions, Rules};

@@ -17,6 +17,13 @@
 //! the upstream before it is judged. Without it, a tunnel to an allowlisted name could carry a
 //! ClientHello for another name served from the same (CDN) address.
 //!
+//! Before any of it, the peer is identified ([`crate::policy::enclaves`]: its CID, or a `tcp:`
+//! peer's source, looked up in `enclaves:`; the running enclaves' table asked for a CID it does
+//! not list): the entries it matches give the policy the connection is decided by (the
+//! top-level allowlist plus theirs), label its logs and audit events (`enclave=`), and a route
+//! with `enclaves:` refuses a peer that matches none of its ids at once
+//! (`reason="enclave_not_allowed"`).
+//!
 //! Admission (the connection limits) is [`crate::proxy::server`]'s, which calls [`spawn`]; this
 //! module does not import it.
 
@@ -36,6 +43,7 @@ use crate::net::endpoint::Stream;
 use crate::net::relay::{relay, LiveBytes, RelayEnd, Side};
 use crate::ops::audit;
 use crate::ops::metrics::Outcome;
+use crate::policy::enclaves::{Matched, PeerIdentity, PolicySet};
 use crate::policy::host::{Host, HostName};
 use crate::policy::Policy;
 use crate::proxy::dns;
@@ -69,19 +77,23 @@ pub fn spawn(
         upstream::set_keepalive(tcp, &shared.upstream);
     }
     // `client`: an ingress connection's client when a load balancer's PROXY header names it.
-    let span = tracing::info_span!("conn", route = %route.listen, id, peer = %peer, client = tracing::field::Empty, upstream = tracing::field::Empty);
+    let span = tracing::info_span!("conn", route = %route.listen, id, peer = %peer, enclave = tracing::field::Empty, client = tracing::field::Empty, upstream = tracing::field::Empty);
     let shared = shared.clone();
     let tasks = route.tasks.clone();
     tasks.spawn(
         async move {
+            let scope = Scope::of(&peer, &shared).await;
+            tracing::Span::current().record("enclave", scope.label.as_str());
             let outcome = tokio::select! {
-                outcome = Connection::new(stream, &peer, &route, &shared).run() => outcome,
+                outcome = Connection::new(stream, &peer, &route, &shared, &scope).run() => outcome,
                 _ = route.closed.cancelled() => {
                     info!("connection closed: its route was removed and the drain timeout ran out");
                     Outcome::Drained
                 }
             };
-            crate::ops::metrics::global().connection_ended(&route.metrics, outcome);
+            let metrics = crate::ops::metrics::global();
+            metrics.connection_ended(&route.metrics, outcome);
+            metrics.enclave_connection_ended(scope.set.ids(&scope.matched), outcome);
             route.metrics.open.dec();
             let open_now = shared
                 .counters
@@ -95,12 +107,64 @@ pub fn spawn(
     );
 }
 
+/// Who a connection's peer is, as the policy sees it: the `enclaves:` entries it matched (in
+/// the policies as of its accept) and what that lets it reach.
+pub struct Scope {
+    pub identity: PeerIdentity,
+    pub set: Arc<PolicySet>,
+    pub matched: Matched,
+    /// The matched ids, comma-separated, or `-`: the `enclave` field of logs and audit events.
+    pub label: String,
+    /// The top-level allowlist plus the matched entries'.
+    pub policy: Policy,
+}
+
+impl Scope {
+    /// Identifies `peer` (running `--enclaves-command` first for a CID its table does not list,
+    /// see [`crate::proxy::identity::Identity::table_for`]) against the current policies.
+    pub async fn of(peer: &str, shared: &Shared) -> Scope {
+        let set = shared.policy.get();
+        let identity = PeerIdentity::from_peer(peer);
+        if set.is_empty() {
+            return Scope {
+                identity,
+                policy: set.base(),
+                set,
+                matched: Matched::default(),
+                label: "-".to_owned(),
+            };
+        }
+        let table = if set.needs_table() {
+            shared.enclaves.table_for(&identity).await
+        } else {
+            shared.enclaves.table()
+        };
+        let matched = set.matching(&identity, &table);
+        Scope {
+            identity,
+            label: set.label(&matched),
+            policy: set.for_matched(&matched),
+            set,
+            matched,
+        }
+    }
+
+    /// Whether a route with `enclaves:` (`Some`) lets this peer in.
+    pub fn may_use(&self, route_enclaves: Option<&[String]>) -> bool {
+        match route_enclaves {
+            None => true,
+            Some(ids) => self.set.any_of(&self.matched, ids),
+        }
+    }
+}
+
 /// One enclave connection, from accept to close; see the module docs.
 pub struct Connection<'a> {
     client: Stream,
     peer: &'a str,
     route: &'a Route,
     shared: &'a Shared,
+    scope: &'a Scope,
     /// The route's listen address, as logged and audited.
     route_name: String,
     /// The route's settings as of this connection: a reload changes them for later ones only.
@@ -141,12 +205,14 @@ impl<'a> Connection<'a> {
         peer: &'a str,
         route: &'a Route,
         shared: &'a Shared,
+        scope: &'a Scope,
     ) -> Connection<'a> {
         Connection {
             client,
             peer,
             route,
             shared,
+            scope,
             route_name: route.listen.to_string(),
             settings: route.settings(),
         }
@@ -156,6 +222,9 @@ impl<'a> Connection<'a> {
     /// instead carries queries, each answered by the policy ([`dns::serve`]). Returns how it
     /// ended.
     pub async fn run(mut self) -> Outcome {
+        if !self.scope.may_use(self.settings.spec.enclaves.as_deref()) {
+            return self.refuse_enclave();
+        }
         if self.settings.destination == Destination::Dns {
             let idle_timeout = self.settings.spec.idle_timeout;
             return dns::serve(
@@ -164,6 +233,10 @@ impl<'a> Connection<'a> {
                 &self.route_name,
                 idle_timeout,
                 self.shared,
+                dns::Asker {
+                    policy: &self.scope.policy,
+                    enclave: &self.scope.label,
+                },
             )
             .await;
         }
@@ -202,12 +275,13 @@ impl<'a> Connection<'a> {
     async fn set_up(&mut self) -> Result<Ready, Outcome> {
         // One version of the policy for the request, every address and a CONNECT tunnel's
         // ClientHello: a reload in between cannot have one connection judged by two allowlists.
-        let policy = self.shared.policy.get();
-        let (request, upstream) = match self.decide(&policy).await {
+        let scope = self.scope;
+        let policy = &scope.policy;
+        let (request, upstream) = match self.decide(policy).await {
             Ok(decided) => decided,
             Err(refusal) => return Err(self.refuse(refusal).await),
         };
-        self.answer(&policy, request, upstream).await
+        self.answer(policy, request, upstream).await
     }
 
     /// The request, the policy's word on it and the upstream connect.
@@ -372,6 +446,7 @@ impl<'a> Connection<'a> {
             audit::allowed(&audit::Decision {
                 route: &self.route_name,
                 peer: self.peer,
+                enclave: &self.scope.label,
                 requested: Some(&request.target.host),
                 port: Some(request.target.port),
                 addresses: &tried,
@@ -450,6 +525,7 @@ impl<'a> Connection<'a> {
             audit::refused(&audit::Decision {
                 route: &self.route_name,
                 peer: self.peer,
+                enclave: &self.scope.label,
                 requested: target.map(|t| &t.host as &dyn std::fmt::Display),
                 port: target.map(|t| t.port),
                 addresses: &refusal.addresses(),
@@ -480,11 +556,13 @@ impl<'a> Connection<'a> {
             peer,
             route,
             shared,
+            scope,
             route_name,
             settings,
         } = self;
         let registration = shared.relayed.register(OpenConnection {
             route: route_name.clone(),
+            identity: scope.identity,
             check: Recheck::Upstream {
                 host: ready.target.host.clone(),
                 port: ready.target.port,
@@ -535,6 +613,7 @@ impl<'a> Connection<'a> {
                 audit::refused(&audit::Decision {
                     route: &route_name,
                     peer,
+                    enclave: &scope.label,
                     requested: Some(&ready.target.host),
                     port: Some(ready.target.port),
                     addresses: &format!("{} denied ({why})", ready.addr.ip()),
@@ -552,6 +631,42 @@ impl<'a> Connection<'a> {
                 Outcome::MaxLifetime
             }
         }
+    }
+
+    /// A route with `enclaves:` whose ids the peer matches none of: closed at once, nothing
+    /// read, counted `denied`, audited `reason="enclave_not_allowed"`.
+    fn refuse_enclave(&self) -> Outcome {
+        let outcome = Outcome::Denied;
+        for counters in [&self.shared.counters, &self.route.counters] {
+            counters.count_refusal(outcome);
+        }
+        let ids = self
+            .settings
+            .spec
+            .enclaves
+            .as_deref()
+            .unwrap_or_default()
+            .join(", ");
+        let peer_is = if self.scope.matched.is_empty() {
+            "matches no `enclaves:` entry".to_owned()
+        } else {
+            format!("matches only {}", self.scope.label)
+        };
+        audit::refused(&audit::Decision {
+            route: &self.route_name,
+            peer: self.peer,
+            enclave: &self.scope.label,
+            requested: None,
+            port: None,
+            addresses: audit::NO_ADDRESSES,
+            outcome,
+            reason: Some("enclave_not_allowed"),
+            message: &format!(
+                "peer {} {peer_is}; the route admits only the enclaves {ids}",
+                self.peer
+            ),
+        });
+        outcome
     }
 
     /// A route whose destination the enclave names (CONNECT, SNI), not the operator.

@@ -47,6 +47,7 @@ use crate::ops::audit;
 use crate::ops::metrics::Outcome;
 use crate::policy::dns::DnsFailure;
 use crate::policy::host::HostName;
+use crate::policy::Policy;
 use crate::proxy::shared::Shared;
 
 /// Queries of one connection being answered at once; the next waits (reading pauses).
@@ -74,6 +75,15 @@ struct Reply {
     result: &'static str,
 }
 
+/// Who asks, as the policy sees it: what the peer may reach (the top-level allowlist plus its
+/// `enclaves:` entries'), so that a name allowed only to one enclave is blocked for the rest,
+/// and the matched ids for the audit trail.
+#[derive(Clone, Copy)]
+pub struct Asker<'a> {
+    pub policy: &'a Policy,
+    pub enclave: &'a str,
+}
+
 /// Serves one connection of a dns route until the client closes it, it idles out or sends what
 /// cannot be a query. Returns how it ended.
 pub async fn serve(
@@ -82,6 +92,7 @@ pub async fn serve(
     route: &str,
     idle_timeout: Option<Duration>,
     shared: &Shared,
+    asker: Asker<'_>,
 ) -> Outcome {
     let started = Instant::now();
     let idle_timeout = idle_timeout.unwrap_or(DEFAULT_IDLE);
@@ -120,7 +131,7 @@ pub async fn serve(
             query = queries.next(), if reading && pending.len() < MAX_OUTSTANDING => {
                 match query {
                     Some(Ok(query)) => {
-                        pending.push(answer(query.to_vec(), peer, route, shared));
+                        pending.push(answer(query.to_vec(), peer, route, shared, asker));
                         idle.as_mut().reset(Instant::now() + idle_timeout);
                     }
                     Some(Err(e)) => {
@@ -168,7 +179,13 @@ async fn write_framed(
 }
 
 /// The answer to one query, by the rules in the module docs, within `--setup-timeout`.
-async fn answer(query: Vec<u8>, peer: &str, route: &str, shared: &Shared) -> Reply {
+async fn answer(
+    query: Vec<u8>,
+    peer: &str,
+    route: &str,
+    shared: &Shared,
+    asker: Asker<'_>,
+) -> Reply {
     let request = match Message::from_vec(&query) {
         Ok(request) => request,
         Err(e) => {
@@ -202,7 +219,7 @@ async fn answer(query: Vec<u8>, peer: &str, route: &str, shared: &Shared) -> Rep
     }
     let (code, ede, result) = match tokio::time::timeout(
         shared.lifetimes.setup_timeout,
-        decide(&request, &mut response, peer, route, shared),
+        decide(&request, &mut response, peer, route, shared, asker),
     )
     .await
     {
@@ -238,6 +255,7 @@ async fn decide(
     peer: &str,
     route: &str,
     shared: &Shared,
+    asker: Asker<'_>,
 ) -> (ResponseCode, Option<(u16, &'static str)>, &'static str) {
     if request.metadata.message_type != MessageType::Query {
         return (ResponseCode::FormErr, None, "formerr");
@@ -252,7 +270,7 @@ async fn decide(
     if query_type == RecordType::PTR || question.query_class() != DNSClass::IN {
         return (ResponseCode::Refused, None, "refused");
     }
-    let policy = shared.policy.get();
+    let policy = asker.policy;
     let asked = question.name().to_ascii();
     let name = HostName::parse(&asked).ok();
     let ports = name
@@ -263,6 +281,7 @@ async fn decide(
         audit::refused(&audit::Decision {
             route,
             peer,
+            enclave: asker.enclave,
             requested: Some(&asked.trim_end_matches('.')),
             port: None,
             addresses: audit::NO_ADDRESSES,

@@ -177,6 +177,7 @@ pub async fn serve(
         audit::allowed(&audit::Decision {
             route: &route_name,
             peer: &audited_peer,
+            enclave: "-",
             requested: Some(&spec.to),
             port: None,
             addresses: &format!("{client_ip} allowed (allow_from {block})"),
@@ -316,6 +317,7 @@ fn refuse(
     audit::refused(&audit::Decision {
         route: route_name,
         peer,
+        enclave: "-",
         requested: spec.map(|s| &s.to as &dyn std::fmt::Display),
         port: None,
         addresses: audit::NO_ADDRESSES,
@@ -347,6 +349,7 @@ impl Relay<'_> {
     async fn run(self, started: Instant) -> Outcome {
         let registration = self.shared.relayed.register(OpenConnection {
             route: self.route_name.to_owned(),
+            identity: Default::default(),
             check: Recheck::Source {
                 client: self.client_ip,
             },
@@ -393,6 +396,7 @@ impl Relay<'_> {
                 audit::refused(&audit::Decision {
                     route: self.route_name,
                     peer: self.audited_peer,
+                    enclave: "-",
                     requested: Some(&self.spec.to),
                     port: None,
                     addresses: &format!("{} denied ({why})", self.client_ip),

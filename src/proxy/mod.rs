@@ -5,7 +5,8 @@
 //! ([`dns`]: DNS queries answered from the allowlist), an ingress route's ([`ingress`]: the
 //! network's clients to the enclave, judged by their source), the requests a route reads
 //! ([`request`]: HTTP CONNECT, the TLS ClientHello), resolving and connecting upstream
-//! ([`upstream`]), revoking on reload ([`revoke`]), per-peer limits ([`peers`]) and the
+//! ([`upstream`]), revoking on reload ([`revoke`]), which enclave runs at a CID ([`identity`]),
+//! per-peer limits ([`peers`]) and the
 //! swap-on-reload cell ([`current`]).
 //!
 //! Imports: [`crate::net`], [`crate::ops`], [`crate::policy`], [`crate::config`]. Within it,
@@ -15,6 +16,7 @@
 pub mod connection;
 pub mod current;
 pub mod dns;
+pub mod identity;
 pub mod ingress;
 pub mod peers;
 pub mod refusal;

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::policy::dns::Dns;
+use crate::policy::enclaves::{PeerIdentity, PolicySet, Table};
 use crate::policy::host::{Host, HostName};
 use crate::policy::source::Sources;
 use crate::policy::{Denial, Policy, Resolutions};
@@ -27,6 +28,8 @@ use crate::policy::{Denial, Policy, Resolutions};
 pub struct OpenConnection {
     /// Its route's listen address.
     pub route: String,
+    /// Its peer, to match against `enclaves:` again.
+    pub identity: PeerIdentity,
     pub check: Recheck,
     /// Cancelled to close the connection.
     pub revoke: CancellationToken,
@@ -53,6 +56,14 @@ pub enum Recheck {
 
 /// The sources of each ingress route of a reloaded file, by listen address.
 pub type IngressSources = HashMap<String, Sources>;
+
+/// What the routes themselves say about who may keep a connection, by listen address: each
+/// ingress route's sources, and each route's `enclaves:` ids.
+#[derive(Clone, Debug, Default)]
+pub struct RouteChecks {
+    pub ingress: IngressSources,
+    pub route_enclaves: HashMap<String, Vec<String>>,
+}
 
 /// How many connections a reload closed, by what refused them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -142,14 +153,19 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Closes every connection `policy` (or, for an ingress route, its new sources) no longer
-    /// allows; returns how many. An ingress connection whose route is not in `ingress` (removed,
-    /// or no longer an ingress route) is left to drain with its route.
+    /// Closes every connection the policies (with `table` as the running enclaves) no longer
+    /// allow, or (for an ingress route) its new sources refuse; returns how many. An outbound
+    /// connection's peer is matched against `enclaves:` again, so one whose enclave was
+    /// replaced loses what its entry gave, and one on a route whose `enclaves:` (in
+    /// `checks.route_enclaves`) it no longer matches is closed. An ingress connection whose
+    /// route is not in `checks.ingress` (removed, or no longer an ingress route) is left to
+    /// drain with its route.
     pub async fn revoke_denied(
         &self,
-        policy: &Policy,
+        policies: &PolicySet,
+        table: &Table,
         dns: &Dns,
-        ingress: &IngressSources,
+        checks: &RouteChecks,
     ) -> Revoked {
         let mut revoked = Revoked::default();
         for (conn, reason) in self.snapshot() {
@@ -161,18 +177,27 @@ impl Registry {
                     dynamic,
                     server_name,
                 } => {
-                    still_allowed(
-                        policy,
-                        dns,
-                        host,
-                        *port,
-                        *upstream,
-                        *dynamic,
-                        server_name.as_ref(),
-                    )
-                    .await
+                    let matched = policies.matching(&conn.identity, table);
+                    match checks.route_enclaves.get(&conn.route) {
+                        Some(ids) if !policies.any_of(&matched, ids) => Err(format!(
+                            "the peer matches none of the route's enclaves ({}) any more",
+                            ids.join(", ")
+                        )),
+                        _ => {
+                            still_allowed(
+                                &policies.for_matched(&matched),
+                                dns,
+                                host,
+                                *port,
+                                *upstream,
+                                *dynamic,
+                                server_name.as_ref(),
+                            )
+                            .await
+                        }
+                    }
                 }
-                Recheck::Source { client } => match ingress.get(&conn.route) {
+                Recheck::Source { client } => match checks.ingress.get(&conn.route) {
                     Some(sources) => sources
                         .admits(*client)
                         .map(|_| ())

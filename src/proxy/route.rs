@@ -25,6 +25,7 @@ use crate::ops::metrics::{Outcome, RouteMetrics};
 use crate::policy::host::HostPattern;
 use crate::policy::source;
 use crate::proxy::current::Current;
+use crate::proxy::revoke::RouteChecks;
 
 /// Where a route was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +60,8 @@ pub struct RouteSpec {
     /// `None`: the command line's `--idle-timeout`.
     pub idle_timeout: Option<Duration>,
     pub origin: Origin,
+    /// `enclaves:`: only peers matching one of these `enclaves:` ids may use the route.
+    pub enclaves: Option<Vec<String>>,
 }
 
 /// The routes to serve: the positional one (if given) beside the file's, in that order. Two
@@ -79,6 +82,7 @@ pub fn specs(
             max_connections: None,
             idle_timeout: None,
             origin: Origin::CommandLine,
+            enclaves: None,
         });
     }
     for (index, r) in config.routes.iter().enumerate() {
@@ -101,6 +105,7 @@ pub fn specs(
             max_connections: r.max_connections,
             idle_timeout: r.idle_timeout,
             origin,
+            enclaves: r.enclaves.clone(),
         });
     }
     if specs.is_empty() {
@@ -126,6 +131,22 @@ pub fn specs(
         ));
     }
     Ok(specs)
+}
+
+/// What `routes` say about who may keep a connection (see [`RouteChecks`]): each ingress
+/// route's sources and each route's `enclaves:`, by listen address.
+pub fn checks<'a>(routes: impl IntoIterator<Item = &'a Settings>) -> RouteChecks {
+    let mut checks = RouteChecks::default();
+    for route in routes {
+        let listen = route.spec.listen.to_string();
+        if let Destination::Ingress(i) = &route.destination {
+            checks.ingress.insert(listen.clone(), i.sources.clone());
+        }
+        if let Some(ids) = &route.spec.enclaves {
+            checks.route_enclaves.insert(listen, ids.clone());
+        }
+    }
+    checks
 }
 
 /// Where a route's connections go, its remote filled.
@@ -461,6 +482,7 @@ mod tests {
             max_connections: None,
             idle_timeout: idle.map(Duration::from_secs),
             origin: Origin::CommandLine,
+            enclaves: None,
         };
         Settings::new(
             spec,

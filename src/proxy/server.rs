@@ -222,6 +222,7 @@ impl Admission {
         audit::refused(&audit::Decision {
             route: &route.listen.to_string(),
             peer: &peer,
+            enclave: "-",
             requested: None,
             port: None,
             addresses: audit::NO_ADDRESSES,

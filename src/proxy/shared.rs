@@ -1,6 +1,7 @@
 //! What every connection shares: the state the daemon builds once and reload updates.
 //!
-//! This module owns [`Shared`] (the current policy and resolver, upstream socket settings, the
+//! This module owns [`Shared`] (the current policies (the top-level allowlist and each
+//! `enclaves:` entry's) and resolver, the running enclaves' table, upstream socket settings, the
 //! daemon-wide counters, the routes being served, per-peer limits and the registry of relayed
 //! connections) and [`Lifetimes`] (how long one connection may take). It is its own module so
 //! that [`crate::proxy::server`], which admits connections, and [`crate::proxy::connection`],
@@ -11,8 +12,9 @@ use std::time::Duration;
 
 use crate::net::relay::RelayMode;
 use crate::policy::dns::Dns;
-use crate::policy::Policy;
+use crate::policy::enclaves::PolicySet;
 use crate::proxy::current::Current;
+use crate::proxy::identity::Identity;
 use crate::proxy::peers::PeerLimits;
 use crate::proxy::revoke::Registry;
 use crate::proxy::route::{Counters, Route};
@@ -20,8 +22,11 @@ use crate::proxy::upstream::UpstreamSettings;
 
 /// Everything a connection needs, shared by all of them.
 pub struct Shared {
-    /// The current policy; replaced whole on reload, so a connection sees one consistent version.
-    pub policy: Current<Policy>,
+    /// The current policies; replaced whole on reload, so a connection sees one consistent
+    /// version.
+    pub policy: Current<PolicySet>,
+    /// Which enclave runs at a CID (`--enclaves-command`).
+    pub enclaves: Identity,
     /// The resolver; replaced on reload, which re-reads /etc/hosts and /etc/resolv.conf.
     pub dns: Current<Dns>,
     /// Connect timeout and keepalive of upstream sockets.
@@ -60,9 +65,10 @@ impl Default for Lifetimes {
 }
 
 impl Shared {
-    pub fn new(policy: Policy, dns: Dns, upstream: UpstreamSettings) -> Shared {
+    pub fn new(policy: PolicySet, dns: Dns, upstream: UpstreamSettings) -> Shared {
         Shared {
             policy: Current::new(policy),
+            enclaves: Identity::new(crate::config::cli::DEFAULT_ENCLAVES_COMMAND),
             dns: Current::new(dns),
             upstream,
             counters: Counters::default(),
