@@ -83,7 +83,7 @@ pub fn spawn(
     tasks.spawn(
         async move {
             let scope = Scope::of(&peer, &shared).await;
-            tracing::Span::current().record("enclave", scope.label.as_str());
+            tracing::Span::current().record("enclave", tracing::field::display(&scope.label));
             let outcome = tokio::select! {
                 outcome = Connection::new(stream, &peer, &route, &shared, &scope).run() => outcome,
                 _ = route.closed.cancelled() => {
