@@ -416,3 +416,89 @@ fn bad_enclaves_entries_name_the_line_and_key() {
         assert!(exit.stderr.contains("line "), "{yaml}: {exit:?}");
     }
 }
+
+/// `dig +tcp` from `source` to the dns route on 127.0.0.1:8053: its status and addresses.
+async fn dig_from(source: &str, name: &str) -> (String, Vec<String>) {
+    let out = tokio::process::Command::new("dig")
+        .args([
+            "+tcp",
+            "+tries=1",
+            "+time=10",
+            "-b",
+            source,
+            "-p",
+            "8053",
+            "@127.0.0.1",
+            name,
+            "A",
+        ])
+        .output()
+        .await
+        .expect("cannot run dig (scripts/install-deps.sh installs bind9-dnsutils)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "dig {name} from {source}: {text}");
+    let status = text
+        .split("status: ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or_else(|| panic!("no status: {text}"))
+        .to_owned();
+    let addresses = text
+        .split(";; ANSWER SECTION:\n")
+        .nth(1)
+        .map(|section| {
+            section
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    (status, addresses)
+}
+
+#[test]
+fn the_dns_route_answers_per_enclave() {
+    run_in_netns(|| async {
+        let dns = common::dns::TestDns::start("127.0.0.1:53".parse().unwrap()).await;
+        dns.set("kms.test", &["192.0.2.10".parse().unwrap()], 60);
+        dns.set("common.test", &["192.0.2.20".parse().unwrap()], 60);
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "allowlist:\n  - {address: common.test, port: 443}\n\
+                    enclaves:\n  - id: signer\n    match: {source: \"127.0.0.5/32\"}\n    allowlist:\n      - {address: kms.test, port: 443}\n\
+                    routes:\n  - {listen: 'tcp:127.0.0.1:8053', mode: dns}\n";
+        let path = write(&dir, "p.yaml", yaml);
+        let proxy = Proxy::spawn(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--nameserver",
+            "127.0.0.1:53",
+        ]);
+        proxy.wait_ready("tcp:127.0.0.1:8053").await;
+        // A name only signer's entry allows: answered to signer, blocked for everyone else.
+        assert_eq!(
+            dig_from("127.0.0.5", "kms.test").await,
+            ("NOERROR".to_owned(), vec!["192.0.2.10".to_owned()])
+        );
+        assert_eq!(dig_from("127.0.0.6", "kms.test").await.0, "NXDOMAIN");
+        assert!(
+            proxy.wait_for_log("reason=\"dns_blocked\"", WAIT).await,
+            "{}",
+            proxy.logs()
+        );
+        let blocked = proxy
+            .logs()
+            .lines()
+            .find(|l| l.contains("dns_blocked"))
+            .unwrap()
+            .to_owned();
+        assert!(blocked.contains("enclave=\"-\""), "{blocked}");
+        // The top-level allowlist's names are everyone's.
+        for source in ["127.0.0.5", "127.0.0.6"] {
+            assert_eq!(
+                dig_from(source, "common.test").await,
+                ("NOERROR".to_owned(), vec!["192.0.2.20".to_owned()])
+            );
+        }
+    });
+}

@@ -541,6 +541,110 @@ fn dns_route_over_vsock_answers_an_allowed_name_and_blocks_an_unlisted_one() {
     });
 }
 
+/// nitro-cli's JSON naming the enclave at CID 1 (the loopback transport's peer) `signer`, with
+/// `pcr0`.
+fn described_at_cid_1(pcr0: &str) -> String {
+    format!(
+        "[{{\"EnclaveName\": \"signer\", \"EnclaveID\": \"i-0-enc1\", \"ProcessID\": 7, \
+         \"EnclaveCID\": 1, \"NumberOfCPUs\": 2, \"CPUIDs\": [1, 3], \"MemoryMiB\": 512, \
+         \"State\": \"RUNNING\", \"Flags\": \"NONE\", \"Measurements\": {{\"HashAlgorithm\": \
+         \"Sha384 {{ ... }}\", \"PCR0\": \"{pcr0}\", \"PCR1\": \"{pcr0}\", \"PCR2\": \"{pcr0}\"}}}}]"
+    )
+}
+
+#[test]
+fn per_enclave_policy_matches_the_kernels_peer_cid_by_cid_and_by_name_and_pcr0_and_revokes_a_replaced_image(
+) {
+    if !in_vm("vsock_vm") {
+        return;
+    }
+    run_in_netns(|| async {
+        const SIGNER: u32 = 8040;
+        const BATCH: u32 = 8041;
+        add_lo_addr(ip("192.0.2.10"));
+        add_lo_addr(ip("192.0.2.20"));
+        let kms = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        let s3 = echo_server("192.0.2.20:443".parse().unwrap()).await;
+        let _dns = TestDns::start(DNS_ADDR.parse().unwrap()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let image_a = "a".repeat(96);
+        let image_b = "b".repeat(96);
+        // The stand-in --enclaves-command: prints what the test last wrote, as nitro-cli would.
+        let described = dir.path().join("described.json");
+        std::fs::write(&described, described_at_cid_1(&image_a)).unwrap();
+        let script = dir.path().join("describe-enclaves");
+        std::fs::write(&script, format!("#!/bin/sh\ncat {}\n", described.display())).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Nothing at the top level: what a peer reaches comes from the entries it matches.
+        let yaml = format!(
+            "allowlist: []\n\
+             enclaves:\n\
+             - id: batch\n  match: {{cid: 1}}\n  allowlist:\n  - {{address: 192.0.2.20, port: 443}}\n\
+             - id: signer\n  match: {{name: signer, pcr0: \"{}\"}}\n  allowlist:\n  - {{address: 192.0.2.10, port: 443}}\n\
+             routes:\n\
+             - {{listen: {SIGNER}, remote: '192.0.2.10:443'}}\n\
+             - {{listen: {BATCH}, remote: '192.0.2.20:443', enclaves: [batch]}}\n",
+            image_a.to_uppercase()
+        );
+        let config = common::write_allowlist(&dir, &yaml);
+        let command = script.display().to_string();
+        let proxy = Proxy::spawn(&[
+            "--config",
+            &config,
+            "--nameserver",
+            DNS_ADDR,
+            "--enclaves-command",
+            &command,
+            "--enclaves-refresh",
+            "1s",
+        ]);
+        let listening = format!("listen=vsock:{SIGNER} vsock:{BATCH}");
+        assert!(
+            proxy.wait_for_log(&listening, LOG_TIMEOUT).await,
+            "{}",
+            proxy.logs()
+        );
+
+        // The kernel's peer CID (1) is looked up in the command's output: name and PCR0 (given
+        // in upper case in the file) match signer, the CID matches batch.
+        let (reply, port) = round_trip(SIGNER, b"sign").await;
+        assert_eq!(reply, b"sign", "{}", proxy.logs());
+        assert_log_line(&proxy, port, &["enclave=batch,signer", "connection closed"]).await;
+        let (reply, _) = round_trip(BATCH, b"list").await;
+        assert_eq!(reply, b"list");
+
+        // An open connection of the image, then another image under the same name.
+        let (mut open, open_port) = vsock_connect(SIGNER).await;
+        open.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        tokio::time::timeout(IO_TIMEOUT, open.read_exact(&mut echo))
+            .await
+            .expect("no echo")
+            .unwrap();
+        std::fs::write(&described, described_at_cid_1(&image_b)).unwrap();
+        // The refresh (every second) notices, and the connection is closed.
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(IO_TIMEOUT, open.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "the replaced image's connection stayed open"
+        );
+        assert_log_line(&proxy, open_port, &["reason=\"revoked\""]).await;
+        // New connections of the new image: not signer's any more, still batch's by CID.
+        let (reply, _) = round_trip(SIGNER, b"sign").await;
+        assert!(reply.is_empty(), "the new image reached signer's upstream");
+        let (reply, _) = round_trip(BATCH, b"list").await;
+        assert_eq!(reply, b"list");
+        assert_eq!(
+            kms.accepted(),
+            2,
+            "the new image's connection reached nothing"
+        );
+        assert!(s3.accepted() >= 2);
+    });
+}
+
 #[test]
 fn half_close_over_vsock_lets_the_response_through() {
     half_close_over_vsock(8003, "auto");
