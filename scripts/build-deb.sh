@@ -30,6 +30,8 @@ install -D -m 0644 config/workshop.env "$STAGE/usr/share/doc/$NAME/examples/work
 install -D -m 0644 config/your-vsock-proxy.yaml "$STAGE/usr/share/doc/$NAME/examples/workshop.yaml"
 install -D -m 0644 config/routes.example.yaml "$STAGE/usr/share/doc/$NAME/examples/routes.us-east-1.yaml"
 install -D -m 0644 config/egress.example.yaml "$STAGE/usr/share/doc/$NAME/examples/egress.yaml"
+install -D -m 0644 config/enclaves.example.yaml "$STAGE/usr/share/doc/$NAME/examples/enclaves.yaml"
+install -D -m 0644 systemd/enclaves.conf "$STAGE/usr/share/doc/$NAME/examples/enclaves.conf"
 install -d -m 0755 "$STAGE/usr/share/man/man8"
 gzip -9n -c target/docs/$NAME.8 >"$STAGE/usr/share/man/man8/$NAME.8.gz"
 install -D -m 0644 target/docs/$NAME.bash "$STAGE/usr/share/bash-completion/completions/$NAME"

@@ -502,3 +502,34 @@ fn the_dns_route_answers_per_enclave() {
         }
     });
 }
+
+#[test]
+fn the_shipped_enclaves_example_passes_check_config_and_a_missing_nitro_cli_is_a_warning() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/enclaves.example.yaml");
+    let exit = run_to_exit(
+        &[
+            "--check-config",
+            "--config",
+            example,
+            "--enclaves-command",
+            "/nonexistent/nitro-cli describe-enclaves --metadata",
+        ],
+        WAIT,
+    );
+    assert_eq!(exit.status.code(), Some(0), "{exit:?}");
+    assert!(
+        exit.stdout
+            .contains("allowed by the allowlist of enclave signer (enclaves[0])"),
+        "{exit:?}"
+    );
+    assert!(
+        exit.stdout
+            .contains("enclave batch (enclaves[1], line 23): matches cid 17"),
+        "{exit:?}"
+    );
+    assert!(
+        exit.stderr.contains("warning: --enclaves-command")
+            && exit.stderr.contains("cannot run /nonexistent/nitro-cli"),
+        "{exit:?}"
+    );
+}

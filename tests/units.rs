@@ -340,3 +340,48 @@ fn the_routes_examples_commented_connect_route_passes_check_config() {
         "{stdout}"
     );
 }
+
+/// The per-enclave drop-in (`systemd/enclaves.conf`, shipped in the docs' examples) applied to
+/// the routes unit: still valid, still rated at most 2.0, and it gives what nitro-cli needs.
+#[test]
+fn the_enclaves_drop_in_keeps_the_routes_unit_valid_and_sandboxed() {
+    let drop_in = read_unit("enclaves.conf");
+    for needed in [
+        "SupplementaryGroups=ne",
+        "PrivateUsers=no",
+        "ReadWritePaths=-/var/log/nitro_enclaves",
+    ] {
+        assert!(
+            drop_in.lines().any(|l| l == needed),
+            "enclaves.conf lacks {needed}"
+        );
+    }
+    let settings: String = drop_in
+        .lines()
+        .filter(|l| !l.starts_with('#') && *l != "[Service]")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let unit = read_unit("nitro-vsock-proxy-routes.service")
+        .replace(INSTALLED_BIN, BIN)
+        .replace("[Install]", &format!("{settings}\n[Install]"));
+    assert!(unit.contains("SupplementaryGroups=ne"));
+    std::fs::write(dir.path().join("with-enclaves.service"), unit).unwrap();
+    let (code, output) = systemd_analyze(
+        &["verify", "--man=no", "./with-enclaves.service"],
+        dir.path(),
+    );
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.trim().is_empty(), "{output}");
+    let (code, output) = systemd_analyze(
+        &[
+            "security",
+            "--offline=true",
+            "--threshold=20",
+            "--no-pager",
+            "./with-enclaves.service",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, Some(0), "over 2.0 with the drop-in:\n{output}");
+}

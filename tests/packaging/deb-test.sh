@@ -35,6 +35,8 @@ expected=$(sort <<'LIST'
 /usr/share/doc/nitro-vsock-proxy/changelog.Debian.gz
 /usr/share/doc/nitro-vsock-proxy/copyright
 /usr/share/doc/nitro-vsock-proxy/examples/egress.yaml
+/usr/share/doc/nitro-vsock-proxy/examples/enclaves.conf
+/usr/share/doc/nitro-vsock-proxy/examples/enclaves.yaml
 /usr/share/doc/nitro-vsock-proxy/examples/routes.us-east-1.yaml
 /usr/share/doc/nitro-vsock-proxy/examples/workshop.env
 /usr/share/doc/nitro-vsock-proxy/examples/workshop.yaml
