@@ -25,6 +25,7 @@ use crate::net::accept::{Heartbeat, Pulse};
 use crate::net::endpoint::{Endpoint, Listener, Stream};
 use crate::ops::audit;
 use crate::ops::metrics::Outcome;
+use crate::policy::enclaves::PeerIdentity;
 use crate::proxy::connection;
 use crate::proxy::ingress;
 use crate::proxy::peers::PeerSlot;
@@ -218,11 +219,20 @@ impl Admission {
         for counters in [&self.shared.counters, &route.counters] {
             counters.rejected_over_limit.fetch_add(1, Ordering::Relaxed);
         }
-        crate::ops::metrics::global().connection_ended(&route.metrics, Outcome::OverLimit);
+        // Who it was, as far as the running enclaves' table already tells (no command is run
+        // for a connection that is closed anyway).
+        let policies = self.shared.policy.get();
+        let matched = policies.matching(
+            &PeerIdentity::from_peer(&peer),
+            &self.shared.enclaves.table(),
+        );
+        let metrics = crate::ops::metrics::global();
+        metrics.connection_ended(&route.metrics, Outcome::OverLimit);
+        metrics.enclave_connection_ended(policies.ids(&matched), Outcome::OverLimit);
         audit::refused(&audit::Decision {
             route: &route.listen.to_string(),
             peer: &peer,
-            enclave: "-",
+            enclave: &policies.label(&matched),
             requested: None,
             port: None,
             addresses: audit::NO_ADDRESSES,
