@@ -28,8 +28,10 @@
 #   nftables: tests/keepalive.rs makes an upstream silent (drops its packets) with `nft`, inside
 #             the test's own network namespace; enclave-app/tests/egress.rs applies
 #             enclave-app/egress.nft in its "enclave" namespace
+#   socat: make bench measures an ingress route against the socat TCP-LISTEN,fork hop it
+#          replaces
 set -euo pipefail
-needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl python3-prometheus-client prometheus nftables bind9-dnsutils)
+needed=(libsystemd-dev pkg-config iproute2 util-linux systemd shellcheck rpm rpmlint busybox-static binutils lintian debootstrap curl openssl python3-prometheus-client prometheus nftables bind9-dnsutils socat)
 # `install-deps.sh demo` (make demo): only what building and running the demo takes — the
 # libsystemd link, `ip` and `unshare`/`mount` for its private namespaces.
 if [[ ${1:-} == demo ]]; then

@@ -20,6 +20,10 @@
 //!   reaching the sink and the echo server by name through `enclave-app egress` and the
 //!   daemon's dns and connect routes, against a direct connection: 1-stream download GiB/s and
 //!   connection set-up p50 (DNS + connect + a 1-byte echo) — [`egress`];
+//! * an ingress route (`mode: ingress`, no PROXY header) against `socat TCP-LISTEN:P,fork,reuseaddr
+//!   TCP:...` (the hop it replaces), the egress path and a direct connection: connections per
+//!   second from 32 clients, and 64-byte round trips p50 with everything on CPU 0 (median of 5)
+//!   — [`ingress_rows`];
 //!
 //! * the policy: `--check-config` on a generated allowlist of 100,000 CIDR entries and 10,000
 //!   names (target: under 1 s), and policy decisions per second at 10 and 100,000 entries (the
@@ -34,7 +38,7 @@
 //! `BENCH_PROXY_ARGS="-w 1"` gives it more arguments, `BENCH_RUST_LOG=info` its log level
 //! (default `warn`: no per-connection span or line);
 //! `BENCH_VERBOSE=1` prints every throughput sample; `BENCH_ONLY=latency` (or a comma-separated
-//! list of throughput, connections, latency, idle, egress, policy) measures only those.
+//! list of throughput, connections, latency, idle, egress, ingress, policy) measures only those.
 //!
 //! Under `cargo test` (no `--bench` argument) it runs as a smoke test: small sizes, one round,
 //! a debug build, every check made, no meaningful numbers.
@@ -246,6 +250,11 @@ fn main() {
     }
     if wanted("egress") {
         rows.extend(egress_rows(&bench, echo_addr));
+    }
+    if wanted("ingress") {
+        let (more, note) = ingress_rows(&bench, echo_addr);
+        rows.extend(more);
+        notes.extend(note);
     }
     if wanted("policy") {
         rows.extend(policy_rows(&bench));
@@ -491,6 +500,96 @@ fn latency_rows(bench: &Bench, echo_addr: SocketAddr) -> Vec<Row> {
     }
 
     rows
+}
+
+/// An ingress route (the network to the enclave) against the socat hop it replaces, the egress
+/// path (a fixed route, the same relay the other way) and a direct connection: connections per
+/// second from many clients, and 64-byte round trips with client, server and every hop on CPU 0
+/// (the stable latency figure; unpinned round trips here are bimodal). Rows comparing with
+/// socat or the egress route carry its figure in the "direct" column. Without socat installed,
+/// its rows are left out and a note says so.
+fn ingress_rows(bench: &Bench, echo_addr: SocketAddr) -> (Vec<Row>, Vec<String>) {
+    let scale = &bench.scale;
+    let limit = ["--max-connections".to_owned(), "10000".to_owned()];
+    let args = [limit.as_slice(), bench.proxy_args.as_slice()].concat();
+    let ingress = Proxy::start_ingress(echo_addr, None, &args).expect("start the ingress proxy");
+    let socat = Proxy::start_socat(echo_addr, None).map(|started| started.expect("start socat"));
+    // One measurement of each path per round, in rotating order so drift hits all alike.
+    let mut targets = vec![echo_addr, ingress.addr];
+    targets.extend(socat.as_ref().map(|s| s.addr));
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for round in 0..scale.connection_rounds {
+        for i in 0..targets.len() {
+            let i = (i + round) % targets.len();
+            let rate =
+                echo::connection_rate(targets[i], scale.connection_clients, scale.connection_time);
+            rates[i].push(rate.per_second);
+        }
+    }
+    drop((ingress, socat));
+
+    let pinned_echo = echo::start_echo(Some(0)).expect("start the pinned echo server");
+    let ingress = Proxy::start_ingress(pinned_echo, Some(0), &bench.proxy_args)
+        .expect("start the pinned ingress proxy");
+    let egress = Proxy::start(pinned_echo, Some(0), &bench.proxy_args)
+        .expect("start the pinned egress proxy");
+    let socat = Proxy::start_socat(pinned_echo, Some(0))
+        .map(|started| started.expect("start pinned socat"));
+    let mut targets = vec![pinned_echo, ingress.addr, egress.addr];
+    targets.extend(socat.as_ref().map(|s| s.addr));
+    let mut p50: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for run in 0..scale.latency_runs {
+        for i in 0..targets.len() {
+            let i = (i + run) % targets.len();
+            p50[i].push(echo::round_trips(targets[i], scale.round_trips, Some(0)).p50_us);
+        }
+    }
+
+    let clients = scale.connection_clients;
+    let (direct_rate, ingress_rate) = (median(&rates[0]), median(&rates[1]));
+    let (direct_p50, ingress_p50, egress_p50) = (median(&p50[0]), median(&p50[1]), median(&p50[2]));
+    let runs = scale.latency_runs;
+    let mut rows = vec![
+        Row::new(
+            format!("ingress conn/s, {clients} clients, 1-byte echo"),
+            Some(direct_rate),
+            ingress_rate,
+            Target::RatioAtLeast(0.80),
+        ),
+        Row::new(
+            format!("ingress 64 B RTT p50 all on CPU 0, µs (median of {runs})"),
+            Some(direct_p50),
+            ingress_p50,
+            Target::None,
+        ),
+        Row::new(
+            "  vs the egress route (direct column: egress), µs",
+            Some(egress_p50),
+            ingress_p50,
+            Target::DirectPlus(2.0),
+        ),
+    ];
+    let mut notes = Vec::new();
+    if socat.is_some() {
+        rows.push(Row::new(
+            format!("  ingress conn/s vs socat (direct column: socat), {clients} clients"),
+            Some(median(&rates[2])),
+            ingress_rate,
+            Target::RatioAtLeast(5.0),
+        ));
+        rows.push(Row::new(
+            "  ingress RTT p50 vs socat, CPU 0 (direct column: socat), µs",
+            Some(median(&p50[3])),
+            ingress_p50,
+            Target::None,
+        ));
+    } else {
+        notes.push(
+            "ingress: socat is not installed (scripts/install-deps.sh installs it): no socat rows"
+                .to_owned(),
+        );
+    }
+    (rows, notes)
 }
 
 /// The proxy's memory per idle relayed connection, in a proxy of its own, and after they close.

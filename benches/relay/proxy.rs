@@ -58,39 +58,102 @@ impl Proxy {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        if let Some(cpu) = pin_cpu {
-            // SAFETY: between fork and exec only sched_setaffinity(2), which is async-signal-safe,
-            // runs, on a set built before the fork.
-            let set = cpu_set(cpu);
-            unsafe {
-                command.pre_exec(move || {
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
-                    {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
+        pin(&mut command, pin_cpu);
         let child = command.spawn()?;
-        let mut proxy = Proxy {
+        Proxy::ready(Proxy {
             child,
             addr,
             _dir: dir,
-        };
+        })
+    }
+
+    /// Starts the proxy with one `mode: ingress` route, `tcp:127.0.0.1:P` to `tcp:upstream`
+    /// (the enclave's stand-in), admitting 127.0.0.0/8 and sending no PROXY header (the echo
+    /// upstream would echo it), with `extra` arguments, pinned as [`Proxy::start`] is. Returns
+    /// once it accepts connections.
+    pub fn start_ingress(
+        upstream: SocketAddr,
+        pin_cpu: Option<usize>,
+        extra: &[impl AsRef<std::ffi::OsStr>],
+    ) -> io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("routes.yaml");
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        std::fs::write(
+            &config,
+            format!(
+                "routes:\n- {{listen: 'tcp:{addr}', mode: ingress, to: 'tcp:{upstream}', \
+                 allow_from: ['127.0.0.0/8']}}\n"
+            ),
+        )?;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nitro-vsock-proxy"));
+        command
+            .arg("--config")
+            .arg(&config)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        pin(&mut command, pin_cpu);
+        let child = command.spawn()?;
+        Proxy::ready(Proxy {
+            child,
+            addr,
+            _dir: dir,
+        })
+    }
+
+    /// Starts `socat TCP-LISTEN:P,fork,reuseaddr TCP:upstream`, the hop an ingress route
+    /// replaces (one process per connection), pinned as [`Proxy::start`] is (its children
+    /// inherit the CPU). `None` when socat is not installed.
+    pub fn start_socat(upstream: SocketAddr, pin_cpu: Option<usize>) -> Option<io::Result<Self>> {
+        let socat = ["/usr/bin/socat", "/bin/socat"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let started = (|| {
+            let dir = tempfile::tempdir()?;
+            let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            let mut command = Command::new(socat);
+            command
+                .arg(format!(
+                    "TCP-LISTEN:{},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
+                    addr.port()
+                ))
+                .arg(format!("TCP:{upstream}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            pin(&mut command, pin_cpu);
+            let child = command.spawn()?;
+            Proxy::ready(Proxy {
+                child,
+                addr,
+                _dir: dir,
+            })
+        })();
+        Some(started)
+    }
+
+    /// Waits until `proxy` accepts connections, or says why it did not.
+    fn ready(mut proxy: Proxy) -> io::Result<Proxy> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = proxy.child.try_wait()? {
                 return Err(io::Error::other(format!(
-                    "the proxy exited at start-up ({status}); see its messages above"
+                    "it exited at start-up ({status}); see its messages above"
                 )));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            if TcpStream::connect_timeout(&proxy.addr, Duration::from_millis(200)).is_ok() {
                 return Ok(proxy);
             }
             if Instant::now() >= deadline {
                 return Err(io::Error::other(format!(
-                    "the proxy did not accept connections on {addr} within {START_TIMEOUT:?}"
+                    "nothing accepted connections on {} within {START_TIMEOUT:?}",
+                    proxy.addr
                 )));
             }
             thread::sleep(Duration::from_millis(20));
@@ -142,6 +205,27 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// With `pin_cpu`, `command`'s process (and every thread and child it starts) runs on that CPU
+/// only.
+fn pin(command: &mut Command, pin_cpu: Option<usize>) {
+    if let Some(cpu) = pin_cpu {
+        // SAFETY: between fork and exec only sched_setaffinity(2), which is async-signal-safe,
+        // runs, on a set built before the fork.
+        let set = cpu_set(cpu);
+        unsafe {
+            command.pre_exec(move || {
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(io::Error::other(format!(
+                        "sched_setaffinity: {}",
+                        io::Error::last_os_error()
+                    )));
+                }
+                Ok(())
+            });
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! The command line: `forwarder`, `server` and `client` with the workshop's arguments.
+//! The command line: `forwarder`, `server` and `client` with the workshop's arguments, and
+//! `ingress`, the enclave's end of the parent's ingress route.
 //!
 //! This module owns argument syntax and the checks that need nothing but the arguments (clap
 //! exits with status 2 and says what to write instead). It turns arguments into each command's
@@ -40,6 +41,9 @@ pub enum Command {
     /// asks the parent's connect route for the name. Unmodified apps reach what the parent
     /// allows, by name.
     Egress(Box<EgressArgs>),
+    /// Bridge the parent's ingress route (vsock --listen) into a TCP server in the enclave
+    /// (--to), keeping or consuming the route's PROXY header.
+    Ingress(IngressArgs),
     /// Demo and tests only: an HTTPS stand-in for ip-ranges.amazonaws.com.
     #[command(name = "demo-https", hide = true)]
     DemoHttps(DemoHttpsArgs),
@@ -62,6 +66,36 @@ pub struct ForwarderArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// Time allowed to connect to the parent's proxy.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Close a connection after this long without traffic (default: never).
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT: stop accepting, and give open connections this long to finish.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct IngressArgs {
+    /// Where the parent's `mode: ingress` route connects: vsock:PORT (any CID), or a stand-in
+    /// (unix:PATH, tcp:IP:PORT).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub listen: Endpoint,
+    /// The enclave's own server, e.g. tcp:127.0.0.1:8443.
+    #[arg(long, value_name = "ENDPOINT", value_parser = parse_stand_in)]
+    pub to: Endpoint,
+    /// keep: pass the route's PROXY header on to the server (which must read it); strip: read
+    /// it here, log the client it names, and pass on the client's bytes only.
+    #[arg(long, value_enum, default_value = "keep")]
+    pub proxy_protocol: crate::ingress::HeaderMode,
+    /// With --proxy-protocol strip: time a connection has to send its whole header.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// Connections bridged at once; more are closed at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Time allowed to connect to the server.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
     /// Close a connection after this long without traffic (default: never).
@@ -97,6 +131,10 @@ pub struct ServerArgs {
     /// Answer IPv6 prefixes too (after the IPv4 ones).
     #[arg(long)]
     pub ipv6: bool,
+    /// Each connection starts with a PROXY header (v1 or v2: the parent's `mode: ingress` route
+    /// with `proxy_protocol:`), read within --client-timeout; the client it names is logged.
+    #[arg(long)]
+    pub proxy_protocol: bool,
     /// How long a downloaded document is used before it is downloaded again.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub cache_ttl: Duration,
@@ -227,6 +265,21 @@ impl ForwarderArgs {
     }
 }
 
+impl IngressArgs {
+    pub fn options(&self) -> crate::ingress::Options {
+        crate::ingress::Options {
+            listen: self.listen.clone(),
+            to: self.to.clone(),
+            proxy_protocol: self.proxy_protocol,
+            header_timeout: self.header_timeout,
+            max_connections: self.max_connections as usize,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
 impl ServerArgs {
     pub fn options(&self) -> crate::server::Options {
         crate::server::Options {
@@ -235,6 +288,7 @@ impl ServerArgs {
                 port: self.port,
             }),
             ipv6: self.ipv6,
+            proxy_protocol: self.proxy_protocol,
             client_timeout: self.client_timeout,
             max_connections: self.max_connections as usize,
             drain_timeout: self.drain_timeout,
@@ -482,6 +536,59 @@ mod tests {
         ] {
             assert!(parse(&["egress", "--fake-ip", bad]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ingress_arguments_parse() {
+        let Command::Ingress(i) = parse(&[
+            "ingress",
+            "--listen",
+            "vsock:443",
+            "--to",
+            "tcp:127.0.0.1:8443",
+            "--proxy-protocol",
+            "strip",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not ingress");
+        };
+        let o = i.options();
+        assert_eq!(o.listen, "vsock:any:443".parse().unwrap());
+        assert_eq!(o.to, Endpoint::Tcp("127.0.0.1:8443".parse().unwrap()));
+        assert_eq!(o.proxy_protocol, crate::ingress::HeaderMode::Strip);
+        let Command::Ingress(i) = parse(&[
+            "ingress",
+            "--listen",
+            "vsock:443",
+            "--to",
+            "tcp:127.0.0.1:8443",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not ingress");
+        };
+        assert_eq!(i.proxy_protocol, crate::ingress::HeaderMode::Keep);
+        assert!(parse(&["ingress", "--listen", "vsock:443", "--to", "8443"]).is_err());
+        assert!(parse(&[
+            "ingress",
+            "--listen",
+            "vsock:443",
+            "--to",
+            "tcp:127.0.0.1:1",
+            "--proxy-protocol",
+            "v2"
+        ])
+        .is_err());
+        let Command::Server(s) = parse(&["server", "5005", "--proxy-protocol"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a server");
+        };
+        assert!(s.options().proxy_protocol);
     }
 
     #[test]

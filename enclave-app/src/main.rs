@@ -1,6 +1,6 @@
 //! `enclave-app`: the enclave side of the Nitro Enclaves workshop's secure local channel.
 //!
-//! One binary, three commands with the workshop's arguments:
+//! One binary, the workshop's three commands with its arguments, and the ingress bridge:
 //! - `forwarder LOCAL_IP LOCAL_PORT REMOTE_CID REMOTE_PORT`: TCP in the enclave to the parent's
 //!   nitro-vsock-proxy over vsock ([`forwarder`]);
 //! - `server PORT`: answers region queries on vsock with S3 prefixes ([`server`], over
@@ -8,6 +8,8 @@
 //! - `client CID PORT QUERY`: the parent-side client ([`client`]);
 //! - `egress`: transparent egress, any unmodified client reaching what the parent allows by
 //!   name ([`egress`]).
+//! - `ingress --listen vsock:PORT --to tcp:IP:PORT`: the parent's ingress route into a TCP
+//!   server in the enclave, keeping or consuming its PROXY header ([`ingress`]).
 //!
 //! [`accept`] is the accept loop they share; [`cli`] the command line; [`standin`] the hidden
 //! `demo-https` command, the HTTPS stand-in for ip-ranges.amazonaws.com used by `make demo` and
@@ -22,6 +24,7 @@ mod client;
 mod egress;
 mod fetch;
 mod forwarder;
+mod ingress;
 mod protocol;
 mod query_reader;
 mod ranges;
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         }
         Command::Egress(args) => run_service(egress::run(args.options(), shutdown_signal())),
         Command::Forwarder(args) => run_service(forwarder::run(args.options(), shutdown_signal())),
+        Command::Ingress(args) => run_service(ingress::run(args.options(), shutdown_signal())),
         // The stand-in has nothing worth draining: it just stops at the signal.
         Command::DemoHttps(args) => run_service(async move {
             tokio::select! {

@@ -7,13 +7,16 @@
 //! reset that could cost the client the end of its reply. Clients are served concurrently by
 //! `accept`, so a silent client only ever holds its own connection. A client that sends nothing,
 //! or a query that does not end, within the timeout gets an `{"error": ...}` reply; every
-//! failure is one WARN line.
+//! failure is one WARN line. With `--proxy-protocol` each connection first sends a PROXY header
+//! (the parent's ingress route's), read with the daemon's reader within the client timeout; the
+//! client it names is logged, and a connection without a whole header is closed.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nitro_vsock_proxy::net::endpoint::{Endpoint, Stream};
+use nitro_vsock_proxy::net::proxy_header::{self, Header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
@@ -36,6 +39,8 @@ pub struct Options {
     pub listen: Endpoint,
     /// Answer IPv6 prefixes too.
     pub ipv6: bool,
+    /// Each connection starts with a PROXY header naming the real client (`--proxy-protocol`).
+    pub proxy_protocol: bool,
     /// How long a client may take to send its query, and to take the reply.
     pub client_timeout: Duration,
     pub max_connections: usize,
@@ -64,6 +69,7 @@ pub async fn run(
         listen = %bound,
         source = %source,
         ipv6 = options.ipv6,
+        proxy_protocol = options.proxy_protocol,
         max_connections = options.max_connections,
         "server listening"
     );
@@ -79,7 +85,26 @@ pub async fn run(
 
 async fn exchange(mut stream: Stream, context: &Context) {
     let wait = context.options.client_timeout;
-    let reply = match query_reader::read_query(&mut stream, wait).await {
+    let mut early = Vec::new();
+    if context.options.proxy_protocol {
+        match proxy_header::read_header(&mut stream, wait).await {
+            Ok((Header::Proxied(a), after)) => {
+                info!(client = %a.client, "client address from the PROXY header");
+                early = after;
+            }
+            Ok((Header::Local, after)) => {
+                debug!("a PROXY header without a client (the sender's own connection)");
+                early = after;
+            }
+            Err(e) => {
+                warn!("closed a connection: {e} (--proxy-protocol expects the header of the parent's ingress route, `proxy_protocol: v1` or `v2`)");
+                return;
+            }
+        }
+    }
+    // The query may have begun in the same read as the header.
+    let mut reader = (&early[..]).chain(&mut stream);
+    let reply = match query_reader::read_query(&mut reader, wait).await {
         Ok(raw) => answer(&raw, context).await,
         Err(e @ ReadError::ClosedEmpty) => {
             debug!("{e}");

@@ -8,6 +8,10 @@
 //!   HTTPS stand-in (enclave-app demo-https) on 192.0.2.10:443
 //! ```
 //!
+//! And the way in: a client on the parent's network → nitro-vsock-proxy's `mode: ingress` route
+//! → vsock → `enclave-app ingress` → a TCP HTTP server in the enclave that reads the route's
+//! PROXY v2 header (with `proxy-header`, not the daemon's parser) and reports the client.
+//!
 //! The same chain as `chain.rs` with every stand-in transport replaced by vsock: no piece gets a
 //! `--stand-in` option. The daemon and the server listen on VMADDR_CID_ANY; the forwarder and the
 //! client connect to CID 1 (VMADDR_CID_LOCAL). The host kernel has no vsock loopback transport,
@@ -487,5 +491,141 @@ fn an_endpoint_outside_the_allowlist_gives_an_error_reply_over_vsock() {
             "nothing reached the stand-in: {}",
             chain.standin.logs()
         );
+    });
+}
+
+/// A TCP HTTP server on `addr`, the enclave's own: reads the PROXY header with `proxy-header`,
+/// then the request head, and answers `client=IP:PORT` (the client the header names). Returns
+/// how many connections it accepted.
+async fn client_reporting_http_server(
+    addr: SocketAddr,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use proxy_header::{ParseConfig, ProxyHeader};
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 2048];
+                let client = loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    match ProxyHeader::parse(&buf, ParseConfig::default()) {
+                        Ok((header, used)) => {
+                            let client = header
+                                .proxied_address()
+                                .map_or_else(|| "local".to_owned(), |a| a.source.to_string());
+                            buf.drain(..used);
+                            break client;
+                        }
+                        Err(proxy_header::Error::BufferTooShort) => continue,
+                        Err(e) => panic!("the enclave's server got no PROXY header: {e}"),
+                    }
+                };
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = format!("client={client}\n");
+                let reply = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    accepted
+}
+
+#[test]
+fn an_ingress_route_reaches_a_tcp_server_in_the_enclave_over_vsock() {
+    if !in_vm("vsock_chain") {
+        return;
+    }
+    run_in_netns(|| async {
+        const BRIDGE_PORT: u32 = 8443;
+        let route: SocketAddr = "127.0.0.1:9443".parse().unwrap();
+        let server: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let accepted = client_reporting_http_server(server).await;
+
+        // The enclave's end: vsock BRIDGE_PORT to its TCP server, the header kept.
+        let mut bridge = Proc::spawn(
+            "ingress",
+            APP,
+            &[
+                "ingress".to_owned(),
+                "--listen".to_owned(),
+                format!("vsock:{BRIDGE_PORT}"),
+                "--to".to_owned(),
+                format!("tcp:{server}"),
+            ],
+            &[],
+        );
+        wait_logged(&mut bridge, &format!("listen=vsock:{BRIDGE_PORT}")).await;
+
+        // The parent's: the network side to the enclave (CID 1 here) over vsock.
+        let config = dir.path().join("routes.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "routes:\n  - listen: \"tcp:{route}\"\n    mode: ingress\n    to: \"vsock:{LOCAL_CID}:{BRIDGE_PORT}\"\n    allow_from: [\"127.0.0.2\"]\n    proxy_protocol: v2\n"
+            ),
+        )
+        .unwrap();
+        let mut daemon = Proc::spawn(
+            "nitro-vsock-proxy",
+            proxy_bin(),
+            &["--config".to_owned(), config.display().to_string()],
+            &[("RUST_LOG", "debug")],
+        );
+        daemon.wait_ready(|| netns::tcp_listening(route)).await;
+
+        let connect_from = |source: &'static str| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            socket.connect(route).await.unwrap()
+        };
+        let mut conn = connect_from("127.0.0.2").await;
+        let port = conn.local_addr().unwrap().port();
+        conn.write_all(b"GET / HTTP/1.0\r\nHost: enclave\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(WAIT, conn.read_to_end(&mut reply))
+            .await
+            .expect("no reply through the ingress route")
+            .unwrap();
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.0 200 OK"), "{reply}");
+        assert!(
+            reply.ends_with(&format!("client=127.0.0.2:{port}\n")),
+            "the enclave's server names the client: {reply}"
+        );
+        // Over vsock: the daemon's connection reached the bridge's vsock port.
+        wait_logged(
+            &mut daemon,
+            &format!("upstream=vsock:{LOCAL_CID}:{BRIDGE_PORT}"),
+        )
+        .await;
+
+        // A source outside allow_from reaches nothing in the enclave.
+        let mut refused = connect_from("127.0.0.3").await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, refused.read_to_end(&mut rest)).await;
+        assert!(rest.is_empty(), "{rest:?}");
+        wait_logged(&mut daemon, "reason=\"source_not_allowed\"").await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     });
 }

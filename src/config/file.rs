@@ -25,7 +25,9 @@ use crate::config::locate::Locations;
 use crate::config::read;
 use crate::config::remote::Remote;
 use crate::net::endpoint::Endpoint;
+use crate::net::proxy_header::Version as ProxyProtocol;
 use crate::policy::allowlist::{Allowlist, Entry};
+use crate::policy::source::{self, Sources};
 
 /// Where a route's connections go.
 ///
@@ -48,6 +50,20 @@ pub enum RouteKind {
     Sni { port: u16, ech: Ech },
     /// `mode: dns`: DNS over the stream, answered from the allowlist (names it allows by name).
     Dns,
+    /// `mode: ingress`: the network's clients to the enclave at `to`, judged by their source
+    /// (`allow_from`), not by the allowlist.
+    Ingress(Ingress),
+}
+
+/// An ingress route's keys: where its connections go and who may make them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ingress {
+    /// `to:`, the enclave's `vsock:CID:PORT` (or a `tcp:`/`unix:` stand-in).
+    pub to: Endpoint,
+    /// `allow_from:` and `accept_proxy_protocol:`.
+    pub sources: Sources,
+    /// `proxy_protocol:`, the header written before the client's bytes.
+    pub proxy_protocol: ProxyProtocol,
 }
 
 /// What a route that checks the TLS server name does with a ClientHello carrying
@@ -104,15 +120,22 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         });
     }
     let file: FileFormat = serde_yaml::from_str(text).map_err(|e| yaml_error(e, path, text))?;
+    // The allowlist is what enclaves may reach; ingress routes are judged by their sources, so
+    // a file of ingress routes alone needs none.
+    let ingress_only = file.routes.as_ref().is_some_and(|r| {
+        !r.is_empty() && r.iter().all(|r| matches!(r.mode, Some(ModeField::Ingress)))
+    });
     let entries = match file.allowlist {
         Some(entries) if !entries.is_empty() => entries,
+        _ if ingress_only => Vec::new(),
         _ => {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
                 line: None,
                 column: None,
                 message: "`allowlist` is empty: add at least one entry such as \
-                          `- {address: ip-ranges.amazonaws.com, port: 443}`"
+                          `- {address: ip-ranges.amazonaws.com, port: 443}` (only a file whose \
+                          routes are all `mode: ingress` may leave it out)"
                     .into(),
             })
         }
@@ -227,11 +250,31 @@ fn route_kind(r: &RouteFormat) -> Result<RouteKind, (Option<&'static str>, Strin
         )),
         (None, None) => Ok(None),
     };
+    if let Some(ModeField::Ingress) = r.mode {
+        return ingress(r).map(RouteKind::Ingress);
+    }
+    for (key, given) in [
+        ("to", r.to.is_some()),
+        ("allow_from", r.allow_from.is_some()),
+        ("proxy_protocol", r.proxy_protocol.is_some()),
+        ("accept_proxy_protocol", r.accept_proxy_protocol.is_some()),
+    ] {
+        if given {
+            return Err((
+                Some(key),
+                format!(
+                    "`{key}` belongs to `mode: ingress` routes (the network to the enclave); \
+                     drop it, or add `mode: ingress`"
+                ),
+            ));
+        }
+    }
     match (&r.mode, &r.remote) {
         (None, None) => Err((
             None,
             "a route needs `remote: HOST:PORT`, or `mode: connect` (HTTP CONNECT), `mode: sni` \
-             with `port:` (TLS server name) or `mode: dns` (DNS answered from the allowlist)"
+             with `port:` (TLS server name), `mode: dns` (DNS answered from the allowlist) or \
+             `mode: ingress` with `to:` and `allow_from:` (the network to the enclave)"
                 .into(),
         )),
         (None, Some(remote)) => {
@@ -271,6 +314,8 @@ fn route_kind(r: &RouteFormat) -> Result<RouteKind, (Option<&'static str>, Strin
             )),
             None => Ok(RouteKind::Dns),
         },
+        // Returned from before the match; kept so that every mode is spelled out here.
+        (Some(ModeField::Ingress), None) => ingress(r).map(RouteKind::Ingress),
         (Some(ModeField::Sni), None) => match &r.port {
             Some(port) => Ok(RouteKind::Sni { port: port.0, ech }),
             None => Err((
@@ -280,6 +325,87 @@ fn route_kind(r: &RouteFormat) -> Result<RouteKind, (Option<&'static str>, Strin
             )),
         },
     }
+}
+
+/// An ingress route's kind from its keys; an error names the key that is wrong (or none).
+fn ingress(r: &RouteFormat) -> Result<Ingress, (Option<&'static str>, String)> {
+    for (key, given) in [
+        ("remote", r.remote.is_some()),
+        ("port", r.port.is_some()),
+        ("sni", r.sni.is_some()),
+        ("ech", r.ech.is_some()),
+    ] {
+        if given {
+            return Err((
+                Some(key),
+                format!(
+                    "a `mode: ingress` route connects only to its `to:` (the enclave); drop `{key}`"
+                ),
+            ));
+        }
+    }
+    if let Endpoint::Vsock { .. } = r.listen.0 {
+        return Err((
+            Some("listen"),
+            format!(
+                "a `mode: ingress` route listens on the network side of the parent: \
+                 `tcp:IP:PORT` (like tcp:0.0.0.0:443) or `unix:PATH`, not {}",
+                r.listen.0
+            ),
+        ));
+    }
+    let to =
+        match &r.to {
+            None => return Err((
+                None,
+                "a `mode: ingress` route needs `to: \"vsock:CID:PORT\"`, the enclave's CID and \
+                 port (like vsock:16:443)"
+                    .into(),
+            )),
+            Some(ListenField(Endpoint::Vsock { cid, .. })) if *cid == libc::VMADDR_CID_ANY => {
+                return Err((
+                    Some("to"),
+                    "`to` needs the enclave's CID as well as its port: vsock:CID:PORT, like \
+                 vsock:16:443 (`nitro-cli describe-enclaves` shows the CID)"
+                        .into(),
+                ))
+            }
+            Some(ListenField(to)) => to.clone(),
+        };
+    let blocks = |key: &'static str, list: &[String]| {
+        list.iter()
+            .enumerate()
+            .map(|(i, b)| source::parse_block(b).map_err(|e| (Some(key), format!("[{i}]: {e}"))))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let allow_from = match &r.allow_from {
+        Some(list) => blocks("allow_from", list)?,
+        None => {
+            return Err((
+                None,
+                "a `mode: ingress` route needs `allow_from:`, the client addresses that may \
+                 connect (CIDR blocks, like [\"10.0.0.0/8\", \"2001:db8::/32\"]); there is no \
+                 default, and `allow_from: []` admits no one"
+                    .into(),
+            ))
+        }
+    };
+    let trusted = blocks(
+        "accept_proxy_protocol",
+        r.accept_proxy_protocol.as_deref().unwrap_or_default(),
+    )?;
+    let proxy_protocol = match &r.proxy_protocol {
+        None => ProxyProtocol::None,
+        Some(v) => v.parse().map_err(|e| (Some("proxy_protocol"), e))?,
+    };
+    Ok(Ingress {
+        to,
+        sources: Sources {
+            allow_from,
+            trusted,
+        },
+        proxy_protocol,
+    })
 }
 
 /// serde_yaml's error as ours: its positions dropped from the text (we print the location once,
@@ -297,7 +423,8 @@ fn yaml_error(e: serde_yaml::Error, path: &Path, text: &str) -> ConfigError {
         message.push_str(
             " (check the spelling: the file's keys are `allowlist`, `routes` and `metrics_listen`; an allowlist \
              entry has `address` and `port`; a route has `listen`, `remote` or `mode` (`connect`, \
-             `sni` with `port`, `dns`), `sni: require`, `ech: allow`, `max_connections` and `idle_timeout`)",
+             `sni` with `port`, `dns`, `ingress` with `to`, `allow_from`, `proxy_protocol`, \
+             `accept_proxy_protocol`), `sni: require`, `ech: allow`, `max_connections` and `idle_timeout`)",
         );
     } else if message.starts_with("missing field `allowlist`") {
         message.push_str(" (the file must have a top-level `allowlist:` list)");
@@ -379,6 +506,14 @@ struct RouteFormat {
     max_connections: Option<u32>,
     #[serde(default)]
     idle_timeout: Option<DurationField>,
+    #[serde(default)]
+    to: Option<ListenField>,
+    #[serde(default)]
+    allow_from: Option<Vec<String>>,
+    #[serde(default)]
+    proxy_protocol: Option<String>,
+    #[serde(default)]
+    accept_proxy_protocol: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +522,7 @@ enum ModeField {
     Connect,
     Sni,
     Dns,
+    Ingress,
 }
 
 impl ModeField {
@@ -395,6 +531,7 @@ impl ModeField {
             ModeField::Connect => "connect",
             ModeField::Sni => "sni",
             ModeField::Dns => "dns",
+            ModeField::Ingress => "ingress",
         }
     }
 }
@@ -826,6 +963,98 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("routes[0].sni"), "{e}");
         assert!(e.to_string().contains("always checks"), "{e}");
+    }
+
+    #[test]
+    fn ingress_routes_parse_and_need_no_allowlist() {
+        let c = parse_config(
+            "routes:\n\
+             - listen: \"tcp:0.0.0.0:443\"\n  mode: ingress\n  to: \"vsock:16:443\"\n  \
+             allow_from: [\"10.0.0.0/8\", \"2001:db8::/32\"]\n  proxy_protocol: v2\n  \
+             accept_proxy_protocol: [\"10.0.5.0/24\"]\n\
+             - {listen: 'unix:/run/in.sock', mode: ingress, to: 'tcp:127.0.0.1:8443', allow_from: []}\n",
+        )
+        .unwrap();
+        assert!(c.allowlist.entries.is_empty());
+        let RouteKind::Ingress(i) = &c.routes[0].kind else {
+            panic!("{:?}", c.routes[0].kind)
+        };
+        assert_eq!(i.to.to_string(), "vsock:16:443");
+        assert_eq!(i.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(
+            source::list(&i.sources.allow_from),
+            "10.0.0.0/8, 2001:db8::/32"
+        );
+        assert_eq!(source::list(&i.sources.trusted), "10.0.5.0/24");
+        let RouteKind::Ingress(i) = &c.routes[1].kind else {
+            panic!("{:?}", c.routes[1].kind)
+        };
+        assert!(i.sources.allow_from.is_empty());
+        assert_eq!(i.proxy_protocol, ProxyProtocol::None);
+        // Beside an outbound route, the allowlist is required again.
+        let e = parse_config(
+            "routes:\n- {listen: 'tcp:0.0.0.0:443', mode: ingress, to: 'vsock:16:443', allow_from: []}\n\
+             - {listen: 8000, mode: connect}\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`allowlist` is empty"), "{e}");
+    }
+
+    #[test]
+    fn bad_ingress_routes_name_line_and_key() {
+        for (routes, needle, line) in [
+            (
+                "- listen: 'tcp:0.0.0.0:443'\n  mode: ingress\n  to: 'vsock:16:443'\n",
+                "needs `allow_from:`",
+                4,
+            ),
+            (
+                "- {listen: 'tcp:0.0.0.0:443', mode: ingress, allow_from: []}\n",
+                "needs `to: \"vsock:CID:PORT\"`",
+                4,
+            ),
+            (
+                "- {listen: 'tcp:0.0.0.0:443', mode: ingress, to: 'vsock:443', allow_from: []}\n",
+                "routes[0].to: `to` needs the enclave's CID",
+                4,
+            ),
+            (
+                "- {listen: 8000, mode: ingress, to: 'vsock:16:443', allow_from: []}\n",
+                "routes[0].listen: a `mode: ingress` route listens on the network side",
+                4,
+            ),
+            (
+                "- listen: 'tcp:0.0.0.0:443'\n  mode: ingress\n  to: 'vsock:16:443'\n  allow_from: ['10.0.0.1/8']\n",
+                "routes[0].allow_from: [0]: CIDR block \"10.0.0.1/8\" has host bits set",
+                7,
+            ),
+            (
+                "- {listen: 'tcp:0.0.0.0:443', mode: ingress, to: 'vsock:16:443', allow_from: [], proxy_protocol: v3}\n",
+                "routes[0].proxy_protocol: \"v3\" is not a PROXY protocol version",
+                4,
+            ),
+            (
+                "- {listen: 'tcp:0.0.0.0:443', mode: ingress, to: 'vsock:16:443', allow_from: [], accept_proxy_protocol: [lb.example]}\n",
+                "routes[0].accept_proxy_protocol: [0]: \"lb.example\" is not an IP address",
+                4,
+            ),
+            (
+                "- {listen: 'tcp:0.0.0.0:443', mode: ingress, to: 'vsock:16:443', allow_from: [], remote: 'a.example:443'}\n",
+                "routes[0].remote: a `mode: ingress` route connects only to its `to:`",
+                4,
+            ),
+            (
+                "- {listen: 8000, remote: 'kms.example.com:443', allow_from: []}\n",
+                "routes[0].allow_from: `allow_from` belongs to `mode: ingress` routes",
+                4,
+            ),
+        ] {
+            let e = parse_config(&format!("{ALLOW}routes:\n{routes}")).expect_err(routes);
+            let msg = e.to_string();
+            assert!(msg.contains("/etc/test/proxy.yaml"), "{msg}");
+            assert!(msg.contains(needle), "{routes}: {msg}");
+            assert_eq!(e.line(), Some(line), "{routes}: {msg}");
+        }
     }
 
     // The seeds below are the way lines were found before [`Locations`]: serde_yaml itself,

@@ -18,5 +18,5 @@ pub mod read;
 pub mod remote;
 
 pub use error::ConfigError;
-pub use file::{load, parse, Config, Ech, RouteConfig, RouteKind};
+pub use file::{load, parse, Config, Ech, Ingress, RouteConfig, RouteKind};
 pub use read::MAX_FILE_SIZE;

@@ -18,7 +18,8 @@ use crate::daemon::startup::{self, Fatal, Metadata, Prepared};
 use crate::daemon::status::StatusLine;
 use crate::net::endpoint::Endpoint;
 use crate::ops::systemd::Notifier;
-use crate::proxy::route::{self, ReloadPlan, Route, Settings};
+use crate::proxy::revoke::IngressSources;
+use crate::proxy::route::{self, Destination, ReloadPlan, Route, Settings};
 use crate::proxy::server::{self, Command, ServedRoute};
 use crate::proxy::shared::Shared;
 
@@ -100,7 +101,15 @@ pub async fn reload(r: &mut Reloader) -> Result<String, ReloadError> {
     }
     r.shared.policy.set(loaded.policy);
     r.shared.dns.set(dns);
-    let revoked = revoke(r).await;
+    let ingress: IngressSources = loaded
+        .routes
+        .iter()
+        .filter_map(|s| match &s.destination {
+            Destination::Ingress(i) => Some((s.spec.listen.to_string(), i.sources.clone())),
+            _ => None,
+        })
+        .collect();
+    let revoked = revoke(r, &ingress).await;
     let order: Vec<Endpoint> = loaded
         .routes
         .iter()
@@ -128,24 +137,33 @@ pub async fn reload(r: &mut Reloader) -> Result<String, ReloadError> {
     ))
 }
 
-/// Closes the open connections the new allowlist denies (unless `--no-revoke-on-reload`); the
-/// summary's part about them.
-async fn revoke(r: &Reloader) -> String {
-    let revoked = if r.options.no_revoke_on_reload {
-        0
-    } else {
-        let policy = r.shared.policy.get();
-        let dns = r.shared.dns.get();
-        r.shared.relayed.revoke_denied(&policy, &dns).await
-    };
-    if revoked > 0 {
-        format!(
-            "; {revoked} open connection{} the new allowlist denies closed",
-            if revoked == 1 { "" } else { "s" }
-        )
-    } else {
-        String::new()
+/// Closes the open connections the new allowlist denies, and the ingress connections whose
+/// client the route's new `allow_from` refuses (unless `--no-revoke-on-reload`); the summary's
+/// part about them.
+async fn revoke(r: &Reloader, ingress: &IngressSources) -> String {
+    if r.options.no_revoke_on_reload {
+        return String::new();
     }
+    let policy = r.shared.policy.get();
+    let dns = r.shared.dns.get();
+    let revoked = r.shared.relayed.revoke_denied(&policy, &dns, ingress).await;
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let mut summary = String::new();
+    if revoked.by_allowlist > 0 {
+        let n = revoked.by_allowlist;
+        summary.push_str(&format!(
+            "; {n} open connection{} the new allowlist denies closed",
+            plural(n)
+        ));
+    }
+    if revoked.by_allow_from > 0 {
+        let n = revoked.by_allow_from;
+        summary.push_str(&format!(
+            "; {n} open ingress connection{} the new allow_from refuses closed",
+            plural(n)
+        ));
+    }
+    summary
 }
 
 /// Applies `plan` to the `current` routes: removed ones stop accepting and drain, changed ones

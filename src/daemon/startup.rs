@@ -154,6 +154,27 @@ pub fn overlap_warnings(config: &Config, path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// One message per ingress route whose `allow_from` is empty: valid (a route being readied, or
+/// closed for now), but it admits no one, which is rarely what was meant.
+fn ingress_warnings(routes: &[Settings], path: &Path) -> Vec<String> {
+    routes
+        .iter()
+        .filter(|r| {
+            matches!(&r.destination, Destination::Ingress(i) if i.sources.allow_from.is_empty())
+        })
+        .map(|r| {
+            format!(
+                "configuration file {}: route {} ({}): `allow_from` is empty, so it admits no \
+                 one: every connection is refused; add the client blocks that may connect, like \
+                 [\"10.0.0.0/8\"]",
+                path.display(),
+                r.spec.listen,
+                r.spec.origin
+            )
+        })
+        .collect()
+}
+
 /// What [`load`] may come back with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Routes {
@@ -201,6 +222,11 @@ pub async fn load(
                 routes.push(Settings::new(spec, Destination::Dns, options.idle_timeout));
                 continue;
             }
+            RouteKind::Ingress(ingress) => {
+                let destination = Destination::Ingress(ingress.clone());
+                routes.push(Settings::new(spec, destination, options.idle_timeout));
+                continue;
+            }
             RouteKind::Sni { port, ech } => {
                 let (port, ech) = (*port, *ech);
                 routes.push(Settings::new(
@@ -239,7 +265,8 @@ pub async fn load(
         routes.push(Settings::new(spec, destination, options.idle_timeout));
     }
     let policy = Policy::new(config.allowlist.clone());
-    let warnings = overlap_warnings(&config, path);
+    let mut warnings = overlap_warnings(&config, path);
+    warnings.extend(ingress_warnings(&routes, path));
     Ok(Loaded {
         config,
         policy,
@@ -346,6 +373,8 @@ pub async fn check_route(
         }),
         Destination::Sni { port, .. } => check_sni(policy, route, *port, config_path),
         Destination::Dns => check_dns(policy, route, config_path),
+        // Judged by its sources, per connection; the allowlist is not involved.
+        Destination::Ingress(_) => Ok(Reliance::default()),
     }
 }
 

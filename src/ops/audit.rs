@@ -5,7 +5,8 @@
 //! on reload) is one `target: "audit"` event at WARN with the fields `route`, `peer`,
 //! `requested` (the route's remote, the CONNECT host or the TLS server name), `port`,
 //! `addresses` (each address tried and the rule that allowed or denied it), `reason` (the
-//! outcome label of [`crate::ops::metrics::Outcome`]) and `decision="refused"`; with `--audit allowed`
+//! outcome label of [`crate::ops::metrics::Outcome`], or a finer one such as an ingress route's
+//! `source_not_allowed`) and `decision="refused"`; with `--audit allowed`
 //! every allowed connection is one such event at INFO with `decision="allowed"`.
 //!
 //! Refusals are rate-limited per (route, peer, reason), the peer being the enclave's CID (or a
@@ -43,8 +44,18 @@ pub struct Decision<'a> {
     /// `169.254.169.254 denied (metadata address ...); 10.0.0.7 allowed (allowlisted name x)`.
     pub addresses: &'a str,
     pub outcome: Outcome,
+    /// A finer reason than the outcome's label, where one outcome has several (an ingress
+    /// route's `source_not_allowed` and `bad_proxy_header` are both `denied`); `None`: the label.
+    pub reason: Option<&'static str>,
     /// The operator-facing reason.
     pub message: &'a str,
+}
+
+impl Decision<'_> {
+    /// The `reason` field: [`Decision::reason`], else the outcome's label.
+    pub fn reason(&self) -> &'static str {
+        self.reason.unwrap_or(self.outcome.label())
+    }
 }
 
 /// The rate-limit key of a peer: `vsock:CID` (any port), `tcp:IP`, or `unix` (all unix peers
@@ -55,8 +66,9 @@ pub fn peer_key(peer: &str) -> String {
         return format!("vsock:{cid}");
     }
     if let Some(rest) = peer.strip_prefix("tcp:") {
+        // An IPv4-mapped peer of a dual-stack listener is that IPv4 peer.
         if let Ok(addr) = rest.parse::<std::net::SocketAddr>() {
-            return format!("tcp:{}", addr.ip());
+            return format!("tcp:{}", addr.ip().to_canonical());
         }
         if let Ok(ip) = rest.parse::<IpAddr>() {
             return format!("tcp:{ip}");
@@ -171,19 +183,13 @@ fn lock() -> std::sync::MutexGuard<'static, Limiter> {
 
 /// Records a refusal (rate-limited).
 pub fn refused(d: &Decision<'_>) {
-    let key = (d.route.to_owned(), peer_key(d.peer), d.outcome.label());
+    let key = (d.route.to_owned(), peer_key(d.peer), d.reason());
     let admit = lock().admit(key, Instant::now());
     match admit {
         Admit::Suppress => crate::ops::metrics::global().audit_suppressed(1),
         Admit::Write { summarise, over } => {
             if summarise > 0 {
-                summary(
-                    d.route,
-                    &peer_key(d.peer),
-                    d.outcome.label(),
-                    summarise,
-                    over,
-                );
+                summary(d.route, &peer_key(d.peer), d.reason(), summarise, over);
             }
             warn!(
                 target: "audit",
@@ -193,7 +199,7 @@ pub fn refused(d: &Decision<'_>) {
                 requested = d.requested.map(tracing::field::display),
                 port = d.port,
                 addresses = d.addresses,
-                reason = d.outcome.label(),
+                reason = d.reason(),
                 "{}: {}", lead(d.outcome), d.message
             );
         }
@@ -290,6 +296,7 @@ mod tests {
         assert_eq!(peer_key("vsock:16:1034"), "vsock:16");
         assert_eq!(peer_key("tcp:127.0.0.2:5555"), "tcp:127.0.0.2");
         assert_eq!(peer_key("tcp:[::1]:5555"), "tcp:::1");
+        assert_eq!(peer_key("tcp:[::ffff:127.0.0.2]:5555"), "tcp:127.0.0.2");
         assert_eq!(peer_key("unix:/run/x.sock"), "unix");
     }
 

@@ -152,7 +152,7 @@ impl fmt::Display for HostPattern {
 /// An IPv4-mapped block (`::ffff:10.0.0.0/104`) as the IPv4 block it means (`10.0.0.0/8`), as an
 /// IPv4-mapped IP entry is stored as its IPv4 address: the policy compares addresses in IPv4 form,
 /// so the mapped block would otherwise match nothing.
-fn ipv4_mapped_cidr_as_ipv4(net: IpNet) -> IpNet {
+pub fn ipv4_mapped_cidr_as_ipv4(net: IpNet) -> IpNet {
     let IpNet::V6(v6) = net else { return net };
     match (
         v6.network().to_ipv4_mapped(),

@@ -39,9 +39,10 @@ use crate::ops::metrics::Outcome;
 use crate::policy::host::{Host, HostName};
 use crate::policy::Policy;
 use crate::proxy::dns;
+use crate::proxy::ingress;
 use crate::proxy::refusal::{Expected, Refusal};
 use crate::proxy::request::{connect, sni};
-use crate::proxy::revoke::OpenConnection;
+use crate::proxy::revoke::{OpenConnection, Recheck};
 use crate::proxy::route::{Destination, Route, Settings};
 use crate::proxy::shared::Shared;
 use crate::proxy::upstream;
@@ -67,7 +68,8 @@ pub fn spawn(
         // The tcp: stand-in's client can vanish as silently as an upstream (vsock cannot).
         upstream::set_keepalive(tcp, &shared.upstream);
     }
-    let span = tracing::info_span!("conn", route = %route.listen, id, peer = %peer, upstream = tracing::field::Empty);
+    // `client`: an ingress connection's client when a load balancer's PROXY header names it.
+    let span = tracing::info_span!("conn", route = %route.listen, id, peer = %peer, client = tracing::field::Empty, upstream = tracing::field::Empty);
     let shared = shared.clone();
     let tasks = route.tasks.clone();
     tasks.spawn(
@@ -165,6 +167,17 @@ impl<'a> Connection<'a> {
             )
             .await;
         }
+        if let Destination::Ingress(spec) = &self.settings.destination {
+            return ingress::serve(
+                self.client,
+                self.peer,
+                self.route,
+                &self.settings,
+                spec,
+                self.shared,
+            )
+            .await;
+        }
         let started = Instant::now();
         let setup_timeout = self.shared.lifetimes.setup_timeout;
         // Boxed with its timer: the set-up's state (DNS lookups, connect attempts, the deadline)
@@ -250,10 +263,12 @@ impl<'a> Connection<'a> {
                     early: hello.bytes,
                 })
             }
-            // Served by `dns::serve` from `run`; never a request to relay.
-            Destination::Dns => Err(Refusal::BadRequest(connect::BadRequest::Malformed(
-                "a dns route carries DNS queries, not a destination to relay to".into(),
-            ))),
+            // Served by `dns::serve` and `ingress::serve` from `run`; never a request to relay.
+            Destination::Dns | Destination::Ingress(_) => {
+                Err(Refusal::BadRequest(connect::BadRequest::Malformed(
+                    "a dns route carries DNS queries, not a destination to relay to".into(),
+                )))
+            }
             Destination::Connect { .. } => {
                 let request = connect::read_request(&mut self.client)
                     .await
@@ -361,6 +376,7 @@ impl<'a> Connection<'a> {
                 port: Some(request.target.port),
                 addresses: &tried,
                 outcome: Outcome::Completed,
+                reason: None,
                 message: &format!("relaying to {addr}"),
             });
         }
@@ -438,6 +454,7 @@ impl<'a> Connection<'a> {
                 port: target.map(|t| t.port),
                 addresses: &refusal.addresses(),
                 outcome,
+                reason: None,
                 message: &message,
             });
         } else {
@@ -468,11 +485,13 @@ impl<'a> Connection<'a> {
         } = self;
         let registration = shared.relayed.register(OpenConnection {
             route: route_name.clone(),
-            host: ready.target.host.clone(),
-            port: ready.target.port,
-            upstream: ready.addr,
-            dynamic,
-            server_name: ready.server_name.clone(),
+            check: Recheck::Upstream {
+                host: ready.target.host.clone(),
+                port: ready.target.port,
+                upstream: ready.addr,
+                dynamic,
+                server_name: ready.server_name.clone(),
+            },
             revoke: CancellationToken::new(),
         });
         let revoked = registration.token();
@@ -520,6 +539,7 @@ impl<'a> Connection<'a> {
                     port: Some(ready.target.port),
                     addresses: &format!("{} denied ({why})", ready.addr.ip()),
                     outcome: Outcome::Revoked,
+                    reason: None,
                     message: &format!("closed by reload: {why}"),
                 });
                 Outcome::Revoked

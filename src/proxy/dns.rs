@@ -267,6 +267,7 @@ async fn decide(
             port: None,
             addresses: audit::NO_ADDRESSES,
             outcome: Outcome::Refused("dns_blocked"),
+            reason: None,
             message: &format!(
                 "{} {query_type} is not in the allowlist (answered NXDOMAIN)",
                 asked.trim_end_matches('.')

@@ -18,10 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::remote::{Remote, Target};
-use crate::config::{Config, Ech, RouteKind};
+use crate::config::{Config, Ech, Ingress, RouteKind};
 use crate::net::endpoint::Endpoint;
+use crate::net::proxy_header::Version as ProxyProtocol;
 use crate::ops::metrics::{Outcome, RouteMetrics};
 use crate::policy::host::HostPattern;
+use crate::policy::source;
 use crate::proxy::current::Current;
 
 /// Where a route was written.
@@ -143,6 +145,9 @@ pub enum Destination {
     Sni { port: u16, ech: Ech },
     /// No upstream: DNS queries answered from the allowlist (see [`crate::proxy::dns`]).
     Dns,
+    /// The network to the enclave: each client judged by its source (see
+    /// [`crate::proxy::ingress`]).
+    Ingress(Ingress),
 }
 
 /// ` (sni: require)`, ` (sni: require, ech: allow)`, ` (ech: allow)` or nothing: the options
@@ -175,6 +180,25 @@ impl fmt::Display for Destination {
                 name_check(f, false, *ech)
             }
             Destination::Dns => f.write_str("dns (names the allowlist allows by name)"),
+            Destination::Ingress(ingress) => {
+                let allow = if ingress.sources.allow_from.is_empty() {
+                    "no one (allow_from is empty)".to_owned()
+                } else {
+                    source::list(&ingress.sources.allow_from)
+                };
+                write!(f, "ingress {} (allow_from {allow}", ingress.to)?;
+                if ingress.proxy_protocol != ProxyProtocol::None {
+                    write!(f, "; proxy_protocol {}", ingress.proxy_protocol)?;
+                }
+                if !ingress.sources.trusted.is_empty() {
+                    write!(
+                        f,
+                        "; accept_proxy_protocol {}",
+                        source::list(&ingress.sources.trusted)
+                    )?;
+                }
+                f.write_str(")")
+            }
         }
     }
 }

@@ -26,8 +26,9 @@ use crate::net::endpoint::{Endpoint, Listener, Stream};
 use crate::ops::audit;
 use crate::ops::metrics::Outcome;
 use crate::proxy::connection;
+use crate::proxy::ingress;
 use crate::proxy::peers::PeerSlot;
-use crate::proxy::route::{Route, RouteSlot};
+use crate::proxy::route::{Destination, Route, RouteSlot};
 use crate::proxy::shared::Shared;
 
 /// A route's listener, as the accept loop holds it.
@@ -173,9 +174,23 @@ struct Admission {
 impl Admission {
     fn accepted(&mut self, route: &Arc<Route>, stream: Stream, peer: String) {
         self.next_id += 1;
+        // A load balancer's connection counts for the client its PROXY header names, which
+        // only the connection itself reads (`ingress::serve` takes that slot).
+        let header_first = match &route.settings().destination {
+            Destination::Ingress(spec) => ingress::reads_header(spec, &stream),
+            _ => false,
+        };
+        let peer_slot = || match header_first {
+            true => Ok(None),
+            false => self
+                .shared
+                .peers
+                .try_reserve(audit::peer_key(&peer))
+                .map(Some),
+        };
         let limit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => match route.try_reserve() {
-                Ok(slot) => match self.shared.peers.try_reserve(audit::peer_key(&peer)) {
+                Ok(slot) => match peer_slot() {
                     Ok(peer_slot) => {
                         let id = self.next_id;
                         let slots = Slots {
@@ -211,6 +226,7 @@ impl Admission {
             port: None,
             addresses: audit::NO_ADDRESSES,
             outcome: Outcome::OverLimit,
+            reason: None,
             message: &format!("connection limit reached ({limit}); closing new connections"),
         });
     }
@@ -220,5 +236,6 @@ impl Admission {
 struct Slots {
     _global: OwnedSemaphorePermit,
     _route: RouteSlot,
-    _peer: PeerSlot,
+    /// `None` for a load balancer's connection: its client's slot is the connection's own.
+    _peer: Option<PeerSlot>,
 }

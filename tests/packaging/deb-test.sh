@@ -34,6 +34,7 @@ expected=$(sort <<'LIST'
 /usr/share/doc/nitro-vsock-proxy/README.md.gz
 /usr/share/doc/nitro-vsock-proxy/changelog.Debian.gz
 /usr/share/doc/nitro-vsock-proxy/copyright
+/usr/share/doc/nitro-vsock-proxy/examples/egress.yaml
 /usr/share/doc/nitro-vsock-proxy/examples/routes.us-east-1.yaml
 /usr/share/doc/nitro-vsock-proxy/examples/workshop.env
 /usr/share/doc/nitro-vsock-proxy/examples/workshop.yaml

@@ -44,6 +44,7 @@ expected_files=$(sort <<'LIST'
 /usr/share/doc/nitro-vsock-proxy
 /usr/share/doc/nitro-vsock-proxy/README.md
 /usr/share/doc/nitro-vsock-proxy/examples
+/usr/share/doc/nitro-vsock-proxy/examples/egress.yaml
 /usr/share/doc/nitro-vsock-proxy/examples/routes.us-east-1.yaml
 /usr/share/doc/nitro-vsock-proxy/examples/workshop.env
 /usr/share/doc/nitro-vsock-proxy/examples/workshop.yaml
