@@ -56,7 +56,7 @@ build_programs() {
     vars=("CARGO_TARGET_DIR=$VM_BUILD-static" "${vars[@]:1}" "RUSTFLAGS=-C target-feature=+crt-static")
     flags+=(--target x86_64-unknown-linux-gnu --no-default-features --features nitro-vsock-proxy/daemon)
   fi
-  for cmd in "build --bin nitro-vsock-proxy" "test --no-run $*"; do
+  for cmd in "build --bin nitro-vsock-proxy --bin enclave-app" "test --no-run $*"; do
     # shellcheck disable=SC2086 # $cmd is a list of words
     if ! env "${vars[@]}" "${CARGO:-cargo}" $cmd "${flags[@]}" >>"$json"; then
       vm_die "building the programs for the VM failed (${vars[*]} cargo $cmd ${flags[*]})"
