@@ -43,7 +43,8 @@ build_programs() {
   local json="$VM_RUN/cargo-artifacts.json"
   mkdir -p "$VM_RUN"
   : >"$json"
-  # The daemon always (tests of other packages look for it next to their own binaries), then
+  # The daemon and enclave-app always (tests of other packages look for the daemon next to
+  # their own binaries; vsock_vm's egress test looks for enclave-app next to the daemon), then
   # the test programs and the binaries they need.
   local cmd
   local vars=("CARGO_TARGET_DIR=$VM_BUILD" "CARGO_PROFILE_DEV_OPT_LEVEL=${VM_OPT_LEVEL:-2}"
