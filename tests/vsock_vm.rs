@@ -18,10 +18,19 @@
 //! with an in-process DNS server on 127.0.0.1:53 and real upstream servers on test addresses
 //! added to `lo`, including listeners on addresses the daemon must never reach.
 //!
+//! Transparent egress runs here too, whole: an "enclave" network namespace with only `lo`,
+//! `enclave-app/egress.nft` and the routes `enclave-app egress --print-setup` prints,
+//! `enclave-app egress` asking the daemon's dns and connect routes over vsock to CID 1, and curl,
+//! unmodified, reaching a TLS upstream by name
+//! (`egress_over_vsock_reaches_an_allowed_name_and_not_an_unlisted_one`).
+//!
 //! The enclave-app chain test (forwarder → daemon → HTTPS stand-in, server ← client) belongs in
 //! this VM too; see "Hooks" in `tests/vm/README.md`.
 
 mod common;
+#[path = "../enclave-app/tests/support/enclave.rs"]
+#[allow(dead_code)]
+mod enclave;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Shutdown};
@@ -1060,5 +1069,283 @@ fn throughput_shape_over_vsock_proxy_against_a_direct_vsock_connection() {
             mib_s(proxy_seconds),
             direct_seconds / proxy_seconds
         );
+    });
+}
+
+/// `enclave-app`, built by cargo next to the daemon (tests/vm/run.sh builds both into the VM).
+fn enclave_app_bin() -> std::path::PathBuf {
+    let path =
+        std::path::Path::new(env!("CARGO_BIN_EXE_nitro-vsock-proxy")).with_file_name("enclave-app");
+    assert!(
+        path.exists(),
+        "{} is missing: tests/vm/run.sh builds it with the daemon (cargo build --workspace \
+         --bin nitro-vsock-proxy --bin enclave-app)",
+        path.display()
+    );
+    path
+}
+
+/// A process started in the enclave, its stdout and stderr in a file; killed when dropped.
+struct EnclaveProcess {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl EnclaveProcess {
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        common::wait_until(timeout, || self.logs().contains(needle)).await
+    }
+}
+
+impl Drop for EnclaveProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client's outcome, for assertion messages.
+fn said(out: &std::process::Output) -> String {
+    format!(
+        "{}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Transparent egress over real vsock: the host tier's chain (enclave-app/tests/egress.rs) with
+/// `vsock:1:PORT` where that uses `unix:` stand-ins. The test's own namespace is the parent (the
+/// daemon with a `mode: dns` route and a `mode: connect` route with `sni: require` on vsock, the
+/// test's DNS server, a TLS upstream and a trap listener); the "enclave" is a network namespace
+/// with only `lo`, `egress.nft`, the address and routes `enclave-app egress --print-setup`
+/// prints, its own resolv.conf naming the stub, and `enclave-app egress --parent-dns
+/// vsock:1:DNS --connect-via vsock:1:CONNECT`. vsock is not namespaced, so the enclave reaches the
+/// parent's daemon exactly as a Nitro enclave reaches its parent, and only over vsock: the
+/// enclave has no route to the parent's addresses.
+#[test]
+fn egress_over_vsock_reaches_an_allowed_name_and_not_an_unlisted_one() {
+    if !in_vm("vsock_vm") {
+        return;
+    }
+    run_in_netns(|| async {
+        const DNS_ROUTE: u32 = 8070;
+        const CONNECT_ROUTE: u32 = 8071;
+        const CLIENT: Duration = Duration::from_secs(60);
+        const NFT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/enclave-app/egress.nft");
+        let app = enclave_app_bin();
+
+        // The parent.
+        add_lo_addr(ip("192.0.2.10"));
+        add_lo_addr(ip("192.0.2.30"));
+        let dns = TestDns::start(DNS_ADDR.parse().unwrap()).await;
+        dns.set("api.allowed.test", &[ip("192.0.2.10")], 60);
+        // The unlisted name resolves too, to the same upstream, which holds a certificate for
+        // it: only the allowlist stands between it and the app.
+        dns.set("unlisted.test", &[ip("192.0.2.10")], 60);
+        let dir = tempfile::tempdir().unwrap();
+        let tls = enclave::TlsUpstream::start(
+            "192.0.2.10:443".parse().unwrap(),
+            &["api.allowed.test", "unlisted.test"],
+            dir.path().join("ca.pem"),
+        )
+        .await;
+        let ca = tls.ca_pem.display().to_string();
+        // Where a raw IP the allowlist lacks would land.
+        let trap = echo_server("192.0.2.30:443".parse().unwrap()).await;
+        let yaml = format!(
+            "allowlist:\n- {{address: api.allowed.test, port: 443}}\n\
+             routes:\n- {{listen: {DNS_ROUTE}, mode: dns}}\n\
+             - {{listen: {CONNECT_ROUTE}, mode: connect, sni: require}}\n"
+        );
+        let proxy = start_routes_daemon(&dir, &yaml, &[DNS_ROUTE, CONNECT_ROUTE]).await;
+
+        // The enclave, set up as an image would be.
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
+        let enclave = enclave::Enclave::start(&resolv);
+        enclave.must("nft", &["-f", NFT]).await;
+        let ruleset = enclave.must("nft", &["list", "ruleset"]).await;
+        assert!(
+            ruleset.contains("redirect to :15001"),
+            "egress.nft is not in effect in the enclave:\n{ruleset}"
+        );
+        let app_path = app.display().to_string();
+        let setup = enclave.must(&app_path, &["egress", "--print-setup"]).await;
+        let commands: Vec<&str> = setup
+            .lines()
+            .filter(|l| l.starts_with("ip route ") || l.starts_with("ip address "))
+            .collect();
+        assert_eq!(commands.len(), 3, "{setup}");
+        for command in commands {
+            let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+            enclave.must("ip", &args).await;
+        }
+        let links = enclave.must("ip", &["-o", "link"]).await;
+        assert_eq!(
+            links.lines().count(),
+            1,
+            "the enclave has only lo:\n{links}"
+        );
+
+        let log = dir.path().join("egress.log");
+        let args = [
+            "egress".to_owned(),
+            "--parent-dns".to_owned(),
+            format!("vsock:1:{DNS_ROUTE}"),
+            "--connect-via".to_owned(),
+            format!("vsock:1:{CONNECT_ROUTE}"),
+        ];
+        let (program, log_file) = (app.clone(), log.clone());
+        let egress = EnclaveProcess {
+            child: enclave
+                .run(move || {
+                    let out = std::fs::File::create(&log_file).unwrap();
+                    std::process::Command::new(&program)
+                        .args(&args)
+                        .env("RUST_LOG", "info")
+                        .env("NO_COLOR", "1")
+                        .stdin(std::process::Stdio::null())
+                        .stdout(out.try_clone().unwrap())
+                        .stderr(out)
+                        .spawn()
+                        .expect("cannot start enclave-app egress in the enclave")
+                })
+                .await,
+            log,
+        };
+        let ready = enclave
+            .wait_until(LOG_TIMEOUT, || {
+                use common::netns::{tcp_listening, udp_bound};
+                tcp_listening("127.0.0.1:15001".parse().unwrap())
+                    && udp_bound("127.0.0.1:53".parse().unwrap())
+                    && tcp_listening("127.0.0.1:53".parse().unwrap())
+            })
+            .await;
+        assert!(
+            ready,
+            "enclave-app egress is not listening in the enclave; its log:\n{}",
+            egress.logs()
+        );
+
+        // An unmodified client, by name, no proxy settings: the upstream's body.
+        let out = enclave
+            .output(
+                "curl",
+                &[
+                    "-sS",
+                    "--fail",
+                    "--cacert",
+                    &ca,
+                    "https://api.allowed.test/",
+                ],
+                CLIENT,
+            )
+            .await;
+        assert!(
+            out.status.success(),
+            "curl https://api.allowed.test/ in the enclave: {}\negress log:\n{}\ndaemon log:\n{}",
+            said(&out),
+            egress.logs(),
+            proxy.logs()
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello api.allowed.test\n"
+        );
+        assert_eq!(tls.names_seen(), ["api.allowed.test"]);
+        // Over vsock: both routes name their peer as CID 1, the connect route the upstream.
+        for (route, needles) in [
+            (DNS_ROUTE, vec!["peer=vsock:1:"]),
+            (
+                CONNECT_ROUTE,
+                vec![
+                    "peer=vsock:1:",
+                    "upstream=192.0.2.10:443",
+                    "connection closed",
+                ],
+            ),
+        ] {
+            let route_tag = format!("route=vsock:{route} ");
+            let found = common::wait_until(LOG_TIMEOUT, || {
+                proxy
+                    .logs()
+                    .lines()
+                    .any(|l| l.contains(&route_tag) && needles.iter().all(|n| l.contains(n)))
+            })
+            .await;
+            assert!(
+                found,
+                "no daemon log line with `{route_tag}` and {needles:?}:\n{}",
+                proxy.logs()
+            );
+        }
+        assert!(
+            egress
+                .wait_for_log("api.allowed.test:443", LOG_TIMEOUT)
+                .await,
+            "the egress side names the connection's target: {}",
+            egress.logs()
+        );
+
+        // An unlisted name fails at resolution (curl: 6, couldn't resolve host): the parent
+        // blocks the query, and nothing reaches the upstream.
+        let out = enclave
+            .output(
+                "curl",
+                &["-sS", "--cacert", &ca, "https://unlisted.test/"],
+                CLIENT,
+            )
+            .await;
+        assert_eq!(out.status.code(), Some(6), "{}", said(&out));
+        assert!(
+            proxy
+                .wait_for_log("DNS query blocked: unlisted.test", LOG_TIMEOUT)
+                .await,
+            "{}",
+            proxy.logs()
+        );
+        assert_eq!(
+            dns.queries("unlisted.test"),
+            0,
+            "the parent resolved a blocked name"
+        );
+
+        // A raw IP the allowlist lacks: the parent refuses the CONNECT, the app's connection is
+        // reset (7: could not connect, 35: TLS connect error, 52: empty reply, 56: receive
+        // failure), and nothing connects to that address.
+        let out = enclave
+            .output(
+                "curl",
+                &["-sS", "--cacert", &ca, "https://192.0.2.30/"],
+                CLIENT,
+            )
+            .await;
+        assert!(
+            matches!(out.status.code(), Some(7 | 35 | 52 | 56)),
+            "curl https://192.0.2.30/: {}",
+            said(&out)
+        );
+        assert!(
+            egress
+                .wait_for_log(
+                    "connection to 192.0.2.30:443 refused: the parent answered 403",
+                    LOG_TIMEOUT
+                )
+                .await,
+            "{}",
+            egress.logs()
+        );
+        assert_eq!(trap.accepted(), 0, "something reached 192.0.2.30:443");
+        assert_eq!(
+            tls.names_seen(),
+            ["api.allowed.test"],
+            "only the allowed name reached the upstream"
+        );
+        drop(egress);
     });
 }

@@ -2,14 +2,16 @@
 # Fills the VM test tier's cache (target/vm-cache/) from Debian's package registry, if needed:
 #   - qemu-system-x86 with seabios and every library this host lacks,
 #   - busybox-static (the VM's shell and tools; on the host it packs the initramfs),
-#   - the current Debian 12 cloud kernel (boots fast under emulation) and its vsock modules.
+#   - the current Debian 12 cloud kernel (boots fast under emulation) and the modules tier 1
+#     loads (VM_TIER1_MODULES in lib.sh: vsock, and the netfilter ones egress.nft needs).
 # Nothing is installed on the host: the .debs are fetched with `apt-get download` and unpacked
 # with `dpkg-deb -x` into a private sysroot. (`apt-get install qemu-system-x86` would remove the
 # qemu-utils backport some of our machines carry.) The package index is refreshed with
 # `apt-get update` only when it lacks a package or a download fails.
 #
 # Once complete, the cache is reused as is: delete target/vm-cache (make vm-clean) to refresh
-# it. Exits non-zero with the reason when something cannot be fetched: the tier must not be
+# it. A cache written by an older fetch.sh (another VM_CACHE_FORMAT in its stamp) is fetched
+# again. Exits non-zero with the reason when something cannot be fetched: the tier must not be
 # skipped silently. See tests/vm/README.md.
 set -euo pipefail
 # shellcheck source=tests/vm/lib.sh
@@ -20,8 +22,12 @@ QEMU_CORE=(qemu-system-x86 qemu-system-common qemu-system-data seabios ipxe-qemu
 KERNEL_META=linux-image-cloud-amd64
 
 vm_lock_cache
-if [[ -f $VM_CACHE_STAMP ]]; then
+if vm_cache_current; then
   exit 0
+fi
+if [[ -f $VM_CACHE_STAMP ]]; then
+  vm_log "the cache in $VM_CACHE is of an older format (it lacks what tier 1 now loads): fetching it again"
+  rm -f "$VM_CACHE_STAMP"
 fi
 
 if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
@@ -109,16 +115,29 @@ mv "$VM_SYSROOT.partial" "$VM_SYSROOT"
 kernel_version=$(find "$VM_SYSROOT/boot" -maxdepth 1 -name 'vmlinuz-*' -printf '%f\n' |
   sed 's/^vmlinuz-//' | sort -V | tail -n 1)
 [[ -n $kernel_version ]] || vm_die "the kernel package unpacked no /boot/vmlinuz-*"
-vsock_dir="$VM_SYSROOT/lib/modules/$kernel_version/kernel/net/vmw_vsock"
+[[ -x $VM_SYSROOT/bin/busybox ]] || vm_die "busybox-static unpacked no /bin/busybox"
+moddir="$VM_SYSROOT/lib/modules/$kernel_version"
+vsock_dir="$moddir/kernel/net/vmw_vsock"
 for m in vsock vmw_vsock_virtio_transport_common vsock_loopback; do
   [[ -f $vsock_dir/$m.ko ]] || vm_die "kernel $kernel_version has no $vsock_dir/$m.ko (compressed modules? a changed Debian kernel?)"
 done
-# Keep only what the tiers use from the kernel package: the image and the module tree's
-# vsock part plus the index files tier 2 needs for depmod.
-find "$VM_SYSROOT/lib/modules/$kernel_version/kernel" -mindepth 1 -maxdepth 1 ! -name net -exec rm -rf {} +
-find "$VM_SYSROOT/lib/modules/$kernel_version/kernel/net" -mindepth 1 -maxdepth 1 ! -name vmw_vsock -exec rm -rf {} +
+# Keep only what the tiers use from the kernel package: the image, the modules tier 1 loads
+# with their dependencies (the vsock directory whole: tier 2 copies it) and the index files
+# tier 2 needs for depmod. The package has no modules.dep (Debian makes it when installing):
+# busybox's depmod makes one to find the dependencies, and again for the modules kept, which
+# run.sh reads for tier 1's load order.
+"$VM_SYSROOT/bin/busybox" depmod -b "$VM_SYSROOT" "$kernel_version" ||
+  vm_die "busybox depmod failed on kernel $kernel_version's modules"
+keep=$(vm_module_closure "$moddir" "${VM_TIER1_MODULES[@]}") ||
+  vm_die "kernel $kernel_version lacks modules tier 1 loads (VM_TIER1_MODULES in tests/vm/lib.sh; see above)"
+(cd "$moddir" && find kernel -name '*.ko*' ! -path 'kernel/net/vmw_vsock/*' |
+  { grep -vxF -f <(printf '%s\n' "$keep") || true; } | xargs -r rm -f)
+find "$moddir/kernel" -mindepth 1 -type d -empty -delete
+"$VM_SYSROOT/bin/busybox" depmod -b "$VM_SYSROOT" "$kernel_version" ||
+  vm_die "busybox depmod failed on the modules kept"
+vm_module_closure "$moddir" "${VM_TIER1_MODULES[@]}" >/dev/null ||
+  vm_die "the modules kept from kernel $kernel_version do not load alone (see above)"
 
-[[ -x $VM_SYSROOT/bin/busybox ]] || vm_die "busybox-static unpacked no /bin/busybox"
 [[ -x $VM_SYSROOT/usr/bin/qemu-system-x86_64 ]] || vm_die "qemu-system-x86 unpacked no /usr/bin/qemu-system-x86_64"
 vm_qemu_cmd
 if ! qemu_version=$("${VM_QEMU_CMD[@]}" --version 2>&1); then
@@ -134,6 +153,7 @@ tmp="$VM_CACHE_STAMP.partial"
   printf 'VM_KERNEL_VERSION=%q\n' "$kernel_version"
   printf 'VM_QEMU_VERSION=%q\n' "$qemu_version"
   printf 'VM_BUSYBOX_VERSION=%q\n' "$busybox_version"
+  printf 'VM_CACHE_FORMAT=%s\n' "$VM_CACHE_FORMAT"
 } >"$tmp"
 mv "$tmp" "$VM_CACHE_STAMP"
 vm_log "cache ready in $(vm_elapsed "$started") s: kernel $kernel_version, $qemu_version"

@@ -49,7 +49,7 @@ MIRROR=${VM_DEBIAN_MIRROR:-$(apt-get indextargets --format '$(URI)' 'Created-By:
 [[ -n $MIRROR ]] || vm_die "no Debian 12 (bookworm) main archive in this machine's apt sources: \
 set VM_DEBIAN_MIRROR to one for debootstrap"
 
-[[ -f $VM_CACHE_STAMP ]] || "$VM_DIR/fetch.sh"
+vm_cache_current || "$VM_DIR/fetch.sh"
 vm_load_cache
 vm_lock_cache
 

@@ -43,7 +43,8 @@ build_programs() {
   local json="$VM_RUN/cargo-artifacts.json"
   mkdir -p "$VM_RUN"
   : >"$json"
-  # The daemon always (tests of other packages look for it next to their own binaries), then
+  # The daemon and enclave-app always (tests of other packages look for the daemon next to
+  # their own binaries; vsock_vm's egress test looks for enclave-app next to the daemon), then
   # the test programs and the binaries they need.
   local cmd
   local vars=("CARGO_TARGET_DIR=$VM_BUILD" "CARGO_PROFILE_DEV_OPT_LEVEL=${VM_OPT_LEVEL:-2}"
@@ -56,7 +57,7 @@ build_programs() {
     vars=("CARGO_TARGET_DIR=$VM_BUILD-static" "${vars[@]:1}" "RUSTFLAGS=-C target-feature=+crt-static")
     flags+=(--target x86_64-unknown-linux-gnu --no-default-features --features nitro-vsock-proxy/daemon)
   fi
-  for cmd in "build --bin nitro-vsock-proxy" "test --no-run $*"; do
+  for cmd in "build --bin nitro-vsock-proxy --bin enclave-app" "test --no-run $*"; do
     # shellcheck disable=SC2086 # $cmd is a list of words
     if ! env "${vars[@]}" "${CARGO:-cargo}" $cmd "${flags[@]}" >>"$json"; then
       vm_die "building the programs for the VM failed (${vars[*]} cargo $cmd ${flags[*]})"
@@ -112,7 +113,12 @@ $deps"
 TIER1_TESTS=(vsock_vm vsock_chain)
 # Files and directories of the source tree the test programs read (repo-relative), copied into
 # the VM at their absolute paths, so paths built from env!("CARGO_MANIFEST_DIR") work there.
-TIER1_FILES=(enclave-app/testdata config/your-vsock-proxy.yaml)
+TIER1_FILES=(enclave-app/testdata enclave-app/egress.nft config/your-vsock-proxy.yaml)
+# Programs of this host the test programs run (the egress test's enclave namespace: nft for
+# egress.nft, curl as the unmodified client, iproute2's ip for the routes `enclave-app egress
+# --print-setup` prints: busybox's ip has no `address replace`), packed with their shared
+# libraries into /usr/local/bin, which the VM's PATH puts before busybox's applets.
+TIER1_PROGRAMS=(nft curl ip)
 if [[ -n ${VM_TIER1_TESTS:-} ]]; then
   # Another selection, for trying a new test program in the VM before it is listed above.
   read -r -a TIER1_TESTS <<<"$VM_TIER1_TESTS"
@@ -142,11 +148,25 @@ run_tier1() {
   local run="$VM_RUN/tier1" root
   root="$run/root"
   rm -rf "$root"
-  mkdir -p "$root"/{bin,mods,vm/tests,vm/bin,proc,sys,dev,tmp}
+  mkdir -p "$root"/{bin,mods,etc,usr/local/bin,vm/tests,vm/bin,proc,sys,dev,tmp}
   add_program "$root" "$VM_BUSYBOX" /bin/busybox
-  for m in vsock vmw_vsock_virtio_transport_common vsock_loopback; do
-    cp "$VM_MODULES/kernel/net/vmw_vsock/$m.ko" "$root/mods/"
+  # The modules init-tier1 loads, in the order it loads them (/mods/load: dependencies first).
+  local modules module
+  modules=$(vm_module_closure "$VM_MODULES" "${VM_TIER1_MODULES[@]}") ||
+    vm_die "the cached kernel lacks modules tier 1 loads (remove $VM_CACHE to fetch it again)"
+  while read -r module; do
+    cp "$VM_MODULES/$module" "$root/mods/"
+    basename "$module" .ko >>"$root/mods/load"
+  done <<<"$modules"
+  local program host_path
+  for program in "${TIER1_PROGRAMS[@]}"; do
+    host_path=$(command -v "$program") ||
+      vm_die "tier 1 runs $program, which this host lacks (scripts/install-deps.sh installs it)"
+    add_program "$root" "$host_path" "/usr/local/bin/$program"
   done
+  # The enclave namespace of the egress test bind-mounts its own resolv.conf over this one (a
+  # bind mount needs the file); a test's DNS server is on 127.0.0.1:53 of its own namespace.
+  printf 'nameserver 127.0.0.1\n' >"$root/etc/resolv.conf"
   cp "$VM_DIR/init-tier1" "$root/init"
   chmod 755 "$root/init"
   local kind path n=10
