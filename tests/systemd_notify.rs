@@ -419,6 +419,7 @@ fn journal_format_sends_every_field_as_an_nvp_journal_field() {
             "NVP_REASON=denied",
             "NVP_ROUTE=tcp:127.0.0.1:8010",
             "NVP_ID=1",
+            "NVP_ENCLAVE=-",
             "NVP_REQUESTED=192.0.2.99",
             "NVP_DECISION=refused",
             "TARGET=audit",
@@ -438,7 +439,7 @@ fn journal_format_sends_every_field_as_an_nvp_journal_field() {
             .unwrap();
         assert!(
             message.starts_with(&format!(
-                "conn{{route=tcp:127.0.0.1:8010 id=1 peer={peer}}}: connection refused: "
+                "conn{{route=tcp:127.0.0.1:8010 id=1 peer={peer} enclave=-}}: connection refused: "
             )),
             "{message}"
         );
