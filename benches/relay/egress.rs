@@ -199,10 +199,7 @@ fn start_daemon(dir: &Path, proxy_bin: &Path, sink: SocketAddr, echo: SocketAddr
         .arg("mount --bind \"$1\" /etc/hosts && exec \"$2\" --config \"$3\"")
         .arg("sh")
         .args([hosts.as_os_str(), proxy_bin.as_os_str(), config.as_os_str()])
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .env("RUST_LOG", crate::proxy::log_level())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -350,10 +347,7 @@ fn enter(dir: &Path, app: &Path) -> Killed {
         .arg(format!("unix:{}", dir.join("dns.sock").display()))
         .arg("--connect-via")
         .arg(format!("unix:{}", dir.join("connect.sock").display()))
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .env("RUST_LOG", crate::proxy::log_level())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -11,6 +11,32 @@ use std::time::{Duration, Instant};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The `RUST_LOG` of the proxies started from now on (see [`set_log_level`]).
+static LOG_LEVEL: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// Proxies started after this call log at `level` (`warn`: no per-connection line; `info`: as
+/// deployed, one line per connection). Their standard error goes to a file, as text, the way
+/// an operator who does not use the journal keeps the lines.
+pub fn set_log_level(level: &str) {
+    *LOG_LEVEL.lock().unwrap_or_else(|e| e.into_inner()) = level.to_owned();
+}
+
+/// The level [`set_log_level`] set, `warn` before any call.
+pub fn log_level() -> String {
+    let level = LOG_LEVEL.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if level.is_empty() {
+        "warn".to_owned()
+    } else {
+        level
+    }
+}
+
+/// `proxy.log` in the proxy's own directory, for its standard error (the bench prints the
+/// file's last lines when the proxy fails to start).
+fn log_file(dir: &tempfile::TempDir) -> io::Result<std::fs::File> {
+    std::fs::File::create(dir.path().join("proxy.log"))
+}
+
 /// The running proxy; killed when dropped, including while a panic unwinds.
 pub struct Proxy {
     pub child: Child,
@@ -48,16 +74,10 @@ impl Proxy {
             .arg("--config")
             .arg(&config)
             .args(extra)
-            // As deployed but without the per-connection INFO line, which costs ≈ 10 % of
-            // connections per second (the bench measures the relay, not the logger);
-            // BENCH_RUST_LOG=info measures with it.
-            .env(
-                "RUST_LOG",
-                std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", log_level())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(log_file(&dir)?);
         pin(&mut command, pin_cpu);
         let child = command.spawn()?;
         Proxy::ready(Proxy {
@@ -91,13 +111,10 @@ impl Proxy {
             .arg("--config")
             .arg(&config)
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", log_level())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(log_file(&dir)?);
         pin(&mut command, pin_cpu);
         let child = command.spawn()?;
         Proxy::ready(Proxy {
@@ -143,8 +160,10 @@ impl Proxy {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = proxy.child.try_wait()? {
+                let log = std::fs::read_to_string(proxy._dir.path().join("proxy.log"))
+                    .unwrap_or_default();
                 return Err(io::Error::other(format!(
-                    "it exited at start-up ({status}); see its messages above"
+                    "it exited at start-up ({status}); its messages:\n{log}"
                 )));
             }
             if TcpStream::connect_timeout(&proxy.addr, Duration::from_millis(200)).is_ok() {

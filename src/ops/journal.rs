@@ -17,7 +17,8 @@
 //!
 //! Logging never waits for the journal: the layer puts each entry on a bounded queue
 //! ([`QUEUE_ENTRIES`]) with `try_send`, and an entry that does not fit is dropped and counted
-//! ([`dropped_entries`]). Only the writer thread ever blocks on the socket. Values longer than
+//! ([`dropped_entries`]). Only the writer thread ever blocks on the socket; it takes the queue in
+//! batches ([`crate::ops::batch`]), so a busy proxy's entries do not wake it one by one. Values longer than
 //! [`MAX_VALUE_BYTES`] are truncated rather than sent through a memfd. An entry the socket
 //! refuses (journald restarting, an entry too large) is written on standard error as its
 //! `<N>`-prefixed line instead, so it is not lost.
@@ -41,6 +42,8 @@ use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::{FormatFields, FormattedFields};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
+
+use crate::ops::batch;
 
 /// The syslog priority journald gives a line with this level.
 pub fn journal_priority(level: Level) -> u8 {
@@ -161,25 +164,29 @@ pub fn connect() -> Result<(JournalLayer, JournalGuard), String> {
     ))
 }
 
-/// The writer thread: sends each entry; one the socket refuses goes to standard error.
+/// The writer thread: sends each entry (one datagram each, as the protocol has it), in batches
+/// with a pause between them ([`crate::ops::batch`]); one the socket refuses goes to standard
+/// error.
 fn send_entries(socket: UnixDatagram, entries: Receiver<Msg>) {
     let mut datagram = Vec::with_capacity(4096);
-    for msg in entries {
-        match msg {
-            Msg::Entry(entry) => {
-                datagram.clear();
-                serialize(&entry, &mut datagram);
-                if socket.send(&datagram).is_err() {
-                    let line = format!("<{}>{}\n", entry.priority, entry.message);
-                    if std::io::stderr().write_all(line.as_bytes()).is_err() {
-                        DROPPED.fetch_add(1, Ordering::Relaxed);
-                    }
+    let mut flushed = Vec::new();
+    while batch::drain(&entries, |msg| match msg {
+        Msg::Entry(entry) => {
+            datagram.clear();
+            serialize(&entry, &mut datagram);
+            if socket.send(&datagram).is_err() {
+                let line = format!("<{}>{}\n", entry.priority, entry.message);
+                if std::io::stderr().write_all(line.as_bytes()).is_err() {
+                    DROPPED.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Msg::Flush(done) => {
-                let _ = done.try_send(());
-            }
         }
+        Msg::Flush(done) => flushed.push(done),
+    }) {
+        for done in flushed.drain(..) {
+            let _ = done.try_send(());
+        }
+        std::thread::sleep(batch::PAUSE);
     }
 }
 

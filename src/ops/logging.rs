@@ -3,10 +3,12 @@
 //! This module owns the one place where the subscriber is installed, so the rest of the code only
 //! emits `tracing` events and spans, and the promise that logging never holds up the accept loop
 //! or a relay: nothing is written from the thread that logs.
-//! - Text, JSON and the `<N>`-prefixed journal lines go to standard error through
-//!   `tracing-appender`'s lossy non-blocking writer: a bounded queue of [`STDERR_QUEUE_LINES`]
-//!   lines in front of one writer thread. When standard error does not keep up (a full pipe, a
-//!   stalled journald) further lines are dropped and counted, never waited for.
+//! - Text, JSON and the `<N>`-prefixed journal lines go to standard error through a lossy
+//!   non-blocking writer: a bounded queue of [`STDERR_QUEUE_LINES`] lines in front of one writer
+//!   thread, which takes them in batches and writes each batch with as few write(2) calls as
+//!   its buffer allows ([`crate::ops::batch`] says why: a thread woken per line cost more than
+//!   the lines). When standard error does not keep up (a full pipe, a stalled journald)
+//!   further lines are dropped and counted, never waited for.
 //! - The journal format sends structured entries to journald itself ([`crate::ops::journal`]), with
 //!   its own bounded queue and the same promise.
 //! - [`dropped_lines`] is the total dropped so far. A reporter thread says so at WARN ("N log
@@ -28,20 +30,21 @@
 //! format is chosen by where standard error goes: journal when it is systemd's journal stream,
 //! text otherwise.
 
-use std::sync::OnceLock;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tracing::{Event, Subscriber};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::fmt::format::{Format, Full, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
+use crate::ops::batch;
 use crate::ops::journal::{self, JournalGuard};
 
 /// How log lines are written to standard error.
@@ -57,6 +60,9 @@ pub enum LogFormat {
     Journal,
 }
 
+/// The writer thread's buffer in front of standard error (see [`stderr_writer`]).
+const STDERR_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Lines waiting for standard error; more are dropped (and counted). About a few MiB at most.
 pub const STDERR_QUEUE_LINES: usize = 8192;
 
@@ -66,15 +72,17 @@ pub const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the reporter looks at the drop counters.
 const DROP_CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// The standard-error writer's drop counter, once installed.
-static STDERR_DROPS: OnceLock<ErrorCounter> = OnceLock::new();
+/// How long the guard waits at exit for the lines queued so far to reach standard error.
+const STDERR_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Lines the standard-error writer dropped: its queue was full, or writing failed.
+static STDERR_DROPS: AtomicU64 = AtomicU64::new(0);
 
 /// Log lines dropped so far because a sink (standard error or the journal) was not keeping up.
 pub fn dropped_lines() -> u64 {
-    let stderr = STDERR_DROPS
-        .get()
-        .map_or(0, |counter| counter.dropped_lines() as u64);
-    stderr.saturating_add(journal::dropped_entries())
+    STDERR_DROPS
+        .load(Ordering::Relaxed)
+        .saturating_add(journal::dropped_entries())
 }
 
 /// The format to use: the one asked for, else journal under systemd's journal, else text.
@@ -93,7 +101,7 @@ pub struct LogGuard {
     // Declared first, so it is dropped first: its last report is flushed by the sinks below.
     _reporter: Option<DropReporter>,
     _journal: Option<JournalGuard>,
-    _stderr: Option<WorkerGuard>,
+    _stderr: Option<StderrGuard>,
 }
 
 /// Installs the global subscriber. `RUST_LOG` selects levels (default `info`); an invalid
@@ -130,12 +138,7 @@ pub fn init(format: LogFormat) -> LogGuard {
                             .with_target(false)
                             .with_ansi(false),
                     });
-                (
-                    registry.with(layer).try_init(),
-                    Sink::Stderr,
-                    None,
-                    Some(guard),
-                )
+                (registry.with(layer).try_init(), Sink::Stderr, None, guard)
             }
         },
         LogFormat::Text => {
@@ -144,12 +147,7 @@ pub fn init(format: LogFormat) -> LogGuard {
                 .with_writer(writer)
                 .with_target(false)
                 .with_ansi(false);
-            (
-                registry.with(layer).try_init(),
-                Sink::Stderr,
-                None,
-                Some(guard),
-            )
+            (registry.with(layer).try_init(), Sink::Stderr, None, guard)
         }
         LogFormat::Json => {
             let (writer, guard) = stderr_writer();
@@ -160,12 +158,7 @@ pub fn init(format: LogFormat) -> LogGuard {
                 .with_writer(writer)
                 // JSON keeps the target, so the audit trail (`"target":"audit"`) can be picked out.
                 .with_target(true);
-            (
-                registry.with(layer).try_init(),
-                Sink::Stderr,
-                None,
-                Some(guard),
-            )
+            (registry.with(layer).try_init(), Sink::Stderr, None, guard)
         }
     };
     if let Err(e) = installed {
@@ -192,16 +185,112 @@ pub fn init(format: LogFormat) -> LogGuard {
     }
 }
 
-/// The lossy, bounded, non-blocking writer to standard error, its drop counter registered for
-/// [`dropped_lines`].
-fn stderr_writer() -> (tracing_appender::non_blocking::NonBlocking, WorkerGuard) {
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(STDERR_QUEUE_LINES)
-        .thread_name("log-stderr")
-        .finish(std::io::stderr());
-    let _ = STDERR_DROPS.set(writer.error_counter());
-    (writer, guard)
+/// The lossy, bounded, non-blocking writer to standard error (see the module docs) and the
+/// guard that flushes it at exit. Without a writer thread (the system refused one) lines are
+/// written directly: slower, never lost.
+fn stderr_writer() -> (StderrQueue, Option<StderrGuard>) {
+    let (queue, lines) = crossbeam_channel::bounded(STDERR_QUEUE_LINES);
+    match std::thread::Builder::new()
+        .name("log-stderr".into())
+        .spawn(move || write_lines(lines))
+    {
+        Ok(_) => (
+            StderrQueue {
+                queue: Some(queue.clone()),
+            },
+            Some(StderrGuard { queue }),
+        ),
+        Err(e) => {
+            eprintln!("nitro-vsock-proxy: cannot start the log writer thread ({e}); writing log lines directly");
+            (StderrQueue { queue: None }, None)
+        }
+    }
+}
+
+/// What the standard-error writer thread is sent.
+enum Line {
+    Text(Vec<u8>),
+    /// Sent by the guard at exit: answered once every line queued before it is written.
+    Flush(Sender<()>),
+}
+
+/// The [`MakeWriter`] of the text, JSON and `<N>` formats: each formatted line (the fmt layer
+/// writes a line in one call) goes onto the queue, or is dropped and counted when it is full.
+struct StderrQueue {
+    queue: Option<Sender<Line>>,
+}
+
+impl Write for &StderrQueue {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        match &self.queue {
+            Some(queue) => {
+                if queue.try_send(Line::Text(line.to_vec())).is_err() {
+                    STDERR_DROPS.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                if std::io::stderr().write_all(line).is_err() {
+                    STDERR_DROPS.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for StderrQueue {
+    type Writer = &'a StderrQueue;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self
+    }
+}
+
+/// The writer thread: each batch through one buffer, flushed before the thread pauses.
+fn write_lines(lines: Receiver<Line>) {
+    let mut out = std::io::BufWriter::with_capacity(STDERR_BUFFER_BYTES, std::io::stderr());
+    let mut flushed = Vec::new();
+    let mut failed = 0;
+    while batch::drain(&lines, |line| match line {
+        Line::Text(text) => {
+            if out.write_all(&text).is_err() {
+                failed += 1;
+            }
+        }
+        Line::Flush(done) => flushed.push(done),
+    }) {
+        if out.flush().is_err() {
+            failed += 1;
+        }
+        STDERR_DROPS.fetch_add(std::mem::take(&mut failed), Ordering::Relaxed);
+        for done in flushed.drain(..) {
+            let _ = done.try_send(());
+        }
+        std::thread::sleep(batch::PAUSE);
+    }
+}
+
+/// Keeps the standard-error writer's queue open; on drop, waits (at most
+/// [`STDERR_FLUSH_TIMEOUT`]) until the lines logged so far are written.
+struct StderrGuard {
+    queue: Sender<Line>,
+}
+
+impl Drop for StderrGuard {
+    fn drop(&mut self) {
+        let (done, flushed) = crossbeam_channel::bounded(1);
+        if self
+            .queue
+            .send_timeout(Line::Flush(done), STDERR_FLUSH_TIMEOUT)
+            .is_ok()
+        {
+            let _ = flushed.recv_timeout(STDERR_FLUSH_TIMEOUT);
+        }
+    }
 }
 
 /// Where the lines go, as the dropped-lines warning names it.

@@ -8,6 +8,7 @@
 
 #[cfg(feature = "daemon")]
 pub mod audit;
+pub mod batch;
 pub mod heap;
 pub mod journal;
 pub mod logging;

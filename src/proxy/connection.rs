@@ -35,7 +35,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::level_filters::LevelFilter;
+use tracing::{info, warn, Instrument, Span};
 
 use crate::config::remote::Target;
 use crate::config::Ech;
@@ -76,35 +77,61 @@ pub fn spawn(
         // The tcp: stand-in's client can vanish as silently as an upstream (vsock cannot).
         upstream::set_keepalive(tcp, &shared.upstream);
     }
-    // `client`: an ingress connection's client when a load balancer's PROXY header names it.
-    let span = tracing::info_span!("conn", route = %route.listen, id, peer = %peer, enclave = tracing::field::Empty, client = tracing::field::Empty, upstream = tracing::field::Empty);
+    // A span for the whole life only when something logs below INFO (the debug lines of the
+    // request, the lookups and the connect read their context from it). At the default level
+    // a connection makes none: the few lines it may write carry their span made for them
+    // (`Connection::log_span`), and the close line carries every field itself.
+    let span = if LevelFilter::current() >= LevelFilter::DEBUG {
+        conn_span(&route.listen, id, &peer, None, None)
+    } else {
+        Span::none()
+    };
     let shared = shared.clone();
     let tasks = route.tasks.clone();
-    tasks.spawn(
-        async move {
-            let scope = Scope::of(&peer, &shared).await;
-            tracing::Span::current().record("enclave", tracing::field::display(&scope.label));
-            let outcome = tokio::select! {
-                outcome = Connection::new(stream, &peer, &route, &shared, &scope).run() => outcome,
-                _ = route.closed.cancelled() => {
-                    info!("connection closed: its route was removed and the drain timeout ran out");
-                    Outcome::Drained
-                }
-            };
-            let metrics = crate::ops::metrics::global();
-            metrics.connection_ended(&route.metrics, outcome);
-            metrics.enclave_connection_ended(scope.set.ids(&scope.matched), outcome);
-            route.metrics.open.dec();
-            let open_now = shared
-                .counters
-                .open
-                .fetch_sub(1, Ordering::Relaxed)
-                .saturating_sub(1);
-            drop(slots);
-            crate::ops::heap::closed(open_now as usize);
+    tasks.spawn(async move {
+        let scope = Scope::of(&peer, &shared).instrument(span.clone()).await;
+        span.record("enclave", tracing::field::display(&scope.label));
+        let outcome = tokio::select! {
+        outcome = Connection::new(stream, &peer, &route, &shared, &scope).logged_as(id, span).run() => outcome,
+        _ = route.closed.cancelled() => {
+            conn_span(&route.listen, id, &peer, Some(&scope.label), None).in_scope(|| {
+                info!("connection closed: its route was removed and the drain timeout ran out")
+            });
+            Outcome::Drained
         }
-        .instrument(span),
-    );
+        };
+        let metrics = crate::ops::metrics::global();
+        metrics.connection_ended(&route.metrics, outcome);
+        metrics.enclave_connection_ended(scope.set.ids(&scope.matched), outcome);
+        route.metrics.open.dec();
+        let open_now = shared
+            .counters
+            .open
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1);
+        drop(slots);
+        crate::ops::heap::closed(open_now as usize);
+    });
+}
+
+/// The `conn{route id peer enclave client upstream}` span a connection's lines are written in
+/// (`client`: an ingress connection's client when a load balancer's PROXY header names it;
+/// `enclave` and `upstream` recorded once known, or given here when they are).
+fn conn_span(
+    route: &dyn std::fmt::Display,
+    id: u64,
+    peer: &str,
+    enclave: Option<&str>,
+    upstream: Option<SocketAddr>,
+) -> Span {
+    let span = tracing::info_span!("conn", route = %route, id, peer = %peer, enclave = tracing::field::Empty, client = tracing::field::Empty, upstream = tracing::field::Empty);
+    if let Some(enclave) = enclave {
+        span.record("enclave", tracing::field::display(enclave));
+    }
+    if let Some(upstream) = upstream {
+        span.record("upstream", tracing::field::display(upstream));
+    }
+    span
 }
 
 /// Who a connection's peer is, as the policy sees it: the `enclaves:` entries it matched (in
@@ -169,6 +196,10 @@ pub struct Connection<'a> {
     route_name: String,
     /// The route's settings as of this connection: a reload changes them for later ones only.
     settings: Arc<Settings>,
+    /// The connection's number, as logged.
+    id: u64,
+    /// Its span for the whole set-up when logging below INFO, else none (see [`spawn`]).
+    span: Span,
 }
 
 /// Where one connection asked to go, and what it already sent.
@@ -215,6 +246,32 @@ impl<'a> Connection<'a> {
             scope,
             route_name: route.listen.to_string(),
             settings: route.settings(),
+            id: 0,
+            span: Span::none(),
+        }
+    }
+
+    /// Its number and, when logging below INFO, its span (see [`spawn`]).
+    pub fn logged_as(mut self, id: u64, span: Span) -> Connection<'a> {
+        self.id = id;
+        self.span = span;
+        self
+    }
+
+    /// The span one of its lines is written in: its own, or when it has none (the default
+    /// level), one made now with the fields known so far. Refusals and warnings are rare, an
+    /// allowed connection at INFO makes none.
+    fn log_span(&self, upstream: Option<SocketAddr>) -> Span {
+        if self.span.is_none() {
+            conn_span(
+                &self.route_name,
+                self.id,
+                self.peer,
+                Some(&self.scope.label),
+                upstream,
+            )
+        } else {
+            self.span.clone()
         }
     }
 
@@ -223,11 +280,15 @@ impl<'a> Connection<'a> {
     /// ended.
     pub async fn run(mut self) -> Outcome {
         if !self.scope.may_use(self.settings.spec.enclaves.as_deref()) {
-            return self.refuse_enclave();
+            return self.log_span(None).in_scope(|| self.refuse_enclave());
         }
+        // The dns and ingress routes' futures are boxed: an async fn's state is as large as the
+        // largest future it awaits, and theirs would otherwise be carried by every relayed
+        // connection's task.
         if self.settings.destination == Destination::Dns {
             let idle_timeout = self.settings.spec.idle_timeout;
-            return dns::serve(
+            let span = self.log_span(None);
+            return Box::pin(dns::serve(
                 self.client,
                 self.peer,
                 &self.route_name,
@@ -237,33 +298,39 @@ impl<'a> Connection<'a> {
                     policy: &self.scope.policy,
                     enclave: &self.scope.label,
                 },
-            )
+            ))
+            .instrument(span)
             .await;
         }
         if let Destination::Ingress(spec) = &self.settings.destination {
-            return ingress::serve(
+            let span = self.log_span(None);
+            return Box::pin(ingress::serve(
                 self.client,
                 self.peer,
                 self.route,
                 &self.settings,
                 spec,
                 self.shared,
-            )
+            ))
+            .instrument(span)
             .await;
         }
         let started = Instant::now();
         let setup_timeout = self.shared.lifetimes.setup_timeout;
         // Boxed with its timer: the set-up's state (DNS lookups, connect attempts, the deadline)
         // is freed once it is done, instead of being part of every idle connection's task.
-        let setup = Box::pin(tokio::time::timeout(setup_timeout, self.set_up())).await;
+        let span = self.span.clone();
+        let setup = Box::pin(tokio::time::timeout(setup_timeout, self.set_up()))
+            .instrument(span)
+            .await;
         let ready = match setup {
             Ok(Ok(ready)) => ready,
             Ok(Err(outcome)) => return outcome,
             Err(_) => {
-                warn!(
+                self.log_span(None).in_scope(|| warn!(
                     setup_timeout = %humantime::format_duration(setup_timeout),
                     "connection closed: not relaying within --setup-timeout (request, DNS, policy and connect)"
-                );
+                ));
                 return Outcome::SetupTimeout;
             }
         };
@@ -279,7 +346,7 @@ impl<'a> Connection<'a> {
         let policy = &scope.policy;
         let (request, upstream) = match self.decide(policy).await {
             Ok(decided) => decided,
-            Err(refusal) => return Err(self.refuse(refusal).await),
+            Err(refusal) => return Err(self.refuse(refusal, None).await),
         };
         self.answer(policy, request, upstream).await
     }
@@ -395,7 +462,7 @@ impl<'a> Connection<'a> {
             .metrics
             .connect_duration
             .observe(connecting.elapsed().as_secs_f64());
-        tracing::Span::current().record("upstream", tracing::field::display(addr));
+        self.span.record("upstream", tracing::field::display(addr));
         Ok(Upstream {
             stream,
             addr,
@@ -437,12 +504,13 @@ impl<'a> Connection<'a> {
                             target: request.target,
                             refusal: Box::new(refusal),
                         };
-                        return Err(self.refuse(refusal).await);
+                        return Err(self.refuse(refusal, Some(addr)).await);
                     }
                 }
             }
         }
         if audit::records_allowed() {
+            let _span = self.log_span(Some(addr)).entered();
             audit::allowed(&audit::Decision {
                 route: &self.route_name,
                 peer: self.peer,
@@ -457,7 +525,9 @@ impl<'a> Connection<'a> {
         }
         if !request.early.is_empty() {
             if let Err(e) = stream.write_all(&request.early).await {
-                warn!(error = %e, "connection closed: cannot send the first bytes upstream");
+                self.log_span(Some(addr)).in_scope(
+                    || warn!(error = %e, "connection closed: cannot send the first bytes upstream"),
+                );
                 return Err(Outcome::UpstreamError);
             }
             self.route
@@ -513,8 +583,9 @@ impl<'a> Connection<'a> {
 
     /// Records a refusal (both counters of its outcome: `denied`, `dns_failure`, ..., then the
     /// audit trail, or a debug line for a client that left before its request), then answers a
-    /// CONNECT client with its status. Returns how the connection ended.
-    async fn refuse(&mut self, refusal: Refusal) -> Outcome {
+    /// CONNECT client with its status. `upstream`: the address connected to, if it got that far.
+    /// Returns how the connection ended.
+    async fn refuse(&mut self, refusal: Refusal, upstream: Option<SocketAddr>) -> Outcome {
         let outcome = refusal.outcome();
         for counters in [&self.shared.counters, &self.route.counters] {
             counters.count_refusal(outcome);
@@ -522,6 +593,7 @@ impl<'a> Connection<'a> {
         let message = refusal.to_string();
         if outcome.is_refusal() {
             let target = refusal.target();
+            let _span = self.log_span(upstream).entered();
             audit::refused(&audit::Decision {
                 route: &self.route_name,
                 peer: self.peer,
@@ -534,10 +606,12 @@ impl<'a> Connection<'a> {
                 message: &message,
             });
         } else {
-            tracing::debug!(
-                reason = refusal.reason(),
-                "connection closed before its request: {message}"
-            );
+            self.span.in_scope(|| {
+                tracing::debug!(
+                    reason = refusal.reason(),
+                    "connection closed before its request: {message}"
+                )
+            });
         }
         if self.is_connect() {
             if let Some(status) = refusal.status() {
@@ -559,6 +633,8 @@ impl<'a> Connection<'a> {
             scope,
             route_name,
             settings,
+            id,
+            span,
         } = self;
         let registration = shared.relayed.register(OpenConnection {
             route: route_name.clone(),
@@ -573,7 +649,11 @@ impl<'a> Connection<'a> {
             revoke: CancellationToken::new(),
         });
         let revoked = registration.token();
-        tracing::debug!(requested = %ready.target.host, "relaying");
+        span.in_scope(|| tracing::debug!(requested = %ready.target.host, "relaying"));
+        // A relayed connection holds no span: its close line carries every field itself, and
+        // the rare lines before that (a revocation, --max-lifetime) make theirs.
+        drop(span);
+        let later_span = || conn_span(&route_name, id, peer, Some(&scope.label), Some(ready.addr));
         let live = LiveBytes {
             to_upstream: route.metrics.to_upstream.inner(),
             to_client: route.metrics.to_client.inner(),
@@ -581,7 +661,7 @@ impl<'a> Connection<'a> {
         let client = match Side::new(client) {
             Ok(side) => side,
             Err(e) => {
-                warn!(error = %e, "connection closed: cannot register the client socket for the relay");
+                later_span().in_scope(|| warn!(error = %e, "connection closed: cannot register the client socket for the relay"));
                 return Outcome::ClientError;
             }
         };
@@ -595,6 +675,11 @@ impl<'a> Connection<'a> {
         tokio::select! {
             report = relay(client, Side::from(ready.upstream), settings.idle_timeout, &live, shared.lifetimes.relay_mode) => {
                 info!(
+                    route = %route_name,
+                    id,
+                    peer = %peer,
+                    enclave = %scope.label,
+                    upstream = %ready.addr,
                     bytes_to_upstream = report.to_upstream + ready.early,
                     bytes_to_client = report.to_client,
                     duration_ms = started.elapsed().as_millis() as u64,
@@ -610,6 +695,7 @@ impl<'a> Connection<'a> {
             }
             _ = revoked.cancelled() => {
                 let why = registration.reason();
+                let _span = later_span().entered();
                 audit::refused(&audit::Decision {
                     route: &route_name,
                     peer,
@@ -624,6 +710,7 @@ impl<'a> Connection<'a> {
                 Outcome::Revoked
             }
             _ = lifetime => {
+                let _span = later_span().entered();
                 info!(
                     duration_ms = started.elapsed().as_millis() as u64,
                     "connection closed: --max-lifetime reached"
