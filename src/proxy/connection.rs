@@ -2,9 +2,12 @@
 //! where to, the policy says whether, then connect upstream, answer the client, relay.
 //!
 //! This module owns everything between an admitted connection and its close. [`spawn`] starts
-//! its task (counted as open, inside its `conn{route id peer}` span, cut short when its removed
-//! route's drain timeout runs out). [`Connection::run`] calls the phases in order:
-//! `read_request`, `check_policy`, `connect` and `answer`, all within `--setup-timeout`, then
+//! its task (counted as open, cut short when its removed route's drain timeout runs out). Its
+//! lines name it by the `conn{route id peer enclave upstream}` fields: in a span for the whole
+//! set-up when logging below INFO, else in a span made for each refusal or warning, and on the
+//! close line itself (a relayed connection at INFO makes no span: see the README's Logs).
+//! [`Connection::run`] calls the phases in order: `read_request`, `check_policy`, `connect`
+//! and `answer`, all within `--setup-timeout`, then
 //! `relay` until the connection ends, goes idle, reaches `--max-lifetime` or is revoked by a
 //! reload. A connection turned away in the first three is one [`Refusal`], recorded (counters,
 //! audit trail) before the client is answered (`refuse`), so the log never trails what the
