@@ -40,6 +40,7 @@
 //! at `info` (as deployed: one text line per connection, written to a file);
 //! `BENCH_RUST_LOG=info` (or any filter) measures at that level only, and runs every other
 //! section at it too (default `warn`);
+//! `BENCH_PROXY_BIN=PATH` measures another build of the proxy (e.g. the one before a change);
 //! `BENCH_VERBOSE=1` prints every throughput sample; `BENCH_ONLY=latency` (or a comma-separated
 //! list of throughput, connections, latency, idle, egress, ingress, policy) measures only those.
 //!

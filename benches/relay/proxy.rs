@@ -31,6 +31,13 @@ pub fn log_level() -> String {
     }
 }
 
+/// The proxy binary: this build's, or `BENCH_PROXY_BIN` (another build, to compare two in one
+/// run: `BENCH_PROXY_BIN=/tmp/before make bench`).
+pub fn proxy_binary() -> std::ffi::OsString {
+    std::env::var_os("BENCH_PROXY_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_nitro-vsock-proxy").into())
+}
+
 /// `proxy.log` in the proxy's own directory, for its standard error (the bench prints the
 /// file's last lines when the proxy fails to start).
 fn log_file(dir: &tempfile::TempDir) -> io::Result<std::fs::File> {
@@ -66,7 +73,7 @@ impl Proxy {
         )?;
         // A free port for the proxy to listen on (it could be taken in between; unlikely).
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let mut command = Command::new(env!("CARGO_BIN_EXE_nitro-vsock-proxy"));
+        let mut command = Command::new(proxy_binary());
         command
             .arg(format!("tcp:{addr}"))
             .arg(upstream.ip().to_string())
@@ -106,7 +113,7 @@ impl Proxy {
                  allow_from: ['127.0.0.0/8']}}\n"
             ),
         )?;
-        let mut command = Command::new(env!("CARGO_BIN_EXE_nitro-vsock-proxy"));
+        let mut command = Command::new(proxy_binary());
         command
             .arg("--config")
             .arg(&config)
