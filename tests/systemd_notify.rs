@@ -17,7 +17,7 @@ use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::{connect, is_listening, Proxy, PROXY_BIN};
 use common::upstream::echo_server;
 use systemd_support::{Daemon, NotifySocket};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LISTEN: &str = "tcp:127.0.0.1:8001";
 /// The variable that points the journal format at a socket of the test's own.
@@ -446,6 +446,49 @@ fn journal_format_sends_every_field_as_an_nvp_journal_field() {
         assert!(
             message.contains("192.0.2.99:443 is not allowed"),
             "{message}"
+        );
+
+        // A relayed connection's close line (written outside any span at INFO) keeps every
+        // field as a journal field.
+        add_lo_addr(ip("192.0.2.10"));
+        let _up = echo_server("192.0.2.10:443".parse().unwrap()).await;
+        let mut tunnel = connect(CONNECT_ROUTE).await;
+        tunnel
+            .write_all(b"CONNECT 192.0.2.10:443 HTTP/1.1\r\nHost: 192.0.2.10:443\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 39];
+        tokio::time::timeout(WAIT, tunnel.read_exact(&mut head))
+            .await
+            .expect("no answer to CONNECT in time")
+            .unwrap();
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+        let echoed = tunnel.round_trip(b"ping", WAIT).await.unwrap();
+        assert_eq!(echoed, b"ping");
+        let closed = journal
+            .wait_for(WAIT, |e| e.contains("MESSAGE=connection closed"))
+            .await
+            .unwrap_or_else(|| panic!("no close entry: {:?}", journal.messages()))
+            .1;
+        let lines: Vec<&str> = closed.lines().collect();
+        for want in [
+            "PRIORITY=6",
+            "NVP_ROUTE=tcp:127.0.0.1:8010",
+            "NVP_ID=2",
+            "NVP_ENCLAVE=-",
+            "NVP_UPSTREAM=192.0.2.10:443",
+            "NVP_BYTES_TO_UPSTREAM=4",
+            "NVP_BYTES_TO_CLIENT=4",
+            "NVP_END=completed",
+        ] {
+            assert!(lines.contains(&want), "{want} missing from {closed:?}");
+        }
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("NVP_PEER=tcp:127.0.0.1:"))
+                && lines.iter().any(|l| l.starts_with("NVP_DURATION_MS=")),
+            "{closed:?}"
         );
 
         // Entries go to the journal, not to stderr; the last ones are flushed at exit.
