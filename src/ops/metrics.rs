@@ -42,6 +42,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::net::relay::RelayEnd;
+
 /// The content type of [`Metrics::encode`]'s output.
 pub const PROMETHEUS_CONTENT_TYPE: &str =
     prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -78,6 +80,18 @@ pub enum Outcome {
     Drained,
     /// A CONNECT or SNI route refused what the client sent (the reason is the label).
     Refused(&'static str),
+}
+
+impl From<&RelayEnd> for Outcome {
+    /// How a relayed connection ended, as counted.
+    fn from(end: &RelayEnd) -> Outcome {
+        match end {
+            RelayEnd::Completed => Outcome::Completed,
+            RelayEnd::IdleTimeout => Outcome::IdleTimeout,
+            RelayEnd::ClientError(_) => Outcome::ClientError,
+            RelayEnd::UpstreamError(_) => Outcome::UpstreamError,
+        }
+    }
 }
 
 impl Outcome {

@@ -44,7 +44,7 @@ use tracing::{info, warn, Instrument, Span};
 use crate::config::remote::Target;
 use crate::config::Ech;
 use crate::net::endpoint::Stream;
-use crate::net::relay::{relay, LiveBytes, RelayEnd, Side};
+use crate::net::relay::{relay, LiveBytes, Side};
 use crate::ops::audit;
 use crate::ops::metrics::Outcome;
 use crate::policy::enclaves::{Matched, PeerIdentity, PolicySet};
@@ -689,12 +689,7 @@ impl<'a> Connection<'a> {
                     end = %report.end,
                     "connection closed"
                 );
-                match report.end {
-                    RelayEnd::Completed => Outcome::Completed,
-                    RelayEnd::IdleTimeout => Outcome::IdleTimeout,
-                    RelayEnd::ClientError(_) => Outcome::ClientError,
-                    RelayEnd::UpstreamError(_) => Outcome::UpstreamError,
-                }
+                Outcome::from(&report.end)
             }
             _ = revoked.cancelled() => {
                 let why = registration.reason();

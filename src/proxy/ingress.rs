@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::config::Ingress;
 use crate::net::endpoint::Stream;
 use crate::net::proxy_header::{self, Addresses, Header, ReadError};
-use crate::net::relay::{relay, LiveBytes, RelayEnd, Side};
+use crate::net::relay::{relay, LiveBytes, Side};
 use crate::ops::audit;
 use crate::ops::metrics::Outcome;
 use crate::proxy::peers::PeerSlot;
@@ -384,12 +384,7 @@ impl Relay<'_> {
                     end = %report.end,
                     "connection closed"
                 );
-                match report.end {
-                    RelayEnd::Completed => Outcome::Completed,
-                    RelayEnd::IdleTimeout => Outcome::IdleTimeout,
-                    RelayEnd::ClientError(_) => Outcome::ClientError,
-                    RelayEnd::UpstreamError(_) => Outcome::UpstreamError,
-                }
+                Outcome::from(&report.end)
             }
             _ = revoked.cancelled() => {
                 let why = registration.reason();
