@@ -73,13 +73,30 @@ impl Proxy {
         )?;
         // A free port for the proxy to listen on (it could be taken in between; unlikely).
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let route = [
+            format!("tcp:{addr}"),
+            upstream.ip().to_string(),
+            upstream.port().to_string(),
+        ];
+        Proxy::spawn(dir, addr, &route, &config, extra, pin_cpu)
+    }
+
+    /// Runs the proxy binary with `route` arguments, `--config config` and `extra`, at the
+    /// bench's log level with its lines in `dir`'s `proxy.log`, pinned to `pin_cpu`; returns
+    /// once it accepts connections on `addr`.
+    fn spawn(
+        dir: tempfile::TempDir,
+        addr: SocketAddr,
+        route: &[String],
+        config: &std::path::Path,
+        extra: &[impl AsRef<std::ffi::OsStr>],
+        pin_cpu: Option<usize>,
+    ) -> io::Result<Self> {
         let mut command = Command::new(proxy_binary());
         command
-            .arg(format!("tcp:{addr}"))
-            .arg(upstream.ip().to_string())
-            .arg(upstream.port().to_string())
+            .args(route)
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .args(extra)
             .env("RUST_LOG", log_level())
             .stdin(Stdio::null())
@@ -113,22 +130,7 @@ impl Proxy {
                  allow_from: ['127.0.0.0/8']}}\n"
             ),
         )?;
-        let mut command = Command::new(proxy_binary());
-        command
-            .arg("--config")
-            .arg(&config)
-            .args(extra)
-            .env("RUST_LOG", log_level())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file(&dir)?);
-        pin(&mut command, pin_cpu);
-        let child = command.spawn()?;
-        Proxy::ready(Proxy {
-            child,
-            addr,
-            _dir: dir,
-        })
+        Proxy::spawn(dir, addr, &[], &config, extra, pin_cpu)
     }
 
     /// Starts `socat TCP-LISTEN:P,fork,reuseaddr TCP:upstream`, the hop an ingress route
