@@ -30,14 +30,17 @@
 //! Admission (the connection limits) is [`crate::proxy::server`]'s, which calls [`spawn`]; this
 //! module does not import it.
 
+use std::borrow::Cow;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::level_filters::LevelFilter;
 use tracing::{info, warn, Instrument, Span};
 
@@ -54,7 +57,7 @@ use crate::proxy::dns;
 use crate::proxy::ingress;
 use crate::proxy::refusal::{Expected, Refusal};
 use crate::proxy::request::{connect, sni};
-use crate::proxy::revoke::{OpenConnection, Recheck};
+use crate::proxy::revoke::{OpenConnection, Recheck, Registration};
 use crate::proxy::route::{Destination, Route, Settings};
 use crate::proxy::shared::Shared;
 use crate::proxy::upstream;
@@ -89,32 +92,262 @@ pub fn spawn(
     } else {
         Span::none()
     };
-    let shared = shared.clone();
     let tasks = route.tasks.clone();
-    tasks.spawn(async move {
+    let opened = Opened {
+        stream,
+        peer,
+        id,
+        route,
+        shared: shared.clone(),
+        span,
+    };
+    // Two phases in one task, so that a relaying connection's task is only as large as what
+    // relaying needs: the set-up's state (boxed) is freed when it hands over to the relay.
+    tasks.spawn(Box::pin(opened.set_up()).then(move |next| next.finish(slots)));
+}
+
+/// An admitted connection, before anything is known about it.
+struct Opened {
+    stream: Stream,
+    peer: String,
+    id: u64,
+    route: Arc<Route>,
+    shared: Arc<Shared>,
+    span: Span,
+}
+
+impl Opened {
+    /// Identifies the peer and sets the connection up ([`Connection::run`]; a dns or ingress
+    /// route's connection is served to its end there), cut short when its removed route's drain
+    /// timeout runs out. Returns what comes next: the end, or the relay.
+    async fn set_up(self) -> Next {
+        let Opened {
+            stream,
+            peer,
+            id,
+            route,
+            shared,
+            span,
+        } = self;
         let scope = Scope::of(&peer, &shared).instrument(span.clone()).await;
         span.record("enclave", tracing::field::display(&scope.label));
-        let outcome = tokio::select! {
-        outcome = Connection::new(stream, &peer, &route, &shared, &scope).logged_as(id, span).run() => outcome,
-        _ = route.closed.cancelled() => {
-            conn_span(&route.listen, id, &peer, Some(&scope.label), None).in_scope(|| {
-                info!("connection closed: its route was removed and the drain timeout ran out")
-            });
-            Outcome::Drained
-        }
+        let step = tokio::select! {
+            step = Connection::new(stream, &peer, &route, &shared, &scope).logged_as(id, span).run() => step,
+            _ = route.closed.cancelled() => Step::Ended(drained(&route, id, &peer, &scope.label)),
         };
+        let Scope {
+            set,
+            matched,
+            label,
+            ..
+        } = scope;
+        let ending = Ending {
+            route,
+            shared,
+            set,
+            matched,
+        };
+        match step {
+            Step::Ended(outcome) => Next::Ended(ending, outcome),
+            Step::Relay(handover) => Next::Relay(Relaying {
+                handover,
+                peer,
+                id,
+                enclave: label,
+                ending,
+            }),
+        }
+    }
+}
+
+/// A removed route's drain timeout ran out: logs it, returns the outcome.
+fn drained(route: &Route, id: u64, peer: &str, enclave: &str) -> Outcome {
+    conn_span(&route.name, id, peer, Some(enclave), None).in_scope(|| {
+        info!("connection closed: its route was removed and the drain timeout ran out")
+    });
+    Outcome::Drained
+}
+
+/// What the set-up phase ends with.
+// Not boxed: it is moved once, and a box would be one more allocation per connection.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Ended(Ending, Outcome),
+    Relay(Relaying),
+}
+
+impl Next {
+    /// The rest of the connection's life: nothing more, or the relay; then its end is counted
+    /// and `slots` given back.
+    fn finish<S: Send + 'static>(
+        self,
+        slots: S,
+    ) -> Either<std::future::Ready<()>, impl Future<Output = ()> + Send> {
+        match self {
+            Next::Ended(ending, outcome) => {
+                ending.close(outcome, slots);
+                Either::Left(std::future::ready(()))
+            }
+            Next::Relay(relaying) => Either::Right(relaying.run(slots)),
+        }
+    }
+}
+
+/// What a connection's end is counted in: the process's and its route's gauges and counters,
+/// and its `enclaves:` entries'.
+struct Ending {
+    route: Arc<Route>,
+    shared: Arc<Shared>,
+    set: Arc<PolicySet>,
+    matched: Matched,
+}
+
+impl Ending {
+    /// Counts the end (`outcome`) and gives `slots` back.
+    fn close(self, outcome: Outcome, slots: impl Send) {
         let metrics = crate::ops::metrics::global();
-        metrics.connection_ended(&route.metrics, outcome);
-        metrics.enclave_connection_ended(scope.set.ids(&scope.matched), outcome);
-        route.metrics.open.dec();
-        let open_now = shared
+        metrics.connection_ended(&self.route.metrics, outcome);
+        metrics.enclave_connection_ended(self.set.ids(&self.matched), outcome);
+        self.route.metrics.open.dec();
+        let open_now = self
+            .shared
             .counters
             .open
             .fetch_sub(1, Ordering::Relaxed)
             .saturating_sub(1);
         drop(slots);
         crate::ops::heap::closed(open_now as usize);
-    });
+    }
+}
+
+/// What the set-up hands the relay: the two sockets, registered for readiness and for revocation.
+struct Handover {
+    client: Side,
+    upstream: Side,
+    /// The upstream address reached.
+    addr: SocketAddr,
+    /// Bytes already sent upstream (the ClientHello, what followed a CONNECT head).
+    early: u64,
+    /// When the connection was accepted (for `--max-lifetime` and its duration).
+    started: Instant,
+    idle_timeout: Option<std::time::Duration>,
+    registration: Registration,
+}
+
+/// A relaying connection: all that an open, idle connection keeps (see [`spawn`]).
+struct Relaying {
+    handover: Handover,
+    peer: String,
+    id: u64,
+    /// The `enclave` field of its lines and audit events.
+    enclave: Cow<'static, str>,
+    ending: Ending,
+}
+
+impl Relaying {
+    /// Relays to the end, closes both sockets, then counts the end and gives `slots` back.
+    // Not an `async fn`: its state would hold `self` twice (the argument, and the local it is
+    // moved into); the block keeps the one it captured and borrows it.
+    #[allow(clippy::manual_async_fn)]
+    fn run<S: Send + 'static>(self, slots: S) -> impl Future<Output = ()> + Send {
+        async move {
+            let outcome = self.relay().await;
+            let Relaying {
+                handover, ending, ..
+            } = self;
+            drop(handover);
+            ending.close(outcome, slots);
+        }
+    }
+
+    /// Relays until the connection ends, goes idle, reaches `--max-lifetime`, is revoked by a
+    /// reload, or its removed route's drain timeout runs out. Returns how it ended.
+    async fn relay(&self) -> Outcome {
+        let Handover {
+            client,
+            upstream,
+            addr,
+            early,
+            started,
+            idle_timeout,
+            registration,
+        } = &self.handover;
+        let route = &*self.ending.route;
+        let lifetimes = &self.ending.shared.lifetimes;
+        // The rare lines before the close line (a revocation, --max-lifetime) make a span.
+        let later_span = || {
+            conn_span(
+                &route.name,
+                self.id,
+                &self.peer,
+                Some(&self.enclave),
+                Some(*addr),
+            )
+        };
+        let live = LiveBytes {
+            to_upstream: route.metrics.to_upstream.inner(),
+            to_client: route.metrics.to_client.inner(),
+        };
+        let lifetime = async {
+            match lifetimes.max_lifetime {
+                // Boxed, so that a connection without --max-lifetime carries no timer.
+                Some(max) => Box::pin(tokio::time::sleep_until(*started + max)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            report = relay(client, upstream, *idle_timeout, &live, lifetimes.relay_mode) => {
+                info!(
+                    route = %route.name,
+                    id = self.id,
+                    peer = %self.peer,
+                    enclave = %self.enclave,
+                    upstream = %addr,
+                    bytes_to_upstream = report.to_upstream + early,
+                    bytes_to_client = report.to_client,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    end = %report.end,
+                    "connection closed"
+                );
+                Outcome::from(&report.end)
+            }
+            _ = registration.revoked() => {
+                let why = registration.reason();
+                let _span = later_span().entered();
+                let (requested, port) = match &registration.connection().check {
+                    Recheck::Upstream { host, port, .. } => (Some(host as &dyn std::fmt::Display), Some(*port)),
+                    Recheck::Source { .. } => (None, None),
+                };
+                audit::refused(&audit::Decision {
+                    route: &route.name,
+                    peer: &self.peer,
+                    enclave: &self.enclave,
+                    requested,
+                    port,
+                    addresses: &format!("{} denied ({why})", addr.ip()),
+                    outcome: Outcome::Revoked,
+                    reason: None,
+                    message: &format!("closed by reload: {why}"),
+                });
+                Outcome::Revoked
+            }
+            _ = lifetime => {
+                let _span = later_span().entered();
+                info!(
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "connection closed: --max-lifetime reached"
+                );
+                Outcome::MaxLifetime
+            }
+            _ = route.closed.cancelled() => drained(route, self.id, &self.peer, &self.enclave),
+        }
+    }
+}
+
+/// How [`Connection::run`] ended: the connection's end, or the hand-over to the relay.
+enum Step {
+    Ended(Outcome),
+    Relay(Handover),
 }
 
 /// The `conn{route id peer enclave client upstream}` span a connection's lines are written in
@@ -144,7 +377,7 @@ pub struct Scope {
     pub set: Arc<PolicySet>,
     pub matched: Matched,
     /// The matched ids, comma-separated, or `-`: the `enclave` field of logs and audit events.
-    pub label: String,
+    pub label: Cow<'static, str>,
     /// The top-level allowlist plus the matched entries'.
     pub policy: Policy,
 }
@@ -161,7 +394,7 @@ impl Scope {
                 policy: set.base(),
                 set,
                 matched: Matched::default(),
-                label: "-".to_owned(),
+                label: Cow::Borrowed("-"),
             };
         }
         let table = if set.needs_table() {
@@ -172,7 +405,7 @@ impl Scope {
         let matched = set.matching(&identity, &table);
         Scope {
             identity,
-            label: set.label(&matched),
+            label: set.label(&matched).into(),
             policy: set.for_matched(&matched),
             set,
             matched,
@@ -196,7 +429,7 @@ pub struct Connection<'a> {
     shared: &'a Shared,
     scope: &'a Scope,
     /// The route's listen address, as logged and audited.
-    route_name: String,
+    route_name: Arc<str>,
     /// The route's settings as of this connection: a reload changes them for later ones only.
     settings: Arc<Settings>,
     /// The connection's number, as logged.
@@ -247,7 +480,7 @@ impl<'a> Connection<'a> {
             route,
             shared,
             scope,
-            route_name: route.listen.to_string(),
+            route_name: route.name.clone(),
             settings: route.settings(),
             id: 0,
             span: Span::none(),
@@ -281,9 +514,9 @@ impl<'a> Connection<'a> {
     /// The whole life: set up within `--setup-timeout`, then relay; a dns route's connection
     /// instead carries queries, each answered by the policy ([`dns::serve`]). Returns how it
     /// ended.
-    pub async fn run(mut self) -> Outcome {
+    async fn run(mut self) -> Step {
         if !self.scope.may_use(self.settings.spec.enclaves.as_deref()) {
-            return self.log_span(None).in_scope(|| self.refuse_enclave());
+            return Step::Ended(self.log_span(None).in_scope(|| self.refuse_enclave()));
         }
         // The dns and ingress routes' futures are boxed: an async fn's state is as large as the
         // largest future it awaits, and theirs would otherwise be carried by every relayed
@@ -291,32 +524,36 @@ impl<'a> Connection<'a> {
         if self.settings.destination == Destination::Dns {
             let idle_timeout = self.settings.spec.idle_timeout;
             let span = self.log_span(None);
-            return Box::pin(dns::serve(
-                self.client,
-                self.peer,
-                &self.route_name,
-                idle_timeout,
-                self.shared,
-                dns::Asker {
-                    policy: &self.scope.policy,
-                    enclave: &self.scope.label,
-                },
-            ))
-            .instrument(span)
-            .await;
+            return Step::Ended(
+                Box::pin(dns::serve(
+                    self.client,
+                    self.peer,
+                    &self.route_name,
+                    idle_timeout,
+                    self.shared,
+                    dns::Asker {
+                        policy: &self.scope.policy,
+                        enclave: &self.scope.label,
+                    },
+                ))
+                .instrument(span)
+                .await,
+            );
         }
         if let Destination::Ingress(spec) = &self.settings.destination {
             let span = self.log_span(None);
-            return Box::pin(ingress::serve(
-                self.client,
-                self.peer,
-                self.route,
-                &self.settings,
-                spec,
-                self.shared,
-            ))
-            .instrument(span)
-            .await;
+            return Step::Ended(
+                Box::pin(ingress::serve(
+                    self.client,
+                    self.peer,
+                    self.route,
+                    &self.settings,
+                    spec,
+                    self.shared,
+                ))
+                .instrument(span)
+                .await,
+            );
         }
         let started = Instant::now();
         let setup_timeout = self.shared.lifetimes.setup_timeout;
@@ -328,16 +565,16 @@ impl<'a> Connection<'a> {
             .await;
         let ready = match setup {
             Ok(Ok(ready)) => ready,
-            Ok(Err(outcome)) => return outcome,
+            Ok(Err(outcome)) => return Step::Ended(outcome),
             Err(_) => {
                 self.log_span(None).in_scope(|| warn!(
                     setup_timeout = %humantime::format_duration(setup_timeout),
                     "connection closed: not relaying within --setup-timeout (request, DNS, policy and connect)"
                 ));
-                return Outcome::SetupTimeout;
+                return Step::Ended(Outcome::SetupTimeout);
             }
         };
-        self.relay(ready, started).await
+        self.hand_over(ready, started)
     }
 
     /// Everything before relaying: where to and whether (or the refusal, recorded and
@@ -624,98 +861,49 @@ impl<'a> Connection<'a> {
         outcome
     }
 
-    /// Relays until the connection ends, goes idle, reaches `--max-lifetime` (counted from
-    /// `started`) or is revoked by a reload. Returns how it ended.
-    async fn relay(self, ready: Ready, started: Instant) -> Outcome {
-        let dynamic = self.dynamic();
-        let Connection {
-            client,
-            peer,
-            route,
-            shared,
-            scope,
-            route_name,
-            settings,
-            id,
-            span,
-        } = self;
-        let registration = shared.relayed.register(OpenConnection {
-            route: route_name.clone(),
-            identity: scope.identity,
+    /// Registers the connection for revocation on reload and both sockets for the relay, and
+    /// hands them over (see [`Relaying`]).
+    fn hand_over(self, ready: Ready, started: Instant) -> Step {
+        let registration = self.shared.relayed.register(OpenConnection {
+            route: self.route.name.clone(),
+            identity: self.scope.identity,
             check: Recheck::Upstream {
-                host: ready.target.host.clone(),
+                host: ready.target.host,
                 port: ready.target.port,
                 upstream: ready.addr,
-                dynamic,
-                server_name: ready.server_name.clone(),
+                dynamic: self.dynamic(),
+                server_name: ready.server_name,
             },
-            revoke: CancellationToken::new(),
         });
-        let revoked = registration.token();
-        span.in_scope(|| tracing::debug!(requested = %ready.target.host, "relaying"));
-        // A relayed connection holds no span: its close line carries every field itself, and
-        // the rare lines before that (a revocation, --max-lifetime) make theirs.
-        drop(span);
-        let later_span = || conn_span(&route_name, id, peer, Some(&scope.label), Some(ready.addr));
-        let live = LiveBytes {
-            to_upstream: route.metrics.to_upstream.inner(),
-            to_client: route.metrics.to_client.inner(),
-        };
-        let client = match Side::new(client) {
+        self.span.in_scope(|| tracing::debug!("relaying"));
+        let client = match Side::new(self.client) {
             Ok(side) => side,
             Err(e) => {
-                later_span().in_scope(|| warn!(error = %e, "connection closed: cannot register the client socket for the relay"));
-                return Outcome::ClientError;
+                // `log_span` without `self.client`, which is gone.
+                let span = if self.span.is_none() {
+                    conn_span(
+                        &self.route_name,
+                        self.id,
+                        self.peer,
+                        Some(&self.scope.label),
+                        Some(ready.addr),
+                    )
+                } else {
+                    self.span.clone()
+                };
+                span.in_scope(|| warn!(error = %e, "connection closed: cannot register the client socket for the relay"));
+                return Step::Ended(Outcome::ClientError);
             }
         };
-        let lifetime = async {
-            match shared.lifetimes.max_lifetime {
-                // Boxed, so that a connection without --max-lifetime carries no timer.
-                Some(max) => Box::pin(tokio::time::sleep_until(started + max)).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            report = relay(client, Side::from(ready.upstream), settings.idle_timeout, &live, shared.lifetimes.relay_mode) => {
-                info!(
-                    route = %route_name,
-                    id,
-                    peer = %peer,
-                    enclave = %scope.label,
-                    upstream = %ready.addr,
-                    bytes_to_upstream = report.to_upstream + ready.early,
-                    bytes_to_client = report.to_client,
-                    duration_ms = started.elapsed().as_millis() as u64,
-                    end = %report.end,
-                    "connection closed"
-                );
-                Outcome::from(&report.end)
-            }
-            _ = revoked.cancelled() => {
-                let why = registration.reason();
-                let _span = later_span().entered();
-                audit::refused(&audit::Decision {
-                    route: &route_name,
-                    peer,
-                    enclave: &scope.label,
-                    requested: Some(&ready.target.host),
-                    port: Some(ready.target.port),
-                    addresses: &format!("{} denied ({why})", ready.addr.ip()),
-                    outcome: Outcome::Revoked,
-                    reason: None,
-                    message: &format!("closed by reload: {why}"),
-                });
-                Outcome::Revoked
-            }
-            _ = lifetime => {
-                let _span = later_span().entered();
-                info!(
-                    duration_ms = started.elapsed().as_millis() as u64,
-                    "connection closed: --max-lifetime reached"
-                );
-                Outcome::MaxLifetime
-            }
-        }
+        Step::Relay(Handover {
+            client,
+            upstream: Side::from(ready.upstream),
+            addr: ready.addr,
+            early: ready.early,
+            started,
+            idle_timeout: self.settings.idle_timeout,
+            registration,
+        })
     }
 
     /// A route with `enclaves:` whose ids the peer matches none of: closed at once, nothing

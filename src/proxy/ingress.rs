@@ -18,7 +18,6 @@ use std::net::IpAddr;
 
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Ingress;
@@ -85,7 +84,7 @@ pub async fn serve(
 ) -> Outcome {
     let started = Instant::now();
     let deadline = started + shared.lifetimes.setup_timeout;
-    let route_name = route.listen.to_string();
+    let route_name = route.name.clone();
     let via_header = reads_header(spec, &client);
     let Client {
         addresses,
@@ -348,14 +347,12 @@ impl Relay<'_> {
     /// `started`) or is revoked by a reload. Returns how it ended.
     async fn run(self, started: Instant) -> Outcome {
         let registration = self.shared.relayed.register(OpenConnection {
-            route: self.route_name.to_owned(),
+            route: self.route.name.clone(),
             identity: Default::default(),
             check: Recheck::Source {
                 client: self.client_ip,
             },
-            revoke: CancellationToken::new(),
         });
-        let revoked = registration.token();
         tracing::debug!(to = %self.spec.to, "relaying");
         let live = LiveBytes {
             to_upstream: self.route.metrics.to_upstream.inner(),
@@ -376,7 +373,7 @@ impl Relay<'_> {
             }
         };
         tokio::select! {
-            report = relay(client, upstream, self.settings.idle_timeout, &live, self.shared.lifetimes.relay_mode) => {
+            report = relay(&client, &upstream, self.settings.idle_timeout, &live, self.shared.lifetimes.relay_mode) => {
                 info!(
                     bytes_to_upstream = report.to_upstream + self.early,
                     bytes_to_client = report.to_client,
@@ -386,7 +383,7 @@ impl Relay<'_> {
                 );
                 Outcome::from(&report.end)
             }
-            _ = revoked.cancelled() => {
+            _ = registration.revoked() => {
                 let why = registration.reason();
                 audit::refused(&audit::Decision {
                     route: self.route_name,

@@ -13,9 +13,9 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use crate::policy::dns::Dns;
 use crate::policy::enclaves::{PeerIdentity, PolicySet, Table};
@@ -27,12 +27,10 @@ use crate::policy::{Denial, Policy, Resolutions};
 #[derive(Clone, Debug)]
 pub struct OpenConnection {
     /// Its route's listen address.
-    pub route: String,
+    pub route: Arc<str>,
     /// Its peer, to match against `enclaves:` again.
     pub identity: PeerIdentity,
     pub check: Recheck,
-    /// Cancelled to close the connection.
-    pub revoke: CancellationToken,
 }
 
 /// What a reload checks again about an open connection.
@@ -74,13 +72,28 @@ pub struct Revoked {
     pub by_allow_from: usize,
 }
 
-/// Why a reload closed a connection: set before its token is cancelled.
-pub type RevokeReason = Arc<Mutex<Option<String>>>;
+/// One registered connection: what a reload checks, and how it is told to close. Shared by
+/// the registry and the connection's [`Registration`] (one allocation per connection).
+#[derive(Debug)]
+struct Entry {
+    connection: OpenConnection,
+    /// Why a reload closed it: set once, before `notify` wakes it.
+    reason: OnceLock<String>,
+    notify: Notify,
+}
+
+impl Entry {
+    fn revoke(&self, why: String) {
+        // Set before the wake-up, so a waiter that wakes always finds it.
+        let _ = self.reason.set(why);
+        self.notify.notify_waiters();
+    }
+}
 
 #[derive(Debug, Default)]
 struct Inner {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, (OpenConnection, RevokeReason)>>,
+    open: Mutex<HashMap<u64, Arc<Entry>>>,
 }
 
 /// The relayed connections.
@@ -92,23 +105,37 @@ pub struct Registry(Arc<Inner>);
 pub struct Registration {
     id: u64,
     registry: Registry,
-    reason: RevokeReason,
-    token: CancellationToken,
+    entry: Arc<Entry>,
 }
 
 impl Registration {
-    /// Cancelled when a reload revokes the connection.
-    pub fn token(&self) -> CancellationToken {
-        self.token.clone()
+    /// Completes when a reload revokes the connection (at once if it already has).
+    pub async fn revoked(&self) {
+        let entry = &*self.entry;
+        loop {
+            let notified = entry.notify.notified();
+            tokio::pin!(notified);
+            // Registered as a waiter before the check: a revocation in between still wakes it.
+            notified.as_mut().enable();
+            if entry.reason.get().is_some() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Why the connection was revoked (empty before).
-    pub fn reason(&self) -> String {
-        self.reason
-            .lock()
-            .ok()
-            .and_then(|r| r.clone())
+    pub fn reason(&self) -> &str {
+        self.entry
+            .reason
+            .get()
+            .map(String::as_str)
             .unwrap_or_default()
+    }
+
+    /// What was registered.
+    pub fn connection(&self) -> &OpenConnection {
+        &self.entry.connection
     }
 }
 
@@ -127,19 +154,21 @@ impl Drop for Registration {
 impl Registry {
     pub fn register(&self, connection: OpenConnection) -> Registration {
         let id = self.0.next.fetch_add(1, Ordering::Relaxed);
-        let reason = RevokeReason::default();
-        let token = connection.revoke.clone();
+        let entry = Arc::new(Entry {
+            connection,
+            reason: OnceLock::new(),
+            notify: Notify::new(),
+        });
         let mut open = self.0.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.insert(id, (connection, reason.clone()));
+        open.insert(id, entry.clone());
         Registration {
             id,
             registry: self.clone(),
-            reason,
-            token,
+            entry,
         }
     }
 
-    fn snapshot(&self) -> Vec<(OpenConnection, RevokeReason)> {
+    fn snapshot(&self) -> Vec<Arc<Entry>> {
         let open = self.0.open.lock().unwrap_or_else(|p| p.into_inner());
         open.values().cloned().collect()
     }
@@ -168,7 +197,8 @@ impl Registry {
         checks: &RouteChecks,
     ) -> Revoked {
         let mut revoked = Revoked::default();
-        for (conn, reason) in self.snapshot() {
+        for entry in self.snapshot() {
+            let conn = &entry.connection;
             let verdict = match &conn.check {
                 Recheck::Upstream {
                     host,
@@ -178,7 +208,7 @@ impl Registry {
                     server_name,
                 } => {
                     let matched = policies.matching(&conn.identity, table);
-                    match checks.route_enclaves.get(&conn.route) {
+                    match checks.route_enclaves.get(&*conn.route) {
                         Some(ids) if !policies.any_of(&matched, ids) => Err(format!(
                             "the peer matches none of the route's enclaves ({}) any more",
                             ids.join(", ")
@@ -197,7 +227,7 @@ impl Registry {
                         }
                     }
                 }
-                Recheck::Source { client } => match checks.ingress.get(&conn.route) {
+                Recheck::Source { client } => match checks.ingress.get(&*conn.route) {
                     Some(sources) => sources
                         .admits(*client)
                         .map(|_| ())
@@ -206,10 +236,7 @@ impl Registry {
                 },
             };
             if let Err(why) = verdict {
-                if let Ok(mut slot) = reason.lock() {
-                    *slot = Some(why);
-                }
-                conn.revoke.cancel();
+                entry.revoke(why);
                 match conn.check {
                     Recheck::Upstream { .. } => revoked.by_allowlist += 1,
                     Recheck::Source { .. } => revoked.by_allow_from += 1,

@@ -340,6 +340,8 @@ impl Counters {
 #[derive(Debug)]
 pub struct Route {
     pub listen: Endpoint,
+    /// `listen` as logged, audited and registered: made once, shared by every connection.
+    pub name: Arc<str>,
     settings: Current<Settings>,
     pub counters: Counters,
     /// The route's open connections, to wait for when it is removed.
@@ -363,6 +365,7 @@ impl Route {
         show_dns_results(&settings);
         Route {
             listen: settings.spec.listen.clone(),
+            name: settings.spec.listen.to_string().into(),
             counters: Counters::default(),
             tasks: TaskTracker::new(),
             closed: CancellationToken::new(),

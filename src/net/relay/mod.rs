@@ -167,10 +167,11 @@ fn once(flag: &AtomicBool, log: impl FnOnce()) {
 }
 
 /// Relays between `client` and `upstream` until both directions end, one fails, or nothing
-/// moves for `idle_timeout` (when set). Both sockets are closed on return.
+/// moves for `idle_timeout` (when set). The sockets are their owner's to close (by dropping
+/// them); borrowed, so that a connection's task holds them once.
 pub async fn relay(
-    client: Side,
-    upstream: Side,
+    client: &Side,
+    upstream: &Side,
     idle_timeout: Option<Duration>,
     live: &LiveBytes<'_>,
     mode: RelayMode,
@@ -182,16 +183,16 @@ pub async fn relay(
         last_ms: AtomicU64::new(0),
     };
     let up = Direction {
-        from: &client,
-        to: &upstream,
+        from: client,
+        to: upstream,
         from_end: End::Client,
         to_end: End::Upstream,
         moved: [&to_upstream, live.to_upstream],
         activity: &activity,
     };
     let down = Direction {
-        from: &upstream,
-        to: &client,
+        from: upstream,
+        to: client,
         from_end: End::Upstream,
         to_end: End::Client,
         moved: [&to_client, live.to_client],
@@ -239,7 +240,7 @@ pub async fn relay_streams(
         to_upstream: &up,
         to_client: &down,
     };
-    relay(client, upstream, idle_timeout, &live, RelayMode::Auto).await
+    relay(&client, &upstream, idle_timeout, &live, RelayMode::Auto).await
 }
 
 impl Direction<'_> {
@@ -474,7 +475,7 @@ mod tests {
             to_upstream: &a,
             to_client: &b,
         };
-        let report = relay(client, upstream, idle, &live, mode).await;
+        let report = relay(&client, &upstream, idle, &live, mode).await;
         assert_eq!(
             (report.to_upstream, report.to_client),
             (a.load(Ordering::Relaxed), b.load(Ordering::Relaxed)),
