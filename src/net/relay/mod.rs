@@ -12,7 +12,11 @@
 //! - with splice(2) ([`RelayMode::Auto`], the default): socket → pipe → socket in the kernel,
 //!   no copy through user space and two system calls per chunk of up to the pipe's capacity.
 //!   The pipe comes from a bounded pool ([`pipes`]) at the start of a burst and goes back,
-//!   empty, at its end.
+//!   empty, at its end. Splicing is for streams: a direction's bursts are copied (below) until
+//!   a read fills the copy buffer, then spliced until a burst moves less than one. A small
+//!   message then costs one read, one send and the wait — no EAGAIN probe, since a TCP or unix
+//!   read that comes back short has emptied the receive queue (a short splice proves nothing:
+//!   the pipe may have run out of slots).
 //!   Where the kernel refuses to splice from a socket (EINVAL: a socket type without
 //!   `splice_read`, e.g. AF_VSOCK on some kernels) that direction copies from then on; where no
 //!   pipe can be had (EMFILE/ENFILE) that burst copies. Both are logged once per process, never
@@ -149,8 +153,11 @@ struct Direction<'a> {
 
 /// How a burst ended.
 enum Burst {
-    /// The source has nothing more for now.
-    Quiet,
+    /// The source has nothing more for now; `moved` bytes went on in this burst.
+    Quiet { moved: u64 },
+    /// A read filled the copy buffer at the start of a spliced direction's burst: more is
+    /// waiting, for splice.
+    Filled,
     /// The source ended; everything read was written.
     Eof,
     /// The kernel will not splice from this source; nothing was moved.
@@ -269,6 +276,11 @@ impl Direction<'_> {
     async fn run(&self, mode: RelayMode) -> Result<(), DirectionError> {
         let mut splicing = mode == RelayMode::Auto;
         let mut buffer_size = MIN_BUFFER;
+        // With splice, a direction is "bulk" from a read that fills a copy buffer until a burst
+        // moves less than one: small messages (requests, answers, keystrokes) are copied, a
+        // read that comes back short ends their burst without an EAGAIN probe (see
+        // `copy_burst`), and a stream is spliced.
+        let mut bulk = false;
         loop {
             // Nothing is held while waiting: no pipe, no buffer.
             self.from
@@ -277,21 +289,22 @@ impl Direction<'_> {
                 .map_err(|e| self.reading(e))?;
             // Bursts are boxed: their state (a pipe or buffer, write readiness) is allocated
             // while they run, so an idle connection's task does not carry it.
-            let burst = if splicing {
+            let burst = if splicing && bulk {
                 match Pipe::take() {
                     Ok(pipe) => Box::pin(self.splice_burst(pipe)).await?,
                     Err(e) => {
                         once(&NO_PIPE_LOGGED, || {
                             warn!("cannot open a pipe for splice ({e}); copying instead while descriptors are short (raise LimitNOFILE=)")
                         });
-                        Box::pin(self.copy_burst(&mut buffer_size)).await?
+                        Box::pin(self.copy_burst(&mut buffer_size, false)).await?
                     }
                 }
             } else {
-                Box::pin(self.copy_burst(&mut buffer_size)).await?
+                Box::pin(self.copy_burst(&mut buffer_size, splicing)).await?
             };
             match burst {
-                Burst::Quiet => {}
+                Burst::Quiet { moved } => bulk = bulk && moved >= MIN_BUFFER as u64,
+                Burst::Filled => bulk = true,
                 Burst::Eof => {
                     return self.to.shutdown_write().map_err(|e| self.writing(e));
                 }
@@ -300,6 +313,7 @@ impl Direction<'_> {
                         warn!("the kernel refuses splice from this socket type; copying through a buffer for such connections")
                     });
                     splicing = false;
+                    bulk = false;
                 }
             }
         }
@@ -308,6 +322,7 @@ impl Direction<'_> {
     /// Socket → pipe → socket until the source would block or ends.
     async fn splice_burst(&self, pipe: Pipe) -> Result<Burst, DirectionError> {
         let mut first = true;
+        let mut moved = 0u64;
         loop {
             let got = self.from.try_io(Interest::READABLE, || {
                 splice(self.from.fd(), pipe.write_fd(), CHUNK)
@@ -320,7 +335,7 @@ impl Direction<'_> {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     pipe.give_back();
-                    return Ok(Burst::Quiet);
+                    return Ok(Burst::Quiet { moved });
                 }
                 Err(e) if first && e.raw_os_error() == Some(libc::EINVAL) => {
                     pipe.give_back();
@@ -330,6 +345,7 @@ impl Direction<'_> {
                 Err(e) => return Err(self.reading(e)),
             };
             first = false;
+            moved += n as u64;
             self.activity.touch();
             let mut left = n;
             while left > 0 {
@@ -357,23 +373,40 @@ impl Direction<'_> {
         }
     }
 
-    /// read(2) into a buffer of this burst, send(2) it on, until the source would block or ends.
-    async fn copy_burst(&self, size: &mut usize) -> Result<Burst, DirectionError> {
+    /// read(2) into a buffer of this burst, send(2) it on, until the source would block or ends
+    /// (`Quiet`, `Eof`), or — when `to_splice`, the start of a spliced direction's burst — until
+    /// a read fills the buffer (`Filled`: the rest is for splice).
+    ///
+    /// From a TCP or unix socket, a read that comes back short ends the burst without another
+    /// read to see EAGAIN: the kernel returns less than asked only when the socket's receive
+    /// queue is empty, and what arrives after it is a new edge (tokio's own streams rely on the
+    /// same). The readiness is cleared as of before that read, so an edge during it is kept.
+    async fn copy_burst(&self, size: &mut usize, to_splice: bool) -> Result<Burst, DirectionError> {
         let mut buf: Vec<u8> = Vec::with_capacity(*size);
+        let short_read_drains = self.from.short_read_drains();
+        let mut moved = 0u64;
         loop {
             let cap = buf.capacity();
             let fd = self.from.fd();
+            let mut short = 0;
             let got = self.from.try_io(Interest::READABLE, || {
                 // SAFETY: reads at most `cap` bytes into the vector's own allocation; the
                 // length is set below to what the kernel wrote.
-                cvt(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), cap) })
+                let n = cvt(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), cap) })?;
+                if short_read_drains && n > 0 && n < cap {
+                    // Drained: WouldBlock has try_io clear the readiness, as of before the read.
+                    short = n;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
             });
             let n = match got {
                 Ok(0) => return Ok(Burst::Eof),
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => short,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     *size = next_buffer_size(cap, 0).unwrap_or(cap);
-                    return Ok(Burst::Quiet);
+                    return Ok(Burst::Quiet { moved });
                 }
                 Err(e) => return Err(self.reading(e)),
             };
@@ -407,6 +440,14 @@ impl Direction<'_> {
                         .map_err(|e| self.writing(e))?,
                     Err(e) => return Err(self.writing(e)),
                 }
+            }
+            moved += n as u64;
+            if short > 0 {
+                *size = next_buffer_size(cap, n).unwrap_or(cap);
+                return Ok(Burst::Quiet { moved });
+            }
+            if to_splice && n == cap {
+                return Ok(Burst::Filled);
             }
             buf.clear();
             if let Some(next) = next_buffer_size(cap, n) {
@@ -514,6 +555,88 @@ mod tests {
             assert_eq!((report.to_upstream, report.to_client), (7, 8));
         }
     }
+
+    /// Sizes that cross the copy buffer's (a burst that fills it turns a spliced direction
+    /// bulk; one that moves less turns it back), from a small deterministic generator.
+    fn sizes(count: usize) -> impl Iterator<Item = usize> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        (0..count).map(move |_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            match x % 4 {
+                0 => 1 + (x >> 8) as usize % 64,
+                1 => 1 + (x >> 8) as usize % 4096,
+                2 => MIN_BUFFER - 8 + (x >> 8) as usize % 16,
+                _ => 1 + (x >> 8) as usize % (3 * MIN_BUFFER),
+            }
+        })
+    }
+
+    /// Ping-pong stalls if a burst ended while bytes were still queued: nothing more arrives
+    /// to wake the direction again. Messages of every size, each answered in full before the
+    /// next, on both paths, from TCP and unix sockets, on a runtime whose I/O driver runs on
+    /// another thread than the relay (so an edge can land between a read and its readiness
+    /// being cleared).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn request_response_of_every_size_never_stalls_on_both_paths() {
+        for mode in MODES {
+            for unix in [false, true] {
+                let (client_side, mut c): (Side, Box<dyn Stream>) = if unix {
+                    let (a, b) = UnixStream::pair().unwrap();
+                    (a.into(), Box::new(b))
+                } else {
+                    let (a, b) = tcp_pair().await;
+                    (a.into(), Box::new(b))
+                };
+                let (upstream_inner, mut u) = tcp_pair().await;
+                let task = tokio::spawn(run(client_side, upstream_inner.into(), None, mode));
+                let echo = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = u.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            u.shutdown().await.unwrap();
+                            return;
+                        }
+                        u.write_all(&buf[..n]).await.unwrap();
+                    }
+                });
+                let exchanges = async {
+                    for (i, size) in sizes(600).enumerate() {
+                        let message: Vec<u8> = (0..size).map(|j| (i + j) as u8).collect();
+                        c.write_all(&message).await.unwrap();
+                        let mut back = vec![0u8; size];
+                        c.read_exact(&mut back).await.unwrap();
+                        assert!(
+                            back == message,
+                            "{mode:?} unix={unix}: message {i} ({size} B) came back changed"
+                        );
+                    }
+                    c.shutdown().await.unwrap();
+                    let mut rest = Vec::new();
+                    c.read_to_end(&mut rest).await.unwrap();
+                    assert!(rest.is_empty());
+                };
+                tokio::time::timeout(Duration::from_secs(60), exchanges)
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("{mode:?} unix={unix}: a message stalled in the relay")
+                    });
+                echo.await.unwrap();
+                let report = task.await.unwrap();
+                assert!(
+                    matches!(report.end, RelayEnd::Completed),
+                    "{:?}",
+                    report.end
+                );
+            }
+        }
+    }
+
+    /// A stream the test drives: either end of a TCP or unix pair.
+    trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+    impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
     #[test]
     fn buffer_grows_under_bulk_and_shrinks_when_quiet() {

@@ -109,6 +109,13 @@ impl Side {
         }
     }
 
+    /// Whether a read that returns less than asked proves the receive queue empty (TCP and unix
+    /// stream sockets, whose reads take all that is queued up to the size asked; tokio's own
+    /// streams rely on it). A vsock socket is read until EAGAIN.
+    pub fn short_read_drains(&self) -> bool {
+        matches!(self, Side::Tcp(_) | Side::Unix(_))
+    }
+
     /// Ends our writes (the half-close a peer sees as end-of-stream).
     pub fn shutdown_write(&self) -> io::Result<()> {
         // SAFETY: shutdown(2) on a descriptor this side owns.
