@@ -151,7 +151,7 @@ impl Opened {
             Step::Ended(outcome) => Next::Ended(ending, outcome),
             Step::Relay(handover) => Next::Relay(Relaying {
                 handover,
-                peer,
+                peer: peer.into_boxed_str(),
                 id,
                 enclave: label,
                 ending,
@@ -237,7 +237,7 @@ struct Handover {
 /// A relaying connection: all that an open, idle connection keeps (see [`spawn`]).
 struct Relaying {
     handover: Handover,
-    peer: String,
+    peer: Box<str>,
     id: u64,
     /// The `enclave` field of its lines and audit events.
     enclave: Cow<'static, str>,
@@ -260,6 +260,17 @@ impl Relaying {
         }
     }
 
+    /// The span of the rare lines before the close line (a revocation, --max-lifetime).
+    fn later_span(&self) -> Span {
+        conn_span(
+            &self.ending.route.name,
+            self.id,
+            &self.peer,
+            Some(&self.enclave),
+            Some(self.handover.addr),
+        )
+    }
+
     /// Relays until the connection ends, goes idle, reaches `--max-lifetime`, is revoked by a
     /// reload, or its removed route's drain timeout runs out. Returns how it ended.
     async fn relay(&self) -> Outcome {
@@ -274,27 +285,18 @@ impl Relaying {
         } = &self.handover;
         let route = &*self.ending.route;
         let lifetimes = &self.ending.shared.lifetimes;
-        // The rare lines before the close line (a revocation, --max-lifetime) make a span.
-        let later_span = || {
-            conn_span(
-                &route.name,
-                self.id,
-                &self.peer,
-                Some(&self.enclave),
-                Some(*addr),
-            )
-        };
         let live = LiveBytes {
             to_upstream: route.metrics.to_upstream.inner(),
             to_client: route.metrics.to_client.inner(),
         };
-        let lifetime = async {
-            match lifetimes.max_lifetime {
-                // Boxed, so that a connection without --max-lifetime carries no timer.
-                Some(max) => Box::pin(tokio::time::sleep_until(*started + max)).await,
-                None => std::future::pending().await,
-            }
-        };
+        // Boxed, so that a connection without --max-lifetime carries no timer.
+        let mut lifetime = lifetimes
+            .max_lifetime
+            .map(|max| Box::pin(tokio::time::sleep_until(*started + max)));
+        let lifetime = std::future::poll_fn(|cx| match &mut lifetime {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        });
         tokio::select! {
             report = relay(client, upstream, *idle_timeout, &live, lifetimes.relay_mode) => {
                 info!(
@@ -313,7 +315,7 @@ impl Relaying {
             }
             _ = registration.revoked() => {
                 let why = registration.reason();
-                let _span = later_span().entered();
+                let _span = self.later_span().entered();
                 let (requested, port) = match &registration.connection().check {
                     Recheck::Upstream { host, port, .. } => (Some(host as &dyn std::fmt::Display), Some(*port)),
                     Recheck::Source { .. } => (None, None),
@@ -332,7 +334,7 @@ impl Relaying {
                 Outcome::Revoked
             }
             _ = lifetime => {
-                let _span = later_span().entered();
+                let _span = self.later_span().entered();
                 info!(
                     duration_ms = started.elapsed().as_millis() as u64,
                     "connection closed: --max-lifetime reached"

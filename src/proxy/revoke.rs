@@ -15,6 +15,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 use crate::policy::dns::Dns;
@@ -110,17 +115,10 @@ pub struct Registration {
 
 impl Registration {
     /// Completes when a reload revokes the connection (at once if it already has).
-    pub async fn revoked(&self) {
-        let entry = &*self.entry;
-        loop {
-            let notified = entry.notify.notified();
-            tokio::pin!(notified);
-            // Registered as a waiter before the check: a revocation in between still wakes it.
-            notified.as_mut().enable();
-            if entry.reason.get().is_some() {
-                return;
-            }
-            notified.await;
+    pub fn revoked(&self) -> RevokedWait<'_> {
+        RevokedWait {
+            entry: &self.entry,
+            notified: self.entry.notify.notified(),
         }
     }
 
@@ -148,6 +146,37 @@ impl Drop for Registration {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         open.remove(&self.id);
+    }
+}
+
+/// [`Registration::revoked`]: a waiter on the entry's [`Notify`] and nothing else (it is part
+/// of every relaying connection's task).
+pub struct RevokedWait<'a> {
+    entry: &'a Entry,
+    notified: Notified<'a>,
+}
+
+impl Future for RevokedWait<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `notified` is never moved out of the pinned `Revoked`; `entry` is a reference.
+        let this = unsafe { self.get_unchecked_mut() };
+        loop {
+            // SAFETY: as above, `notified` stays where it is.
+            let mut notified = unsafe { Pin::new_unchecked(&mut this.notified) };
+            // Registered as a waiter (by `enable` or by a pending poll) before the check, so a
+            // revocation in between still wakes it.
+            notified.as_mut().enable();
+            if this.entry.reason.get().is_some() {
+                return Poll::Ready(());
+            }
+            match notified.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                // Woken: the reason is set before the wake-up; look again with a new waiter.
+                Poll::Ready(()) => this.notified = this.entry.notify.notified(),
+            }
+        }
     }
 }
 

@@ -141,14 +141,21 @@ impl Activity {
     }
 }
 
-/// One direction: from where to where, and what to count.
+/// What both directions of one relay share: the two sockets, what to count, the activity.
+struct Ends<'a> {
+    client: &'a Side,
+    upstream: &'a Side,
+    to_upstream: AtomicU64,
+    to_client: AtomicU64,
+    live: &'a LiveBytes<'a>,
+    activity: Activity,
+}
+
+/// One direction: towards the upstream (`up`) or the client. Two words, so that an idle
+/// connection's task carries little for it.
 struct Direction<'a> {
-    from: &'a Side,
-    to: &'a Side,
-    from_end: End,
-    to_end: End,
-    moved: [&'a AtomicU64; 2],
-    activity: &'a Activity,
+    ends: &'a Ends<'a>,
+    up: bool,
 }
 
 /// How a burst ended.
@@ -183,28 +190,28 @@ pub async fn relay(
     live: &LiveBytes<'_>,
     mode: RelayMode,
 ) -> RelayReport {
-    let to_upstream = AtomicU64::new(0);
-    let to_client = AtomicU64::new(0);
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
+    let ends = Ends {
+        client,
+        upstream,
+        to_upstream: AtomicU64::new(0),
+        to_client: AtomicU64::new(0),
+        live,
+        activity: Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        },
     };
-    let up = Direction {
-        from: client,
-        to: upstream,
-        from_end: End::Client,
-        to_end: End::Upstream,
-        moved: [&to_upstream, live.to_upstream],
-        activity: &activity,
-    };
-    let down = Direction {
-        from: upstream,
-        to: client,
-        from_end: End::Upstream,
-        to_end: End::Client,
-        moved: [&to_client, live.to_client],
-        activity: &activity,
-    };
+    let (up, down) = (
+        Direction {
+            ends: &ends,
+            up: true,
+        },
+        Direction {
+            ends: &ends,
+            up: false,
+        },
+    );
+    let activity = &ends.activity;
     // The two directions' futures are built inside select! (not bound to a local first), so
     // that each idle connection's task holds them once, not twice.
     let end = tokio::select! {
@@ -213,11 +220,11 @@ pub async fn relay(
             Err(DirectionError { end: End::Client, error }) => RelayEnd::ClientError(error),
             Err(DirectionError { end: End::Upstream, error }) => RelayEnd::UpstreamError(error),
         },
-        _ = idle_watch(&activity, idle_timeout) => RelayEnd::IdleTimeout,
+        _ = idle_watch(activity, idle_timeout) => RelayEnd::IdleTimeout,
     };
     RelayReport {
-        to_upstream: to_upstream.load(Ordering::Relaxed),
-        to_client: to_client.load(Ordering::Relaxed),
+        to_upstream: ends.to_upstream.load(Ordering::Relaxed),
+        to_client: ends.to_client.load(Ordering::Relaxed),
         end,
     }
 }
@@ -250,26 +257,53 @@ pub async fn relay_streams(
     relay(&client, &upstream, idle_timeout, &live, RelayMode::Auto).await
 }
 
-impl Direction<'_> {
+impl<'a> Direction<'a> {
+    /// The socket this direction reads.
+    fn from(&self) -> &'a Side {
+        if self.up {
+            self.ends.client
+        } else {
+            self.ends.upstream
+        }
+    }
+
+    /// The socket this direction writes.
+    fn to(&self) -> &'a Side {
+        if self.up {
+            self.ends.upstream
+        } else {
+            self.ends.client
+        }
+    }
+
+    fn activity(&self) -> &'a Activity {
+        &self.ends.activity
+    }
+
     fn reading(&self, error: io::Error) -> DirectionError {
         DirectionError {
-            end: self.from_end,
+            end: if self.up { End::Client } else { End::Upstream },
             error,
         }
     }
 
     fn writing(&self, error: io::Error) -> DirectionError {
         DirectionError {
-            end: self.to_end,
+            end: if self.up { End::Upstream } else { End::Client },
             error,
         }
     }
 
     fn count(&self, n: usize) {
-        for total in self.moved {
+        let (own, live) = if self.up {
+            (&self.ends.to_upstream, self.ends.live.to_upstream)
+        } else {
+            (&self.ends.to_client, self.ends.live.to_client)
+        };
+        for total in [own, live] {
             total.fetch_add(n as u64, Ordering::Relaxed);
         }
-        self.activity.touch();
+        self.activity().touch();
     }
 
     /// Moves bursts until end-of-stream, then passes the half-close on.
@@ -283,7 +317,7 @@ impl Direction<'_> {
         let mut bulk = false;
         loop {
             // Nothing is held while waiting: no pipe, no buffer.
-            self.from
+            self.from()
                 .ready(Interest::READABLE)
                 .await
                 .map_err(|e| self.reading(e))?;
@@ -306,7 +340,7 @@ impl Direction<'_> {
                 Burst::Quiet { moved } => bulk = bulk && moved >= MIN_BUFFER as u64,
                 Burst::Filled => bulk = true,
                 Burst::Eof => {
-                    return self.to.shutdown_write().map_err(|e| self.writing(e));
+                    return self.to().shutdown_write().map_err(|e| self.writing(e));
                 }
                 Burst::SpliceRefused => {
                     once(&SPLICE_REFUSED_LOGGED, || {
@@ -324,8 +358,8 @@ impl Direction<'_> {
         let mut first = true;
         let mut moved = 0u64;
         loop {
-            let got = self.from.try_io(Interest::READABLE, || {
-                splice(self.from.fd(), pipe.write_fd(), CHUNK)
+            let got = self.from().try_io(Interest::READABLE, || {
+                splice(self.from().fd(), pipe.write_fd(), CHUNK)
             });
             let n = match got {
                 Ok(0) => {
@@ -346,11 +380,11 @@ impl Direction<'_> {
             };
             first = false;
             moved += n as u64;
-            self.activity.touch();
+            self.activity().touch();
             let mut left = n;
             while left > 0 {
-                let put = self.to.try_io(Interest::WRITABLE, || {
-                    splice(pipe.read_fd(), self.to.fd(), left)
+                let put = self.to().try_io(Interest::WRITABLE, || {
+                    splice(pipe.read_fd(), self.to().fd(), left)
                 });
                 match put {
                     Ok(0) => return Err(self.writing(io::ErrorKind::WriteZero.into())),
@@ -359,7 +393,7 @@ impl Direction<'_> {
                         self.count(m);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => self
-                        .to
+                        .to()
                         .ready(Interest::WRITABLE)
                         .await
                         .map_err(|e| self.writing(e))?,
@@ -383,13 +417,13 @@ impl Direction<'_> {
     /// same). The readiness is cleared as of before that read, so an edge during it is kept.
     async fn copy_burst(&self, size: &mut usize, to_splice: bool) -> Result<Burst, DirectionError> {
         let mut buf: Vec<u8> = Vec::with_capacity(*size);
-        let short_read_drains = self.from.short_read_drains();
+        let short_read_drains = self.from().short_read_drains();
         let mut moved = 0u64;
         loop {
             let cap = buf.capacity();
-            let fd = self.from.fd();
+            let fd = self.from().fd();
             let mut short = 0;
-            let got = self.from.try_io(Interest::READABLE, || {
+            let got = self.from().try_io(Interest::READABLE, || {
                 // SAFETY: reads at most `cap` bytes into the vector's own allocation; the
                 // length is set below to what the kernel wrote.
                 let n = cvt(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), cap) })?;
@@ -412,15 +446,15 @@ impl Direction<'_> {
             };
             // SAFETY: the kernel initialised the first `n <= cap` bytes.
             unsafe { buf.set_len(n) };
-            self.activity.touch();
+            self.activity().touch();
             let mut sent = 0;
             while sent < n {
                 let rest = &buf[sent..];
-                let put = self.to.try_io(Interest::WRITABLE, || {
+                let put = self.to().try_io(Interest::WRITABLE, || {
                     // SAFETY: sends from a live slice; MSG_NOSIGNAL: EPIPE, not SIGPIPE.
                     cvt(unsafe {
                         libc::send(
-                            self.to.fd(),
+                            self.to().fd(),
                             rest.as_ptr().cast(),
                             rest.len(),
                             libc::MSG_NOSIGNAL,
@@ -434,7 +468,7 @@ impl Direction<'_> {
                         self.count(m);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => self
-                        .to
+                        .to()
                         .ready(Interest::WRITABLE)
                         .await
                         .map_err(|e| self.writing(e))?,
