@@ -42,7 +42,9 @@
 //! section at it too (default `warn`);
 //! `BENCH_PROXY_BIN=PATH` measures another build of the proxy (e.g. the one before a change);
 //! `BENCH_VERBOSE=1` prints every throughput sample; `BENCH_ONLY=latency` (or a comma-separated
-//! list of throughput, connections, latency, idle, egress, ingress, policy) measures only those.
+//! list of throughput, connections, latency, idle, egress, ingress, policy, aws) measures only those.
+//! `BENCH_AWS_PROXY=PATH` adds rows comparing with AWS's `vsock-proxy` (a build of it whose
+//! listener was changed to loopback TCP; see `Proxy::start_aws`): conn/s and pinned round trips.
 //!
 //! Under `cargo test` (no `--bench` argument) it runs as a smoke test: small sizes, one round,
 //! a debug build, every check made, no meaningful numbers.
@@ -279,6 +281,15 @@ fn main() {
     }
     if wanted("policy") {
         rows.extend(policy_rows(&bench));
+    }
+    if wanted("aws") {
+        for level in &bench.log_levels {
+            proxy::set_log_level(level);
+            let (more, note) = aws_rows(&bench, level);
+            rows.extend(more);
+            notes.extend(note);
+        }
+        proxy::set_log_level(&bench.log_levels[0]);
     }
     print_table(&rows);
     for note in notes {
@@ -527,6 +538,70 @@ fn latency_rows(bench: &Bench, echo_addr: SocketAddr, level: &str) -> Vec<Row> {
     }
 
     rows
+}
+
+/// This proxy against AWS's `vsock-proxy` (`BENCH_AWS_PROXY`, see [`Proxy::start_aws`]), each
+/// relaying to the same echo server, measured alternately in one run: connections per second
+/// from many clients, and 64-byte round trips with client, proxy and echo server on CPU 0. The
+/// "direct" column carries AWS's figure. Without `BENCH_AWS_PROXY`, a note says how to ask.
+fn aws_rows(bench: &Bench, level: &str) -> (Vec<Row>, Vec<String>) {
+    let scale = &bench.scale;
+    let echo_addr = echo::start_echo(None).expect("start the echo server");
+    let pinned_echo = echo::start_echo(Some(0)).expect("start the pinned echo server");
+    let (Some(aws), Some(aws_pinned)) = (
+        Proxy::start_aws(echo_addr, None),
+        Proxy::start_aws(pinned_echo, Some(0)),
+    ) else {
+        return (
+            Vec::new(),
+            vec!["(no AWS rows: BENCH_AWS_PROXY=PATH names a build of AWS's vsock-proxy that listens on loopback TCP)".into()],
+        );
+    };
+    let aws = aws.expect("start AWS's vsock-proxy");
+    let aws_pinned = aws_pinned.expect("start AWS's vsock-proxy pinned");
+    let ours = bench.many_connections_proxy(echo_addr);
+    let ours_pinned = Proxy::start(pinned_echo, Some(0), &bench.proxy_args)
+        .expect("start the proxy pinned to CPU 0");
+    let (mut rates, mut p50) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let addrs = [aws.addr, ours.addr];
+    for round in 0..scale.connection_rounds {
+        for k in 0..2 {
+            // Alternately first, so that neither always meets the machine in the same state.
+            let i = (round + k) % 2;
+            let rate =
+                echo::connection_rate(addrs[i], scale.connection_clients, scale.connection_time);
+            rates[i].push(rate.per_second);
+        }
+    }
+    let pinned_addrs = [aws_pinned.addr, ours_pinned.addr];
+    for run in 0..scale.latency_runs {
+        for k in 0..2 {
+            let i = (run + k) % 2;
+            let rtt = echo::round_trips(pinned_addrs[i], scale.round_trips, Some(0));
+            p50[i].push(rtt.p50_us);
+        }
+    }
+    let rows = vec![
+        Row::new(
+            format!(
+                "conn/s, {} clients: AWS vsock-proxy vs ours [RUST_LOG={level}]",
+                scale.connection_clients
+            ),
+            Some(median(&rates[0])),
+            median(&rates[1]),
+            Target::RatioAtLeast(1.0),
+        ),
+        Row::new(
+            format!(
+                "64 B RTT p50 all on CPU 0, µs: AWS vsock-proxy vs ours (median of {}) [RUST_LOG={level}]",
+                scale.latency_runs
+            ),
+            Some(median(&p50[0])),
+            median(&p50[1]),
+            Target::DirectPlus(0.0),
+        ),
+    ];
+    (rows, Vec::new())
 }
 
 /// An ingress route (the network to the enclave) against the socat hop it replaces, the egress

@@ -164,6 +164,48 @@ impl Proxy {
         Some(started)
     }
 
+    /// Starts AWS's `vsock-proxy` from `BENCH_AWS_PROXY` — a build whose listener was changed
+    /// to loopback TCP (the port is its first argument), everything else AWS's — relaying to
+    /// `upstream` with an allowlist naming it, `-w 64` workers (its default of 4 serves four
+    /// connections at once), at the bench's log level, pinned as [`Proxy::start`] is. `None`
+    /// without `BENCH_AWS_PROXY`.
+    pub fn start_aws(upstream: SocketAddr, pin_cpu: Option<usize>) -> Option<io::Result<Self>> {
+        let binary = std::env::var_os("BENCH_AWS_PROXY").filter(|p| !p.is_empty())?;
+        let started = (|| {
+            let dir = tempfile::tempdir()?;
+            let config = dir.path().join("vsock-proxy.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "allowlist:\n- {{address: {}, port: {}}}\n",
+                    upstream.ip(),
+                    upstream.port()
+                ),
+            )?;
+            let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            let mut command = Command::new(&binary);
+            command
+                .args(["-w", "64"])
+                .arg(addr.port().to_string())
+                .arg(upstream.ip().to_string())
+                .arg(upstream.port().to_string())
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", log_level())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file(&dir)?);
+            pin(&mut command, pin_cpu);
+            let child = command.spawn()?;
+            Proxy::ready(Proxy {
+                child,
+                addr,
+                _dir: dir,
+            })
+        })();
+        Some(started)
+    }
+
     /// Waits until `proxy` accepts connections, or says why it did not.
     fn ready(mut proxy: Proxy) -> io::Result<Proxy> {
         let deadline = Instant::now() + START_TIMEOUT;
