@@ -7,9 +7,11 @@
 //! set-up when logging below INFO, else in a span made for each refusal or warning, and on the
 //! close line itself (a relayed connection at INFO makes no span: see the README's Logs).
 //! [`Connection::run`] calls the phases in order: `read_request`, `check_policy`, `connect`
-//! and `answer`, all within `--setup-timeout`, then
-//! `relay` until the connection ends, goes idle, reaches `--max-lifetime` or is revoked by a
-//! reload. A connection turned away in the first three is one [`Refusal`], recorded (counters,
+//! and `answer`, all within `--setup-timeout`, then `hand_over`; `Relaying::relay` relays
+//! until the connection ends, goes idle, reaches `--max-lifetime` or is revoked by a reload.
+//! The two halves run in one task but the set-up's state is boxed and freed at the hand-over,
+//! so an open, idle connection keeps only a `Relaying` and its relay's state (see [`spawn`]).
+//! A connection turned away in the first three is one [`Refusal`], recorded (counters,
 //! audit trail) before the client is answered (`refuse`), so the log never trails what the
 //! enclave saw.
 //!

@@ -1,7 +1,7 @@
 //! Revocation on reload: the open connections, and which of them a new allowlist forbids.
 //!
 //! This module owns the registry of relayed connections (route, requested host and port, the
-//! upstream address reached, and a token that closes the connection) and the re-check a reload
+//! upstream address reached, and how to tell the connection to close) and the re-check a reload
 //! runs against its new policy: a connection whose upstream address the new policy would deny —
 //! with exactly the decision a new connection would get ([`crate::policy::Policy::decide`],
 //! rule 5's names resolved again from the shared cache) — is closed and counted as `revoked`, and
