@@ -299,7 +299,10 @@ impl Relaying {
             Some(sleep) => sleep.as_mut().poll(cx),
             None => std::task::Poll::Pending,
         });
+        // Biased: the relay is polled first on every wake-up (nearly all of them are its),
+        // the waits for a revocation, the lifetime and a drain after it.
         tokio::select! {
+            biased;
             report = relay(client, upstream, *idle_timeout, &live, lifetimes.relay_mode) => {
                 info!(
                     route = %route.name,

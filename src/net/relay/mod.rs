@@ -126,12 +126,17 @@ struct DirectionError {
 
 /// Time of the last byte moved, in milliseconds since the relay started.
 struct Activity {
+    /// An idle timeout reads it: without one, moving bytes does not read the clock.
+    watched: bool,
     start: Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
     fn touch(&self) {
+        if !self.watched {
+            return;
+        }
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }
@@ -197,6 +202,7 @@ pub async fn relay(
         to_client: AtomicU64::new(0),
         live,
         activity: Activity {
+            watched: idle_timeout.is_some(),
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
         },
@@ -214,7 +220,9 @@ pub async fn relay(
     let activity = &ends.activity;
     // The two directions' futures are built inside select! (not bound to a local first), so
     // that each idle connection's task holds them once, not twice.
+    // Biased: the directions first on every wake-up, the idle timer after them.
     let end = tokio::select! {
+        biased;
         result = async { tokio::try_join!(up.run(mode), down.run(mode)) } => match result {
             Ok(_) => RelayEnd::Completed,
             Err(DirectionError { end: End::Client, error }) => RelayEnd::ClientError(error),
