@@ -44,6 +44,24 @@ fn log_file(dir: &tempfile::TempDir) -> io::Result<std::fs::File> {
     std::fs::File::create(dir.path().join("proxy.log"))
 }
 
+/// Writes `dir`'s `allowlist.yaml` naming exactly `upstream` (AWS's format, which both proxies
+/// read; loopback is denied unless an entry names the IP explicitly) and returns its path.
+fn write_allowlist(
+    dir: &tempfile::TempDir,
+    upstream: SocketAddr,
+) -> io::Result<std::path::PathBuf> {
+    let config = dir.path().join("allowlist.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "allowlist:\n- {{address: {}, port: {}}}\n",
+            upstream.ip(),
+            upstream.port()
+        ),
+    )?;
+    Ok(config)
+}
+
 /// The running proxy; killed when dropped, including while a panic unwinds.
 pub struct Proxy {
     pub child: Child,
@@ -61,16 +79,7 @@ impl Proxy {
         extra: &[impl AsRef<std::ffi::OsStr>],
     ) -> io::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let config = dir.path().join("allowlist.yaml");
-        // Loopback is denied unless an entry names the IP explicitly.
-        std::fs::write(
-            &config,
-            format!(
-                "allowlist:\n- {{address: {}, port: {}}}\n",
-                upstream.ip(),
-                upstream.port()
-            ),
-        )?;
+        let config = write_allowlist(&dir, upstream)?;
         // A free port for the proxy to listen on (it could be taken in between; unlikely).
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let route = [
@@ -173,15 +182,7 @@ impl Proxy {
         let binary = std::env::var_os("BENCH_AWS_PROXY").filter(|p| !p.is_empty())?;
         let started = (|| {
             let dir = tempfile::tempdir()?;
-            let config = dir.path().join("vsock-proxy.yaml");
-            std::fs::write(
-                &config,
-                format!(
-                    "allowlist:\n- {{address: {}, port: {}}}\n",
-                    upstream.ip(),
-                    upstream.port()
-                ),
-            )?;
+            let config = write_allowlist(&dir, upstream)?;
             let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
             let mut command = Command::new(&binary);
             command

@@ -291,14 +291,7 @@ impl Relaying {
             to_upstream: route.metrics.to_upstream.inner(),
             to_client: route.metrics.to_client.inner(),
         };
-        // Boxed, so that a connection without --max-lifetime carries no timer.
-        let mut lifetime = lifetimes
-            .max_lifetime
-            .map(|max| Box::pin(tokio::time::sleep_until(*started + max)));
-        let lifetime = std::future::poll_fn(|cx| match &mut lifetime {
-            Some(sleep) => sleep.as_mut().poll(cx),
-            None => std::task::Poll::Pending,
-        });
+        let lifetime = lifetimes.expiry(*started);
         // Biased: the relay is polled first on every wake-up (nearly all of them are its),
         // the waits for a revocation, the lifetime and a drain after it.
         tokio::select! {

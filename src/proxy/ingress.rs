@@ -365,13 +365,7 @@ impl Relay<'_> {
                 return Outcome::ClientError;
             }
         };
-        let lifetime = async {
-            match self.shared.lifetimes.max_lifetime {
-                // Boxed, so that a connection without --max-lifetime carries no timer.
-                Some(max) => Box::pin(tokio::time::sleep_until(started + max)).await,
-                None => std::future::pending().await,
-            }
-        };
+        let lifetime = self.shared.lifetimes.expiry(started);
         tokio::select! {
             report = relay(&client, &upstream, self.settings.idle_timeout, &live, self.shared.lifetimes.relay_mode) => {
                 info!(

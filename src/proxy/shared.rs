@@ -7,8 +7,12 @@
 //! that [`crate::proxy::server`], which admits connections, and [`crate::proxy::connection`],
 //! which runs them, both read it without importing each other both ways.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::net::relay::RelayMode;
 use crate::policy::dns::Dns;
@@ -52,6 +56,21 @@ pub struct Lifetimes {
     pub max_lifetime: Option<Duration>,
     /// How the relay moves bytes (`--relay`).
     pub relay_mode: RelayMode,
+}
+
+impl Lifetimes {
+    /// Completes when a connection accepted at `started` reaches `--max-lifetime`; never,
+    /// without one. The timer is boxed and made only when there is one: a relaying
+    /// connection's task carries a pointer for it.
+    pub fn expiry(&self, started: Instant) -> impl Future<Output = ()> + Send + 'static {
+        let mut sleep = self
+            .max_lifetime
+            .map(|max| Box::pin(tokio::time::sleep_until(started + max)));
+        std::future::poll_fn(move |cx| match &mut sleep {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
+        })
+    }
 }
 
 impl Default for Lifetimes {
