@@ -73,6 +73,8 @@ async fn serve_echo(listener: std::net::TcpListener) {
 /// Short connections from `clients` threads for `duration`.
 pub struct ConnectionRate {
     pub per_second: f64,
+    /// Connections that carried their byte both ways.
+    pub completed: u64,
     /// Failed connections by what failed (`connect: ConnectionRefused`, ...).
     pub errors: BTreeMap<String, u64>,
 }
@@ -114,6 +116,7 @@ pub fn connection_rate(addr: SocketAddr, clients: usize, duration: Duration) -> 
     }
     ConnectionRate {
         per_second: done as f64 / start.elapsed().as_secs_f64(),
+        completed: done,
         errors,
     }
 }

@@ -9,7 +9,10 @@
 //!   a SHA-256 check of one transfer each way before anything is timed) — [`throughput`];
 //! * the proxy's CPU seconds per GiB relayed (user + system, from `/proc/PID/stat`);
 //! * connections per second from 32 clients (connect, one byte there and back, close), with
-//!   errors counted by kind — [`echo`];
+//!   errors counted by kind — [`echo`] — and from one client at a time (a connection's whole
+//!   life when the proxy is otherwise idle); for each, the CPU time per connection of the proxy
+//!   and of the whole machine (`/proc/stat`), which shows where the ceiling of conn/s / direct
+//!   is on a machine whose CPUs the clients, the echo server and the proxy all share;
 //! * 64-byte round trips, p50 and p99: unpinned (the median of 5 interleaved runs, since
 //!   unpinned round trips here are bimodal) and with client, proxy and echo server all on CPU 0
 //!   (the stable latency figure);
@@ -44,7 +47,8 @@
 //! `BENCH_VERBOSE=1` prints every throughput sample; `BENCH_ONLY=latency` (or a comma-separated
 //! list of throughput, connections, latency, idle, egress, ingress, policy, aws) measures only those.
 //! `BENCH_AWS_PROXY=PATH` adds rows comparing with AWS's `vsock-proxy` (a build of it whose
-//! listener was changed to loopback TCP; see `Proxy::start_aws`): conn/s and pinned round trips.
+//! listener was changed to loopback TCP; see `Proxy::start_aws`): conn/s, CPU per connection
+//! and pinned round trips.
 //!
 //! Under `cargo test` (no `--bench` argument) it runs as a smoke test: small sizes, one round,
 //! a debug build, every check made, no meaningful numbers.
@@ -448,51 +452,123 @@ fn throughput_rows(bench: &Bench) -> Vec<Row> {
     rows
 }
 
-/// Connections per second from many clients, with errors counted by kind.
+/// Connections per second from many clients, then from one at a time, with errors counted by
+/// kind and what each connection cost in CPU.
 fn connection_rows(bench: &Bench, echo_addr: SocketAddr, level: &str) -> (Vec<Row>, Vec<String>) {
     let scale = &bench.scale;
     let mut rows = Vec::new();
+    let mut notes = Vec::new();
     let echo_proxy = bench.many_connections_proxy(echo_addr);
-    let mut rates = [Vec::new(), Vec::new()];
-    let mut errors = [0u64, 0u64];
-    let mut error_kinds = std::collections::BTreeMap::new();
-    for round in 0..scale.connection_rounds {
-        for path in paths(round) {
-            let rate = echo::connection_rate(
-                pick(path, echo_addr, echo_proxy.addr),
-                scale.connection_clients,
-                scale.connection_time,
-            );
-            errors[path as usize] += rate.error_count();
-            for (kind, n) in &rate.errors {
-                *error_kinds
-                    .entry(format!("{} {kind}", path_name(path)))
-                    .or_insert(0) += n;
-            }
-            rates[path as usize].push(rate.per_second);
-        }
+    for clients in [scale.connection_clients, 1] {
+        let runs = ConnectionRuns::measure(scale, echo_addr, &echo_proxy, clients);
+        let (what, target) = if clients == 1 {
+            // One at a time: the latency of a connection's whole life when the proxy is
+            // otherwise idle (each step wakes a thread), as an enclave's occasional call sees.
+            ("1 client".to_owned(), Target::None)
+        } else {
+            (format!("{clients} clients"), Target::RatioAtLeast(0.80))
+        };
+        rows.push(Row::new(
+            format!("conn/s, {what}, 1-byte echo [RUST_LOG={level}]"),
+            Some(median(&runs.rates[Path::Direct as usize])),
+            median(&runs.rates[Path::Proxy as usize]),
+            target,
+        ));
+        rows.push(Row::new(
+            "  connection errors (count)",
+            Some(runs.errors[Path::Direct as usize] as f64),
+            runs.errors[Path::Proxy as usize] as f64,
+            Target::None,
+        ));
+        // Where the ceiling of conn/s / direct is on a machine whose CPUs the clients, the echo
+        // server and the proxy share: a relayed connection is two TCP connections, so the
+        // machine does about twice the kernel's work per connection, whichever proxy relays it.
+        rows.push(Row::new(
+            format!("  machine CPU µs per connection, all processes [RUST_LOG={level}]"),
+            Some(runs.machine_cpu[Path::Direct as usize].micros()),
+            runs.machine_cpu[Path::Proxy as usize].micros(),
+            Target::None,
+        ));
+        rows.push(Row::new(
+            format!("  proxy CPU µs per connection [RUST_LOG={level}]"),
+            None,
+            runs.proxy_cpu.micros(),
+            Target::None,
+        ));
+        notes.extend(
+            runs.error_kinds
+                .iter()
+                .map(|(kind, n)| format!("  {n} × {kind} ({what}, RUST_LOG={level})")),
+        );
     }
-    rows.push(Row::new(
-        format!(
-            "conn/s, {} clients, 1-byte echo [RUST_LOG={level}]",
-            scale.connection_clients
-        ),
-        Some(median(&rates[Path::Direct as usize])),
-        median(&rates[Path::Proxy as usize]),
-        Target::RatioAtLeast(0.80),
-    ));
-    rows.push(Row::new(
-        "  connection errors (count)",
-        Some(errors[Path::Direct as usize] as f64),
-        errors[Path::Proxy as usize] as f64,
-        Target::None,
-    ));
-
-    let notes = error_kinds
-        .iter()
-        .map(|(kind, n)| format!("  {n} × {kind}"))
-        .collect();
     (rows, notes)
+}
+
+/// Short connections from `clients` at once, directly and through the proxy alternately.
+struct ConnectionRuns {
+    rates: [Vec<f64>; 2],
+    errors: [u64; 2],
+    error_kinds: std::collections::BTreeMap<String, u64>,
+    proxy_cpu: CpuPerConnection,
+    machine_cpu: [CpuPerConnection; 2],
+}
+
+impl ConnectionRuns {
+    fn measure(scale: &Scale, echo_addr: SocketAddr, proxy: &Proxy, clients: usize) -> Self {
+        let mut runs = ConnectionRuns {
+            rates: [Vec::new(), Vec::new()],
+            errors: [0, 0],
+            error_kinds: Default::default(),
+            proxy_cpu: CpuPerConnection::default(),
+            machine_cpu: Default::default(),
+        };
+        for round in 0..scale.connection_rounds {
+            for path in paths(round) {
+                let proxy_before = proxy.cpu_ticks();
+                let machine_before = proxy::machine_busy_ticks();
+                let rate = echo::connection_rate(
+                    pick(path, echo_addr, proxy.addr),
+                    clients,
+                    scale.connection_time,
+                );
+                runs.machine_cpu[path as usize]
+                    .add(proxy::machine_busy_ticks() - machine_before, &rate);
+                if path == Path::Proxy {
+                    runs.proxy_cpu.add(proxy.cpu_ticks() - proxy_before, &rate);
+                }
+                runs.errors[path as usize] += rate.error_count();
+                for (kind, n) in &rate.errors {
+                    *runs
+                        .error_kinds
+                        .entry(format!("{} {kind}", path_name(path)))
+                        .or_insert(0) += n;
+                }
+                runs.rates[path as usize].push(rate.per_second);
+            }
+        }
+        runs
+    }
+}
+
+/// A proxy's CPU time (user and system, read from `/proc`) per connection it relayed: steadier
+/// than connections per second on a shared machine, because it does not depend on how much of
+/// the CPUs the clients and the echo server were given. On loopback it includes the kernel's
+/// work of delivering what the proxy sends, as it does for any process.
+#[derive(Default)]
+struct CpuPerConnection {
+    ticks: u64,
+    connections: u64,
+}
+
+impl CpuPerConnection {
+    fn add(&mut self, ticks: u64, rate: &echo::ConnectionRate) {
+        self.ticks += ticks;
+        self.connections += rate.completed;
+    }
+
+    fn micros(&self) -> f64 {
+        self.ticks as f64 / proxy::clock_ticks_per_second() * 1e6 / self.connections.max(1) as f64
+    }
 }
 
 /// 64-byte round trips: unpinned, then client, proxy and echo server all on CPU 0.
@@ -563,13 +639,19 @@ fn aws_rows(bench: &Bench, level: &str) -> (Vec<Row>, Vec<String>) {
     let ours_pinned = Proxy::start(pinned_echo, Some(0), &bench.proxy_args)
         .expect("start the proxy pinned to CPU 0");
     let (mut rates, mut p50) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
-    let addrs = [aws.addr, ours.addr];
+    let mut cpu = [CpuPerConnection::default(), CpuPerConnection::default()];
+    let proxies = [&aws, &ours];
     for round in 0..scale.connection_rounds {
         for k in 0..2 {
             // Alternately first, so that neither always meets the machine in the same state.
             let i = (round + k) % 2;
-            let rate =
-                echo::connection_rate(addrs[i], scale.connection_clients, scale.connection_time);
+            let ticks_before = proxies[i].cpu_ticks();
+            let rate = echo::connection_rate(
+                proxies[i].addr,
+                scale.connection_clients,
+                scale.connection_time,
+            );
+            cpu[i].add(proxies[i].cpu_ticks() - ticks_before, &rate);
             rates[i].push(rate.per_second);
         }
     }
@@ -590,6 +672,12 @@ fn aws_rows(bench: &Bench, level: &str) -> (Vec<Row>, Vec<String>) {
             Some(median(&rates[0])),
             median(&rates[1]),
             Target::RatioAtLeast(1.0),
+        ),
+        Row::new(
+            format!("  proxy CPU µs per connection: AWS vsock-proxy vs ours [RUST_LOG={level}]"),
+            Some(cpu[0].micros()),
+            cpu[1].micros(),
+            Target::DirectPlus(0.0),
         ),
         Row::new(
             format!(

@@ -300,6 +300,24 @@ fn pin(command: &mut Command, pin_cpu: Option<usize>) {
     }
 }
 
+/// Clock ticks every CPU of the machine has spent busy so far (the `cpu` line of `/proc/stat`:
+/// everything but idle and iowait), by every process and the kernel's interrupt work.
+pub fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_else(|e| panic!("/proc/stat: {e}"));
+    let total = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("cpu "))
+        .unwrap_or_else(|| panic!("/proc/stat: no `cpu ` line"));
+    // user nice system idle iowait irq softirq steal (guest time is counted in user already).
+    total
+        .split_whitespace()
+        .take(8)
+        .enumerate()
+        .filter(|(field, _)| !matches!(field, 3 | 4))
+        .map(|(_, ticks)| ticks.parse::<u64>().unwrap_or(0))
+        .sum()
+}
+
 pub fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions; it only reads a system constant.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

@@ -68,7 +68,18 @@ pub fn run(options: Options) -> ExitCode {
         runtime.shutdown_background();
         return ExitCode::from(status);
     }
-    let result = runtime.block_on(serve(options, notifier.clone()));
+    // The daemon runs as a task on a worker thread, not on this one: its accept loop then wakes
+    // up on the worker that took the listener's readiness from the kernel, and spawns each
+    // connection onto that worker's own queue. On this thread every accept would be handed
+    // over twice, worker to here and here to a worker, each a futex wake-up and a context switch.
+    let daemon = serve(options, notifier.clone());
+    let result = runtime.block_on(async {
+        tokio::spawn(daemon).await.unwrap_or_else(|e| {
+            Err(Fatal::Runtime(format!(
+                "the daemon's task ended before it stopped serving: {e}"
+            )))
+        })
+    });
     // Connections still open after the drain timeout must not hold the process up, nor a
     // configuration read stuck in the kernel on a blocking thread (dropping the runtime would
     // join the blocking pool; a stop must not wait for a hung file system).
