@@ -100,7 +100,8 @@ impl Scale {
                 streams: 64,
                 connection_clients: 32,
                 connection_time: Duration::from_secs(3),
-                connection_rounds: 2,
+                // Direct and one proxy per log level take turns: each first once in 3 rounds.
+                connection_rounds: 3,
                 round_trips: 5_000,
                 latency_runs: 5,
                 idle_steps: vec![1_000, 9_000],
@@ -259,14 +260,15 @@ fn main() {
         rows.extend(throughput_rows(&bench));
     }
     // The figures a connection's logging changes, at each level: `warn` (no per-connection
-    // line) and `info` (as deployed).
+    // line) and `info` (as deployed). Connections per second measure every level in the same
+    // rounds (see `connection_rows`); the others one level after the other.
+    if wanted("connections") {
+        let (more, errors) = connection_rows(&bench, echo_addr);
+        rows.extend(more);
+        notes.extend(errors);
+    }
     for level in &bench.log_levels {
         proxy::set_log_level(level);
-        if wanted("connections") {
-            let (more, errors) = connection_rows(&bench, echo_addr, level);
-            rows.extend(more);
-            notes.extend(errors);
-        }
         if wanted("latency") {
             rows.extend(latency_rows(&bench, echo_addr, level));
         }
@@ -453,14 +455,28 @@ fn throughput_rows(bench: &Bench) -> Vec<Row> {
 }
 
 /// Connections per second from many clients, then from one at a time, with errors counted by
-/// kind and what each connection cost in CPU.
-fn connection_rows(bench: &Bench, echo_addr: SocketAddr, level: &str) -> (Vec<Row>, Vec<String>) {
+/// kind and what each connection cost in CPU; through one proxy per log level, all measured in
+/// the same rounds.
+///
+/// Why in the same rounds: a level measured after another would meet the machine with the
+/// other's TIME_WAIT sockets (the relayed connections of one level's rounds leave about 100,000),
+/// which makes every `connect` on the machine slower, so the later level would look dearer than
+/// it is. In turn, in an order that rotates every round, direct and each level meet it alike.
+fn connection_rows(bench: &Bench, echo_addr: SocketAddr) -> (Vec<Row>, Vec<String>) {
     let scale = &bench.scale;
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    let echo_proxy = bench.many_connections_proxy(echo_addr);
+    let levels = &bench.log_levels;
+    let proxies: Vec<Proxy> = levels
+        .iter()
+        .map(|level| {
+            proxy::set_log_level(level);
+            bench.many_connections_proxy(echo_addr)
+        })
+        .collect();
+    proxy::set_log_level(&levels[0]);
     for clients in [scale.connection_clients, 1] {
-        let runs = ConnectionRuns::measure(scale, echo_addr, &echo_proxy, clients);
+        let runs = ConnectionRuns::measure(scale, echo_addr, &proxies, clients);
         let (what, target) = if clients == 1 {
             // One at a time: the latency of a connection's whole life when the proxy is
             // otherwise idle (each step wakes a thread), as an enclave's occasional call sees.
@@ -468,82 +484,97 @@ fn connection_rows(bench: &Bench, echo_addr: SocketAddr, level: &str) -> (Vec<Ro
         } else {
             (format!("{clients} clients"), Target::RatioAtLeast(0.80))
         };
-        rows.push(Row::new(
-            format!("conn/s, {what}, 1-byte echo [RUST_LOG={level}]"),
-            Some(median(&runs.rates[Path::Direct as usize])),
-            median(&runs.rates[Path::Proxy as usize]),
-            target,
-        ));
-        rows.push(Row::new(
-            "  connection errors (count)",
-            Some(runs.errors[Path::Direct as usize] as f64),
-            runs.errors[Path::Proxy as usize] as f64,
-            Target::None,
-        ));
-        // Where the ceiling of conn/s / direct is on a machine whose CPUs the clients, the echo
-        // server and the proxy share: a relayed connection is two TCP connections, so the
-        // machine does about twice the kernel's work per connection, whichever proxy relays it.
-        rows.push(Row::new(
-            format!("  machine CPU µs per connection, all processes [RUST_LOG={level}]"),
-            Some(runs.machine_cpu[Path::Direct as usize].micros()),
-            runs.machine_cpu[Path::Proxy as usize].micros(),
-            Target::None,
-        ));
-        rows.push(Row::new(
-            format!("  proxy CPU µs per connection [RUST_LOG={level}]"),
-            None,
-            runs.proxy_cpu.micros(),
-            Target::None,
-        ));
+        for (via, level) in levels.iter().enumerate() {
+            let proxy = via + 1;
+            rows.push(Row::new(
+                format!("conn/s, {what}, 1-byte echo [RUST_LOG={level}]"),
+                Some(median(&runs.rates[0])),
+                median(&runs.rates[proxy]),
+                target,
+            ));
+            rows.push(Row::new(
+                "  connection errors (count)",
+                Some(runs.errors[0] as f64),
+                runs.errors[proxy] as f64,
+                Target::None,
+            ));
+            // Where the ceiling of conn/s / direct is on a machine whose CPUs the clients, the
+            // echo server and the proxy share: a relayed connection is two TCP connections, so
+            // the machine does about twice the kernel's work per connection, whichever proxy
+            // relays it.
+            rows.push(Row::new(
+                format!("  machine CPU µs per connection, all processes [RUST_LOG={level}]"),
+                Some(runs.machine_cpu[0].micros()),
+                runs.machine_cpu[proxy].micros(),
+                Target::None,
+            ));
+            rows.push(Row::new(
+                format!("  proxy CPU µs per connection [RUST_LOG={level}]"),
+                None,
+                runs.proxy_cpu[via].micros(),
+                Target::None,
+            ));
+        }
         notes.extend(
             runs.error_kinds
                 .iter()
-                .map(|(kind, n)| format!("  {n} × {kind} ({what}, RUST_LOG={level})")),
+                .map(|(kind, n)| format!("  {n} × {kind} ({what})")),
         );
     }
     (rows, notes)
 }
 
-/// Short connections from `clients` at once, directly and through the proxy alternately.
+/// Short connections from `clients` at once, directly (index 0) and through each proxy (1..),
+/// in turn, in an order that rotates every round.
 struct ConnectionRuns {
-    rates: [Vec<f64>; 2],
-    errors: [u64; 2],
+    rates: Vec<Vec<f64>>,
+    errors: Vec<u64>,
     error_kinds: std::collections::BTreeMap<String, u64>,
-    proxy_cpu: CpuPerConnection,
-    machine_cpu: [CpuPerConnection; 2],
+    machine_cpu: Vec<CpuPerConnection>,
+    /// Per proxy (index 0 is the first proxy).
+    proxy_cpu: Vec<CpuPerConnection>,
 }
 
 impl ConnectionRuns {
-    fn measure(scale: &Scale, echo_addr: SocketAddr, proxy: &Proxy, clients: usize) -> Self {
+    fn measure(scale: &Scale, echo_addr: SocketAddr, proxies: &[Proxy], clients: usize) -> Self {
+        let paths = proxies.len() + 1;
         let mut runs = ConnectionRuns {
-            rates: [Vec::new(), Vec::new()],
-            errors: [0, 0],
+            rates: vec![Vec::new(); paths],
+            errors: vec![0; paths],
             error_kinds: Default::default(),
-            proxy_cpu: CpuPerConnection::default(),
-            machine_cpu: Default::default(),
+            machine_cpu: (0..paths).map(|_| CpuPerConnection::default()).collect(),
+            proxy_cpu: (0..proxies.len())
+                .map(|_| CpuPerConnection::default())
+                .collect(),
         };
         for round in 0..scale.connection_rounds {
-            for path in paths(round) {
-                let proxy_before = proxy.cpu_ticks();
+            for k in 0..paths {
+                let path = (k + round) % paths;
+                let via = path.checked_sub(1).map(|i| &proxies[i]);
+                let proxy_before = via.map(Proxy::cpu_ticks);
                 let machine_before = proxy::machine_busy_ticks();
                 let rate = echo::connection_rate(
-                    pick(path, echo_addr, proxy.addr),
+                    via.map_or(echo_addr, |p| p.addr),
                     clients,
                     scale.connection_time,
                 );
-                runs.machine_cpu[path as usize]
-                    .add(proxy::machine_busy_ticks() - machine_before, &rate);
-                if path == Path::Proxy {
-                    runs.proxy_cpu.add(proxy.cpu_ticks() - proxy_before, &rate);
+                runs.machine_cpu[path].add(proxy::machine_busy_ticks() - machine_before, &rate);
+                if let (Some(via), Some(before)) = (via, proxy_before) {
+                    runs.proxy_cpu[path - 1].add(via.cpu_ticks() - before, &rate);
                 }
-                runs.errors[path as usize] += rate.error_count();
+                runs.errors[path] += rate.error_count();
+                let name = if path == 0 {
+                    "direct".to_owned()
+                } else {
+                    format!("proxy ({})", proxies[path - 1].log_level)
+                };
                 for (kind, n) in &rate.errors {
                     *runs
                         .error_kinds
-                        .entry(format!("{} {kind}", path_name(path)))
+                        .entry(format!("{name} {kind}"))
                         .or_insert(0) += n;
                 }
-                runs.rates[path as usize].push(rate.per_second);
+                runs.rates[path].push(rate.per_second);
             }
         }
         runs

@@ -66,6 +66,8 @@ fn write_allowlist(
 pub struct Proxy {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The `RUST_LOG` it was started with (socat's: the bench's level at the time, unused).
+    pub log_level: String,
     _dir: tempfile::TempDir,
 }
 
@@ -116,6 +118,7 @@ impl Proxy {
         Proxy::ready(Proxy {
             child,
             addr,
+            log_level: log_level(),
             _dir: dir,
         })
     }
@@ -167,6 +170,7 @@ impl Proxy {
             Proxy::ready(Proxy {
                 child,
                 addr,
+                log_level: log_level(),
                 _dir: dir,
             })
         })();
@@ -201,6 +205,7 @@ impl Proxy {
             Proxy::ready(Proxy {
                 child,
                 addr,
+                log_level: log_level(),
                 _dir: dir,
             })
         })();
