@@ -35,7 +35,7 @@
 //!
 //! Rounds alternate direct and proxy so drift in machine load hits both alike. The machine is
 //! shared and noisy: compare ratios within one run, never absolute figures across runs
-//! (`shared/notes/benchmarking.md`). It takes about a minute. `BENCH_BYTES=128M` changes
+//! (`shared/notes/benchmarking.md`). It takes about two and a half minutes. `BENCH_BYTES=128M` changes
 //! the bytes per single-stream transfer (default 512 MiB; 64 streams move 4× that in all);
 //! `BENCH_RELAY=copy` runs the proxy with `--relay copy`, to compare with splice, and
 //! `BENCH_PROXY_ARGS="-w 1"` gives it more arguments. The connection, latency and idle
