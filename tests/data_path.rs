@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::{connect, Proxy};
-use common::upstream::{echo_server, response_server, sink_source_server};
-use sha2::{Digest, Sha256};
+use common::upstream::{
+    echo_server, receive_hashed, response_server, send_pattern, sink_source_server,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LISTEN: &str = "tcp:127.0.0.1:8001";
@@ -84,42 +85,10 @@ fn sixty_four_mib_each_way_at_once_arrive_intact(relay: &'static str) {
         let proxy = start_proxy(&dir, LISTEN, &["--relay", relay]).await;
         let up = sink_source_server(UPSTREAM.parse().unwrap(), SIZE).await;
         let conn = connect(LISTEN).await;
-        let (mut rd, mut wr) = tokio::io::split(conn);
+        let (rd, wr) = tokio::io::split(conn);
 
-        let sender = tokio::spawn(async move {
-            let mut hash = Sha256::new();
-            let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-            let mut chunk = vec![0u8; 256 * 1024];
-            let mut sent = 0;
-            while sent < SIZE {
-                for b in chunk.iter_mut() {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    *b = state as u8;
-                }
-                let n = chunk.len().min(SIZE - sent);
-                wr.write_all(&chunk[..n]).await.unwrap();
-                hash.update(&chunk[..n]);
-                sent += n;
-            }
-            wr.shutdown().await.unwrap();
-            hex(&hash.finalize())
-        });
-        let receiver = tokio::spawn(async move {
-            let mut hash = Sha256::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut total = 0usize;
-            loop {
-                let n = rd.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                hash.update(&buf[..n]);
-                total += n;
-            }
-            (total, hex(&hash.finalize()))
-        });
+        let sender = tokio::spawn(send_pattern(wr, 0xC11E_4700, SIZE));
+        let receiver = tokio::spawn(receive_hashed(rd));
         let sent_hash = tokio::time::timeout(Duration::from_secs(120), sender)
             .await
             .unwrap()
@@ -151,10 +120,6 @@ fn sixty_four_mib_each_way_at_once_arrive_intact(relay: &'static str) {
             proxy.logs()
         );
     });
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::netns::{add_lo_addr, run_in_netns, tcp_listening};
 use common::proxy::{connect, Proxy};
-use common::upstream::{sink_source_server, PatternGen};
+use common::upstream::{hex, sink_source_server, PatternGen};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -148,8 +148,4 @@ fn sigterm_during_a_64_mib_transfer_lets_it_complete_then_exits_0() {
         assert!(logs.contains("closed_at_stop=0"), "{logs}");
         assert!(logs.contains("waiting for open connections"), "{logs}");
     });
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

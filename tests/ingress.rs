@@ -15,9 +15,8 @@ use std::time::Duration;
 
 use common::netns::run_in_netns;
 use common::proxy::{run_to_exit, Proxy};
-use common::upstream::{response_server, sink_source_server};
+use common::upstream::{receive_hashed, response_server, send_pattern, sink_source_server};
 use proxy_header::{ParseConfig, ProxiedAddress, ProxyHeader};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -572,41 +571,9 @@ fn sixty_four_mib_each_way_and_a_half_close_pass_intact() {
 
         let up = sink_source_server(ENCLAVE.parse().unwrap(), SIZE).await;
         let conn = connect_from("127.0.0.2").await;
-        let (mut rd, mut wr) = conn.into_split();
-        let sender = tokio::spawn(async move {
-            let mut hash = Sha256::new();
-            let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-            let mut chunk = vec![0u8; 256 * 1024];
-            let mut sent = 0;
-            while sent < SIZE {
-                for b in chunk.iter_mut() {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    *b = state as u8;
-                }
-                let n = chunk.len().min(SIZE - sent);
-                wr.write_all(&chunk[..n]).await.unwrap();
-                hash.update(&chunk[..n]);
-                sent += n;
-            }
-            wr.shutdown().await.unwrap();
-            hex(&hash.finalize())
-        });
-        let receiver = tokio::spawn(async move {
-            let mut hash = Sha256::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut total = 0usize;
-            loop {
-                let n = rd.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                hash.update(&buf[..n]);
-                total += n;
-            }
-            (total, hex(&hash.finalize()))
-        });
+        let (rd, wr) = conn.into_split();
+        let sender = tokio::spawn(send_pattern(wr, 0xC11E_4700, SIZE));
+        let receiver = tokio::spawn(receive_hashed(rd));
         let long = Duration::from_secs(120);
         let sent_hash = tokio::time::timeout(long, sender).await.unwrap().unwrap();
         let (received, received_hash) =
@@ -655,8 +622,4 @@ fn check_config_shows_the_route_and_warns_about_an_empty_allow_from() {
         assert!(out.stderr.contains("line 2"), "{}", out.stderr);
         assert!(out.stderr.contains("needs `allow_from:`"), "{}", out.stderr);
     });
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -40,9 +40,10 @@ use std::time::Duration;
 use common::dns::TestDns;
 use common::netns::{add_lo_addr, run_in_netns};
 use common::proxy::Proxy;
-use common::upstream::{echo_server, response_server, sink_source_server, PatternGen};
+use common::upstream::{
+    echo_server, receive_hashed, response_server, send_pattern, sink_source_server,
+};
 use common::vm::{in_vm, socket_domain};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_LOCAL};
 
@@ -727,37 +728,10 @@ fn sixty_four_mib_each_way_over_vsock(port: u32, relay: &'static str) {
         let dir = tempfile::tempdir().unwrap();
         let proxy = start_daemon_to_test_upstream(&dir, port, &["--relay", relay]).await;
         let (conn, local_port) = vsock_connect(port).await;
-        let (mut rd, mut wr) = conn.into_split();
+        let (rd, wr) = conn.into_split();
 
-        let sender = tokio::spawn(async move {
-            let mut gen = PatternGen::new(CLIENT_SEED);
-            let mut hash = Sha256::new();
-            let mut chunk = vec![0u8; 256 * 1024];
-            let mut sent = 0;
-            while sent < SIZE {
-                let n = chunk.len().min(SIZE - sent);
-                gen.fill(&mut chunk[..n]);
-                wr.write_all(&chunk[..n]).await.unwrap();
-                hash.update(&chunk[..n]);
-                sent += n;
-            }
-            wr.shutdown().await.unwrap();
-            hex(&hash.finalize())
-        });
-        let receiver = tokio::spawn(async move {
-            let mut hash = Sha256::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut total = 0usize;
-            loop {
-                let n = rd.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                hash.update(&buf[..n]);
-                total += n;
-            }
-            (total, hex(&hash.finalize()))
-        });
+        let sender = tokio::spawn(send_pattern(wr, CLIENT_SEED, SIZE));
+        let receiver = tokio::spawn(receive_hashed(rd));
         let long = Duration::from_secs(120);
         let sent_hash = tokio::time::timeout(long, sender)
             .await
@@ -789,10 +763,6 @@ fn sixty_four_mib_each_way_over_vsock(port: u32, relay: &'static str) {
         )
         .await;
     });
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]

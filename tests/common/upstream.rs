@@ -11,7 +11,8 @@
 //!   half-closes; for bulk/bidirectional integrity tests.
 //!
 //! Also the helpers to produce and check such data: [`pattern`], [`PatternGen`],
-//! [`sha256_hex`]. A port with no listener refuses connections, so no "refusing server"
+//! [`sha256_hex`], and a client's two halves of a bulk transfer: [`send_pattern`] and
+//! [`receive_hashed`]. A port with no listener refuses connections, so no "refusing server"
 //! is needed.
 
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -393,6 +394,46 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex(&Sha256::digest(data))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// `bytes` as lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Chunk size of [`send_pattern`] and [`receive_hashed`].
+const TRANSFER_CHUNK: usize = 256 * 1024;
+
+/// A client's sending half of a bulk transfer: writes the first `size` bytes of the stream for
+/// `seed` (see [`PatternGen`]) to `wr`, then shuts its write side down (the half-close the
+/// proxy must pass on). Returns their SHA-256 in hex, to compare with what the far end got.
+pub async fn send_pattern(mut wr: impl AsyncWrite + Unpin, seed: u64, size: usize) -> String {
+    let mut gen = PatternGen::new(seed);
+    let mut hash = Sha256::new();
+    let mut chunk = vec![0u8; TRANSFER_CHUNK];
+    let mut sent = 0;
+    while sent < size {
+        let n = chunk.len().min(size - sent);
+        gen.fill(&mut chunk[..n]);
+        wr.write_all(&chunk[..n]).await.unwrap();
+        hash.update(&chunk[..n]);
+        sent += n;
+    }
+    wr.shutdown().await.unwrap();
+    hex(&hash.finalize())
+}
+
+/// A client's receiving half of a bulk transfer: reads `rd` to its end. Returns how many bytes
+/// came and their SHA-256 in hex.
+pub async fn receive_hashed(mut rd: impl AsyncRead + Unpin) -> (usize, String) {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; TRANSFER_CHUNK];
+    let mut total = 0usize;
+    loop {
+        let n = rd.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        total += n;
+    }
+    (total, hex(&hash.finalize()))
 }
