@@ -87,8 +87,8 @@ fn sixty_four_mib_each_way_at_once_arrive_intact(relay: &'static str) {
         let conn = connect(LISTEN).await;
         let (rd, wr) = tokio::io::split(conn);
 
-        let sender = tokio::spawn(send_pattern(wr, 0xC11E_4700, SIZE));
-        let receiver = tokio::spawn(receive_hashed(rd));
+        let sender = tokio::spawn(send_pattern(wr, 0xC11E_4700, SIZE, None));
+        let receiver = tokio::spawn(receive_hashed(rd, None));
         let sent_hash = tokio::time::timeout(Duration::from_secs(120), sender)
             .await
             .unwrap()

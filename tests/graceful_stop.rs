@@ -9,15 +9,12 @@ use std::time::Duration;
 
 use common::netns::{add_lo_addr, run_in_netns, tcp_listening};
 use common::proxy::{connect, Proxy};
-use common::upstream::{hex, sink_source_server, PatternGen};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::upstream::{receive_hashed, send_pattern, sink_source_server};
 
 const LISTEN: &str = "tcp:127.0.0.1:8001";
 const SIZE: usize = 64 * 1024 * 1024;
 /// How much goes each way before SIGTERM.
 const BEFORE: usize = 4 * 1024 * 1024;
-const CHUNK: usize = 256 * 1024;
 const WAIT: Duration = Duration::from_secs(120);
 
 fn ip(s: &str) -> IpAddr {
@@ -47,53 +44,14 @@ fn sigterm_during_a_64_mib_transfer_lets_it_complete_then_exits_0() {
         proxy.wait_ready(LISTEN).await;
         let up = sink_source_server("192.0.2.10:443".parse().unwrap(), SIZE).await;
         let conn = connect(LISTEN).await;
-        let (mut rd, mut wr) = tokio::io::split(conn);
+        let (rd, wr) = tokio::io::split(conn);
 
         // The client sends BEFORE bytes, then waits for the go-ahead, then sends the rest.
         let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
-        let sender = tokio::spawn(async move {
-            let mut hash = Sha256::new();
-            let mut gen = PatternGen::new(0xC0FFEE);
-            let mut chunk = vec![0u8; CHUNK];
-            let mut sent = 0;
-            let mut go = Some(go_rx);
-            while sent < SIZE {
-                if sent >= BEFORE {
-                    if let Some(go) = go.take() {
-                        go.await.expect("go-ahead");
-                    }
-                }
-                let n = CHUNK.min(SIZE - sent);
-                gen.fill(&mut chunk[..n]);
-                wr.write_all(&chunk[..n]).await.unwrap();
-                hash.update(&chunk[..n]);
-                sent += n;
-            }
-            wr.shutdown().await.unwrap();
-            hex(&hash.finalize())
-        });
+        let sender = tokio::spawn(send_pattern(wr, 0xC0FFEE, SIZE, Some((BEFORE, go_rx))));
         // The client reads BEFORE bytes, reports that, then reads until EOF.
         let (got_tx, got_rx) = tokio::sync::oneshot::channel::<()>();
-        let receiver = tokio::spawn(async move {
-            let mut hash = Sha256::new();
-            let mut buf = vec![0u8; CHUNK];
-            let mut total = 0usize;
-            let mut got = Some(got_tx);
-            loop {
-                let n = rd.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                hash.update(&buf[..n]);
-                total += n;
-                if total >= BEFORE {
-                    if let Some(got) = got.take() {
-                        let _ = got.send(());
-                    }
-                }
-            }
-            (total, hex(&hash.finalize()))
-        });
+        let receiver = tokio::spawn(receive_hashed(rd, Some((BEFORE, got_tx))));
         tokio::time::timeout(WAIT, got_rx)
             .await
             .expect("the first bytes never arrived")

@@ -572,8 +572,8 @@ fn sixty_four_mib_each_way_and_a_half_close_pass_intact() {
         let up = sink_source_server(ENCLAVE.parse().unwrap(), SIZE).await;
         let conn = connect_from("127.0.0.2").await;
         let (rd, wr) = conn.into_split();
-        let sender = tokio::spawn(send_pattern(wr, 0xC11E_4700, SIZE));
-        let receiver = tokio::spawn(receive_hashed(rd));
+        let sender = tokio::spawn(send_pattern(wr, 0xC11E_4700, SIZE, None));
+        let receiver = tokio::spawn(receive_hashed(rd, None));
         let long = Duration::from_secs(120);
         let sent_hash = tokio::time::timeout(long, sender).await.unwrap().unwrap();
         let (received, received_hash) =

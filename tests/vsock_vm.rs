@@ -730,8 +730,8 @@ fn sixty_four_mib_each_way_over_vsock(port: u32, relay: &'static str) {
         let (conn, local_port) = vsock_connect(port).await;
         let (rd, wr) = conn.into_split();
 
-        let sender = tokio::spawn(send_pattern(wr, CLIENT_SEED, SIZE));
-        let receiver = tokio::spawn(receive_hashed(rd));
+        let sender = tokio::spawn(send_pattern(wr, CLIENT_SEED, SIZE, None));
+        let receiver = tokio::spawn(receive_hashed(rd, None));
         let long = Duration::from_secs(120);
         let sent_hash = tokio::time::timeout(long, sender)
             .await

@@ -22,6 +22,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::{netns, wait_until};
@@ -404,13 +405,25 @@ const TRANSFER_CHUNK: usize = 256 * 1024;
 
 /// A client's sending half of a bulk transfer: writes the first `size` bytes of the stream for
 /// `seed` (see [`PatternGen`]) to `wr`, then shuts its write side down (the half-close the
-/// proxy must pass on). Returns their SHA-256 in hex, to compare with what the far end got.
-pub async fn send_pattern(mut wr: impl AsyncWrite + Unpin, seed: u64, size: usize) -> String {
+/// proxy must pass on). With `pause_at: Some((n, go))` it stops once `n` bytes are sent until
+/// `go` fires, so that a test can act while the transfer is in flight. Returns the SHA-256 of
+/// what it sent in hex, to compare with what the far end got.
+pub async fn send_pattern(
+    mut wr: impl AsyncWrite + Unpin,
+    seed: u64,
+    size: usize,
+    mut pause_at: Option<(usize, oneshot::Receiver<()>)>,
+) -> String {
     let mut gen = PatternGen::new(seed);
     let mut hash = Sha256::new();
     let mut chunk = vec![0u8; TRANSFER_CHUNK];
     let mut sent = 0;
     while sent < size {
+        if pause_at.as_ref().is_some_and(|(at, _)| sent >= *at) {
+            if let Some((_, go)) = pause_at.take() {
+                go.await.expect("the go-ahead to send the rest");
+            }
+        }
         let n = chunk.len().min(size - sent);
         gen.fill(&mut chunk[..n]);
         wr.write_all(&chunk[..n]).await.unwrap();
@@ -421,9 +434,13 @@ pub async fn send_pattern(mut wr: impl AsyncWrite + Unpin, seed: u64, size: usiz
     hex(&hash.finalize())
 }
 
-/// A client's receiving half of a bulk transfer: reads `rd` to its end. Returns how many bytes
-/// came and their SHA-256 in hex.
-pub async fn receive_hashed(mut rd: impl AsyncRead + Unpin) -> (usize, String) {
+/// A client's receiving half of a bulk transfer: reads `rd` to its end. With `report_at:
+/// Some((n, reached))` it fires `reached` once `n` bytes have come. Returns how many bytes came
+/// and their SHA-256 in hex.
+pub async fn receive_hashed(
+    mut rd: impl AsyncRead + Unpin,
+    mut report_at: Option<(usize, oneshot::Sender<()>)>,
+) -> (usize, String) {
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; TRANSFER_CHUNK];
     let mut total = 0usize;
@@ -434,6 +451,11 @@ pub async fn receive_hashed(mut rd: impl AsyncRead + Unpin) -> (usize, String) {
         }
         hash.update(&buf[..n]);
         total += n;
+        if report_at.as_ref().is_some_and(|(at, _)| total >= *at) {
+            if let Some((_, reached)) = report_at.take() {
+                let _ = reached.send(());
+            }
+        }
     }
     (total, hex(&hash.finalize()))
 }
