@@ -9,14 +9,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::netns::run_in_netns;
-use common::proxy::{run_to_exit, Proxy};
+use common::proxy::{closed_without_a_byte, connect_from, run_to_exit, Proxy};
 use common::upstream::echo_server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 const CONNECT_ROUTE: &str = "tcp:127.0.0.1:8010";
 const FIXED_ROUTE: &str = "tcp:127.0.0.1:8000";
@@ -38,13 +37,6 @@ fn config(signer_allowlist: &str) -> String {
 }
 
 const SIGNER_ALLOWLIST: &str = "      - {address: 127.0.0.10, port: 443}\n";
-
-async fn connect_from(source: &str, listen: &str) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let to: SocketAddr = listen.trim_start_matches("tcp:").parse().unwrap();
-    socket.connect(to).await.unwrap()
-}
 
 /// `CONNECT target` from `source`: the status code, and the tunnel when it is 200.
 async fn connect_request(source: &str, target: &str) -> (u16, TcpStream) {
@@ -87,16 +79,6 @@ async fn echoes(stream: &mut TcpStream) -> bool {
         tokio::time::timeout(WAIT, stream.read_exact(&mut buf)).await,
         Ok(Ok(_))
     ) && &buf == b"ping"
-}
-
-/// Whether the proxy closed `stream` (EOF or reset) within [`WAIT`] without sending anything.
-async fn closed_without_a_byte(stream: &mut TcpStream) -> bool {
-    let mut buf = [0u8; 64];
-    match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
-        Ok(Ok(0)) | Ok(Err(_)) => true,
-        Ok(Ok(_)) => false,
-        Err(_) => panic!("the connection is still open after {WAIT:?}"),
-    }
 }
 
 async fn start_upstreams() -> Vec<common::upstream::UpstreamHandle> {
@@ -161,20 +143,10 @@ fn two_peers_reach_what_their_entries_allow_and_a_route_with_enclaves_refuses_th
         assert!(echoes(&mut fixed).await, "{}", proxy.logs());
         let mut refused = connect_from("127.0.0.6", FIXED_ROUTE).await;
         let _ = refused.write_all(b"ping").await;
-        assert!(closed_without_a_byte(&mut refused).await);
-        assert!(
-            proxy
-                .wait_for_log("reason=\"enclave_not_allowed\"", WAIT)
-                .await,
-            "{}",
-            proxy.logs()
-        );
+        assert!(closed_without_a_byte(&mut refused, WAIT).await);
         let line = proxy
-            .logs()
-            .lines()
-            .find(|l| l.contains("enclave_not_allowed"))
-            .unwrap()
-            .to_owned();
+            .wait_for_line("reason=\"enclave_not_allowed\"", WAIT)
+            .await;
         assert!(line.contains("enclave=\"batch\""), "{line}");
         assert!(
             line.contains("the route admits only the enclaves signer"),
@@ -234,7 +206,7 @@ fn a_reload_that_tightens_an_entry_revokes_its_open_connection() {
         proxy
             .reload_with(&path, &tightened, "allowlist reloaded", 1)
             .await;
-        assert!(closed_without_a_byte(&mut signer).await);
+        assert!(closed_without_a_byte(&mut signer, WAIT).await);
         assert!(
             proxy.wait_for_log("reason=\"revoked\"", WAIT).await,
             "{}",

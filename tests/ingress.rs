@@ -8,17 +8,16 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::netns::run_in_netns;
-use common::proxy::{run_to_exit, Proxy};
+use common::proxy::{closed_without_a_byte, connect_from, run_to_exit, Proxy};
 use common::upstream::{receive_hashed, response_server, send_pattern, sink_source_server};
 use proxy_header::{ParseConfig, ProxiedAddress, ProxyHeader};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 const LISTEN: &str = "tcp:127.0.0.1:8443";
 const ENCLAVE: &str = "127.0.0.1:9443";
@@ -111,18 +110,10 @@ async fn serve_enclave(mut stream: TcpStream, received: Arc<Mutex<Vec<Vec<u8>>>>
     }
 }
 
-/// A client connection to the proxy from `source` (an address of 127.0.0.0/8, all on `lo`).
-async fn connect_from(source: &str) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let to: SocketAddr = LISTEN.trim_start_matches("tcp:").parse().unwrap();
-    socket.connect(to).await.unwrap()
-}
-
 /// A load balancer's connection from 127.0.0.5 that names `client` in a v2 header, with `data`
 /// after it; returns the enclave's answer line and the stream.
 async fn through_lb(client: &str, data: &[u8]) -> (String, TcpStream) {
-    let mut lb = connect_from("127.0.0.5").await;
+    let mut lb = connect_from("127.0.0.5", LISTEN).await;
     let mut first = v2_header(client, "203.0.113.1:443");
     first.extend_from_slice(data);
     lb.write_all(&first).await.unwrap();
@@ -147,16 +138,6 @@ async fn read_line<S: AsyncRead + Unpin>(stream: &mut S) -> String {
         .await
         .expect("no line from the enclave in time");
     String::from_utf8(line).unwrap()
-}
-
-/// Whether the proxy closed `stream` (EOF or reset) within [`WAIT`] without sending anything.
-async fn closed_without_a_byte(stream: &mut TcpStream) -> bool {
-    let mut buf = [0u8; 64];
-    match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
-        Ok(Ok(0)) | Ok(Err(_)) => true,
-        Ok(Ok(_)) => false,
-        Err(_) => panic!("the connection is still open after {WAIT:?}"),
-    }
 }
 
 fn write_config(dir: &tempfile::TempDir, yaml: &str) -> String {
@@ -210,7 +191,7 @@ fn an_allowed_source_reaches_the_enclave_with_its_address_and_a_refused_one_reac
         );
         let (proxy, _) = start(&dir, &yaml, &["--metrics-listen", "tcp:127.0.0.1:9190"]).await;
 
-        let mut allowed = connect_from("127.0.0.2").await;
+        let mut allowed = connect_from("127.0.0.2", LISTEN).await;
         let port = allowed.local_addr().unwrap().port();
         allowed.write_all(b"hello enclave").await.unwrap();
         assert_eq!(
@@ -222,7 +203,7 @@ fn an_allowed_source_reaches_the_enclave_with_its_address_and_a_refused_one_reac
         assert_eq!(&echo, b"hello enclave");
 
         // An untrusted source's forged header is its data, behind the proxy's own header.
-        let mut forger = connect_from("127.0.0.2").await;
+        let mut forger = connect_from("127.0.0.2", LISTEN).await;
         let forger_port = forger.local_addr().unwrap().port();
         let forged = v2_header("10.9.9.9:1234", "10.0.0.1:443");
         forger.write_all(&forged).await.unwrap();
@@ -244,22 +225,12 @@ fn an_allowed_source_reaches_the_enclave_with_its_address_and_a_refused_one_reac
         );
 
         // A source outside allow_from: closed, and the enclave never hears of it.
-        let mut refused = connect_from("127.0.0.3").await;
+        let mut refused = connect_from("127.0.0.3", LISTEN).await;
         let _ = refused.write_all(b"let me in").await;
-        assert!(closed_without_a_byte(&mut refused).await);
-        assert!(
-            proxy
-                .wait_for_log("reason=\"source_not_allowed\"", WAIT)
-                .await,
-            "{}",
-            proxy.logs()
-        );
+        assert!(closed_without_a_byte(&mut refused, WAIT).await);
         let line = proxy
-            .logs()
-            .lines()
-            .find(|l| l.contains("source_not_allowed"))
-            .unwrap()
-            .to_owned();
+            .wait_for_line("reason=\"source_not_allowed\"", WAIT)
+            .await;
         assert!(line.contains("WARN"), "{line}");
         assert!(
             line.contains(
@@ -298,7 +269,7 @@ fn a_trusted_load_balancers_header_is_honoured_and_a_bad_one_closes() {
 
         // A v2 header over two reads, then the client's bytes: the enclave sees the client the
         // load balancer named, and the address it connected to.
-        let mut lb = connect_from("127.0.0.5").await;
+        let mut lb = connect_from("127.0.0.5", LISTEN).await;
         let header = v2_header("10.1.2.3:4444", "203.0.113.1:443");
         lb.write_all(&header[..10]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -318,7 +289,7 @@ fn a_trusted_load_balancers_header_is_honoured_and_a_bad_one_closes() {
         );
 
         // A v1 header for an IPv6 client, in the same write as its data.
-        let mut lb6 = connect_from("127.0.0.5").await;
+        let mut lb6 = connect_from("127.0.0.5", LISTEN).await;
         let mut first = v1_header("[2001:db8::7]:5555", "[2001:db8::1]:443");
         first.extend_from_slice(b"six");
         lb6.write_all(&first).await.unwrap();
@@ -332,12 +303,12 @@ fn a_trusted_load_balancers_header_is_honoured_and_a_bad_one_closes() {
         assert_eq!(enclave.accepted(), 2);
 
         // The load balancer's client outside allow_from: refused by that client's address.
-        let mut outside = connect_from("127.0.0.5").await;
+        let mut outside = connect_from("127.0.0.5", LISTEN).await;
         outside
             .write_all(&v2_header("192.0.2.99:1000", "203.0.113.1:443"))
             .await
             .unwrap();
-        assert!(closed_without_a_byte(&mut outside).await);
+        assert!(closed_without_a_byte(&mut outside, WAIT).await);
         assert!(
             proxy
                 .wait_for_log("source 192.0.2.99 is not in the route's allow_from", WAIT)
@@ -348,19 +319,19 @@ fn a_trusted_load_balancers_header_is_honoured_and_a_bad_one_closes() {
 
         // No header, a malformed one, a late one: bad_proxy_header, and nothing reaches the
         // enclave.
-        let mut plain = connect_from("127.0.0.5").await;
+        let mut plain = connect_from("127.0.0.5", LISTEN).await;
         plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        assert!(closed_without_a_byte(&mut plain).await);
-        let mut malformed = connect_from("127.0.0.5").await;
+        assert!(closed_without_a_byte(&mut plain, WAIT).await);
+        let mut malformed = connect_from("127.0.0.5", LISTEN).await;
         malformed
             .write_all(b"PROXY TCP4 10.1.2.300 10.0.0.1 1 2\r\n")
             .await
             .unwrap();
-        assert!(closed_without_a_byte(&mut malformed).await);
-        let mut late = connect_from("127.0.0.5").await;
+        assert!(closed_without_a_byte(&mut malformed, WAIT).await);
+        let mut late = connect_from("127.0.0.5", LISTEN).await;
         late.write_all(&header[..10]).await.unwrap();
         let started = std::time::Instant::now();
-        assert!(closed_without_a_byte(&mut late).await);
+        assert!(closed_without_a_byte(&mut late, WAIT).await);
         assert!(started.elapsed() >= Duration::from_millis(1500));
         assert!(
             proxy
@@ -426,7 +397,7 @@ fn a_dual_stack_listeners_ipv4_client_is_judged_and_named_as_ipv4() {
         let config = write_config(&dir, &yaml);
         let proxy = Proxy::spawn(&["--config", &config]);
         proxy.wait_ready("tcp:[::]:8443").await;
-        let mut conn = connect_from("127.0.0.2").await;
+        let mut conn = connect_from("127.0.0.2", LISTEN).await;
         let port = conn.local_addr().unwrap().port();
         conn.write_all(b"v4").await.unwrap();
         assert_eq!(
@@ -436,8 +407,8 @@ fn a_dual_stack_listeners_ipv4_client_is_judged_and_named_as_ipv4() {
         assert!(enclave
             .received(0)
             .starts_with(b"PROXY TCP4 127.0.0.2 127.0.0.1 "));
-        let mut refused = connect_from("127.0.0.3").await;
-        assert!(closed_without_a_byte(&mut refused).await);
+        let mut refused = connect_from("127.0.0.3", LISTEN).await;
+        assert!(closed_without_a_byte(&mut refused, WAIT).await);
         assert_eq!(enclave.accepted(), 1);
         drop(proxy);
     });
@@ -504,8 +475,8 @@ fn a_reload_that_tightens_allow_from_revokes_open_connections() {
         let dir = tempfile::tempdir().unwrap();
         let yaml = route("    allow_from: [\"127.0.0.0/8\"]\n    proxy_protocol: v1\n");
         let (proxy, config) = start(&dir, &yaml, &[]).await;
-        let mut two = connect_from("127.0.0.2").await;
-        let mut three = connect_from("127.0.0.3").await;
+        let mut two = connect_from("127.0.0.2", LISTEN).await;
+        let mut three = connect_from("127.0.0.3", LISTEN).await;
         for c in [&mut two, &mut three] {
             c.write_all(b"x").await.unwrap();
             assert!(read_line(c).await.starts_with("client=127.0.0."));
@@ -528,7 +499,7 @@ fn a_reload_that_tightens_allow_from_revokes_open_connections() {
             "{}",
             proxy.logs()
         );
-        assert!(closed_without_a_byte(&mut two).await, "revoked");
+        assert!(closed_without_a_byte(&mut two, WAIT).await, "revoked");
         assert!(
             proxy.logs().contains("connection revoked: closed by reload: the reloaded route's source 127.0.0.2 is not in the route's allow_from (127.0.0.3/32)"),
             "{}",
@@ -543,8 +514,8 @@ fn a_reload_that_tightens_allow_from_revokes_open_connections() {
             .unwrap();
         assert_eq!(&echo, b"still here");
         // And a new connection from the refused source is refused.
-        let mut again = connect_from("127.0.0.2").await;
-        assert!(closed_without_a_byte(&mut again).await);
+        let mut again = connect_from("127.0.0.2", LISTEN).await;
+        assert!(closed_without_a_byte(&mut again, WAIT).await);
     });
 }
 
@@ -558,7 +529,7 @@ fn sixty_four_mib_each_way_and_a_half_close_pass_intact() {
 
         // Half-close: the enclave answers only after the client's EOF.
         let up = response_server(ENCLAVE.parse().unwrap(), b"the whole answer".to_vec()).await;
-        let mut conn = connect_from("127.0.0.2").await;
+        let mut conn = connect_from("127.0.0.2", LISTEN).await;
         conn.write_all(b"request").await.unwrap();
         conn.shutdown().await.unwrap();
         let mut reply = Vec::new();
@@ -570,7 +541,7 @@ fn sixty_four_mib_each_way_and_a_half_close_pass_intact() {
         up.stop().await;
 
         let up = sink_source_server(ENCLAVE.parse().unwrap(), SIZE).await;
-        let conn = connect_from("127.0.0.2").await;
+        let conn = connect_from("127.0.0.2", LISTEN).await;
         let (rd, wr) = conn.into_split();
         let sender = tokio::spawn(send_pattern(wr, 0xC11E_4700, SIZE, None));
         let receiver = tokio::spawn(receive_hashed(rd, None));

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use common::dns::TestDns;
 use common::metrics::{fetch, scrape, value};
 use common::netns::{add_lo_addr, run_in_netns};
-use common::proxy::{connect, Proxy};
+use common::proxy::{connect, connect_from, Proxy};
 use common::upstream::echo_server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 const METRICS: &str = "tcp:127.0.0.1:9190";
 const METRICS_URL: &str = "http://127.0.0.1:9190/metrics";
@@ -71,13 +71,6 @@ async fn connect_to(listen: &str, target: &str) -> (u16, TcpStream) {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     (code, s)
-}
-
-/// Connects to `to` from the source address `from` (127.0.0.x: a different "peer").
-async fn connect_from(from: &str, to: &str) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(addr(&format!("{from}:0"))).unwrap();
-    socket.connect(addr(to)).await.unwrap()
 }
 
 /// Whether `s` carries an echo of `msg` (false if the proxy closed it).

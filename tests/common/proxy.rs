@@ -30,7 +30,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpSocket, TcpStream, UnixStream};
 
 use super::netns;
 
@@ -269,6 +269,22 @@ impl Proxy {
 
     /// Polls the captured output until it contains `needle`; returns whether it did
     /// within `timeout`.
+    /// Waits (at most `timeout`) for a log line containing `needle`, and returns the first one;
+    /// panics with the logs if none comes.
+    pub async fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        if !self.wait_for_log(needle, timeout).await {
+            panic!(
+                "no log line with {needle:?} within {timeout:?}:\n{}",
+                self.logs()
+            );
+        }
+        self.logs()
+            .lines()
+            .find(|line| line.contains(needle))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("{needle:?} is in the logs but on no one line"))
+    }
+
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
@@ -520,6 +536,30 @@ pub async fn connect(listen: &str) -> Conn {
     try_connect(listen)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {listen}: {e}"))
+}
+
+/// A TCP connection to `listen` (`tcp:IP:PORT` or `IP:PORT`) from the source address `source`
+/// (an address of 127.0.0.0/8, all on `lo`): another peer, as the proxy sees it.
+pub async fn connect_from(source: &str, listen: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    let from: SocketAddr = format!("{source}:0").parse().unwrap();
+    socket.bind(from).unwrap();
+    let to: SocketAddr = listen.trim_start_matches("tcp:").parse().unwrap();
+    socket
+        .connect(to)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {to} from {source}: {e}"))
+}
+
+/// Whether the proxy closed `stream` (EOF or reset) within `wait` without sending a byte;
+/// panics if the connection is still open then.
+pub async fn closed_without_a_byte(stream: &mut TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
+        Err(_) => panic!("the connection is still open after {wait:?}"),
+    }
 }
 
 /// Connects to `listen` (`tcp:IP:PORT` or `unix:PATH`), returning the error if any.
