@@ -35,8 +35,8 @@
 //!
 //! Rounds alternate direct and proxy so drift in machine load hits both alike. The machine is
 //! shared and noisy: compare ratios within one run, never absolute figures across runs
-//! (`shared/notes/benchmarking.md`). It takes about two and a half minutes. `BENCH_BYTES=128M` changes
-//! the bytes per single-stream transfer (default 512 MiB; 64 streams move 4× that in all);
+//! (`shared/notes/benchmarking.md`). It takes about two and a half minutes. `BENCH_BYTES=128M`
+//! changes the bytes per single-stream transfer (default 512 MiB; 64 streams move 4× that in all);
 //! `BENCH_RELAY=copy` runs the proxy with `--relay copy`, to compare with splice, and
 //! `BENCH_PROXY_ARGS="-w 1"` gives it more arguments. The connection, latency and idle
 //! figures are measured twice, with the proxy at `RUST_LOG=warn` (no per-connection line) and
@@ -476,7 +476,7 @@ fn connection_rows(bench: &Bench, echo_addr: SocketAddr) -> (Vec<Row>, Vec<Strin
         .collect();
     proxy::set_log_level(&levels[0]);
     for clients in [scale.connection_clients, 1] {
-        let runs = ConnectionRuns::measure(scale, echo_addr, &proxies, clients);
+        let runs = ConnectionRuns::measure(scale, echo_addr, &proxies, levels, clients);
         let (what, target) = if clients == 1 {
             // One at a time: the latency of a connection's whole life when the proxy is
             // otherwise idle (each step wakes a thread), as an enclave's occasional call sees.
@@ -524,8 +524,9 @@ fn connection_rows(bench: &Bench, echo_addr: SocketAddr) -> (Vec<Row>, Vec<Strin
     (rows, notes)
 }
 
-/// Short connections from `clients` at once, directly (index 0) and through each proxy (1..),
-/// in turn, in an order that rotates every round.
+/// Short connections from `clients` at once, directly (index 0) and through each proxy (1..,
+/// the proxy started at the log level of the same index in `levels`), in turn, in an order that
+/// rotates every round.
 struct ConnectionRuns {
     rates: Vec<Vec<f64>>,
     errors: Vec<u64>,
@@ -536,7 +537,13 @@ struct ConnectionRuns {
 }
 
 impl ConnectionRuns {
-    fn measure(scale: &Scale, echo_addr: SocketAddr, proxies: &[Proxy], clients: usize) -> Self {
+    fn measure(
+        scale: &Scale,
+        echo_addr: SocketAddr,
+        proxies: &[Proxy],
+        levels: &[String],
+        clients: usize,
+    ) -> Self {
         let paths = proxies.len() + 1;
         let mut runs = ConnectionRuns {
             rates: vec![Vec::new(); paths],
@@ -566,7 +573,7 @@ impl ConnectionRuns {
                 let name = if path == 0 {
                     "direct".to_owned()
                 } else {
-                    format!("proxy ({})", proxies[path - 1].log_level)
+                    format!("proxy ({})", levels[path - 1])
                 };
                 for (kind, n) in &rate.errors {
                     *runs

@@ -66,8 +66,6 @@ fn write_allowlist(
 pub struct Proxy {
     pub child: Child,
     pub addr: SocketAddr,
-    /// The `RUST_LOG` it was started with (socat's: the bench's level at the time, unused).
-    pub log_level: String,
     _dir: tempfile::TempDir,
 }
 
@@ -118,7 +116,6 @@ impl Proxy {
         Proxy::ready(Proxy {
             child,
             addr,
-            log_level: log_level(),
             _dir: dir,
         })
     }
@@ -170,7 +167,6 @@ impl Proxy {
             Proxy::ready(Proxy {
                 child,
                 addr,
-                log_level: log_level(),
                 _dir: dir,
             })
         })();
@@ -205,7 +201,6 @@ impl Proxy {
             Proxy::ready(Proxy {
                 child,
                 addr,
-                log_level: log_level(),
                 _dir: dir,
             })
         })();
